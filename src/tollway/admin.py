@@ -1,0 +1,109 @@
+"""The operator API under /admin: the same operations as the CLI, over the same objects.
+
+Authenticated by a bearer token from the env var named by server.admin_token_env; when
+that variable is unset the API answers 404 to everything, including its OpenAPI file.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+from tollway.errors import BadRequest, NotFound, TollwayError, Unauthorized, render_json
+from tollway.money import MoneyError, format_usd, parse_usd
+from tollway.services import Services
+
+
+class TenantIn(BaseModel):
+    name: str | None = Field(default=None, max_length=200)
+    email: str | None = Field(default=None, max_length=320)
+
+
+class KeyIn(BaseModel):
+    name: str | None = Field(default=None, max_length=200)
+    expires_at: int | None = Field(default=None, description="unix epoch milliseconds")
+    spend_limit_usd: str | None = Field(default=None, description='decimal string, e.g. "10.00"')
+    spend_limit_period: str | None = Field(default=None, pattern="^(day|month)$")
+
+
+class CreditIn(BaseModel):
+    amount_usd: str = Field(description='decimal string, e.g. "5.00"')
+    reference: str = Field(min_length=1, max_length=150, description="idempotency reference")
+
+
+def usd(text: str, what: str) -> int:
+    try:
+        micros = parse_usd(text)
+    except MoneyError as exc:
+        raise BadRequest(f"{what}: {exc}") from None
+    if micros <= 0:
+        raise BadRequest(f"{what}: must be positive")
+    return micros
+
+
+def admin_app(svc: Services) -> FastAPI:
+    token_env = svc.config.server.admin_token_env
+
+    async def require_token(request: Request) -> None:
+        token = os.environ.get(token_env, "")
+        if not token:
+            raise NotFound("the admin API is off (set the admin token environment variable)")
+        auth = request.headers.get("authorization", "")
+        scheme, _, value = auth.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.encode(), token.encode()):
+            raise Unauthorized("Invalid admin token.")
+
+    api = FastAPI(title="Tollway admin API", version="1", openapi_url=None, docs_url=None, redoc_url=None,
+                  dependencies=[Depends(require_token)])
+
+    @api.exception_handler(TollwayError)
+    async def _err(_: Request, exc: TollwayError) -> Any:
+        return render_json(exc)
+
+    @api.get("/openapi.json", include_in_schema=False)
+    async def openapi() -> JSONResponse:
+        return JSONResponse(api.openapi())
+
+    @api.post("/tenants")
+    async def create_tenant(body: TenantIn) -> dict[str, Any]:
+        return await svc.tenants.create(body.name, body.email)
+
+    @api.get("/tenants/{tenant_id}")
+    async def get_tenant(tenant_id: str) -> dict[str, Any]:
+        return await svc.tenants.get(tenant_id)
+
+    @api.post("/tenants/{tenant_id}/keys")
+    async def create_key(tenant_id: str, body: KeyIn) -> dict[str, Any]:
+        limit = usd(body.spend_limit_usd, "spend_limit_usd") if body.spend_limit_usd else None
+        return await svc.keys.create(tenant_id, name=body.name, expires_at=body.expires_at,
+                                     spend_limit_micros=limit, spend_limit_period=body.spend_limit_period)
+
+    @api.get("/tenants/{tenant_id}/keys")
+    async def list_keys(tenant_id: str) -> dict[str, Any]:
+        return {"tenant_id": tenant_id, "keys": await svc.keys.list(tenant_id)}
+
+    @api.post("/keys/{key_id}/revoke")
+    async def revoke_key(key_id: str) -> dict[str, Any]:
+        return await svc.keys.revoke(key_id)
+
+    @api.post("/tenants/{tenant_id}/wallet/credit")
+    async def credit(tenant_id: str, body: CreditIn) -> dict[str, Any]:
+        amount = usd(body.amount_usd, "amount_usd")
+        result = await svc.ledger.credit_manual(tenant_id, amount, body.reference)
+        return {"applied": result["applied"], "balance_usd": format_usd(result["balance_micros"])}
+
+    @api.get("/tenants/{tenant_id}/wallet")
+    async def wallet(tenant_id: str) -> dict[str, Any]:
+        return await svc.ledger.wallet(tenant_id)
+
+    @api.get("/ledger/verify")
+    async def verify() -> dict[str, Any]:
+        problems = await svc.ledger.verify(svc.config.server.request_timeout_seconds * 1000 + 60_000)
+        return {"ok": not problems, "problems": problems}
+
+    return api

@@ -1,0 +1,147 @@
+"""The ASGI application: route table, middleware, lifespan.
+
+ROUTE_TABLE is the one literal list of everything the gateway answers; the security
+page and `tollway config check` print it, and a test checks the app serves exactly it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from tollway import config as config_mod
+from tollway.config import Config
+from tollway.errors import TollwayError, render_json
+from tollway.services import Services, build
+
+# (path, methods, who may call it, what it does)
+ROUTE_TABLE: list[tuple[str, str, str, str]] = [
+    ("/healthz", "GET", "anyone", "process is up"),
+    ("/readyz", "GET", "anyone", "storage reachable and migrations current"),
+    ("/v1/models", "GET", "customer key", "configured models (OpenAI list format)"),
+    ("/v1/chat/completions", "POST", "customer key", "chat completions, streaming and not"),
+    ("/v1/completions", "POST", "customer key", "legacy text completions"),
+    ("/v1/embeddings", "POST", "customer key", "embeddings"),
+    ("/v1/messages", "POST", "customer key", "Anthropic Messages API"),
+    ("/admin/*", "GET,POST", "operator token", "operator API (off unless the token env var is set)"),
+    ("/metrics", "GET", "anyone on the listener", "Prometheus metrics (no tenant or content labels)"),
+    ("/webhooks/stripe", "POST", "Stripe signature", "wallet top-ups from Stripe Checkout"),
+]
+
+
+def new_request_id() -> str:
+    return "req_" + secrets.token_hex(12)
+
+
+class RequestIdMiddleware:
+    """Gives every request an id (scope["state"]["request_id"]) and echoes it as x-request-id."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = new_request_id()
+        scope.setdefault("state", {})["request_id"] = rid
+        header = (b"x-request-id", rid.encode())
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                if not any(k == b"x-request-id" for k, _ in headers):
+                    headers.append(header)
+                message["headers"] = headers
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+async def healthz(_: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    services: Services = request.app.state.services
+    try:
+        current = await services.store.migrations_current()
+    except TollwayError as exc:
+        return JSONResponse({"status": "unavailable", "reason": exc.message}, status_code=503)
+    if not current:
+        return JSONResponse({"status": "unavailable", "reason": "database migrations are not current; run "
+                             "`tollway migrate`"}, status_code=503)
+    return JSONResponse({"status": "ready"})
+
+
+async def _tollway_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, TollwayError)
+    return render_json(exc)
+
+
+def create_app(cfg: Config, *, services: Services | None = None, migrate: bool | None = None,
+               provider_keys: dict[str, Any] | None = None) -> Starlette:
+    """Build the gateway. `services` and `provider_keys` may be injected by tests."""
+    worker_id = "wk_" + secrets.token_hex(6)
+    svc = services or build(cfg, worker_id=worker_id)
+    if svc.workers.worker_id is None:
+        svc.workers.worker_id = worker_id
+    keys = provider_keys if provider_keys is not None else config_mod.provider_secrets(cfg)
+    do_migrate = svc.store.is_sqlite if migrate is None else migrate
+
+    from tollway.admin import admin_app
+    from tollway.proxy.routes import Proxy
+
+    proxy = Proxy(svc, keys)
+    routes: list[BaseRoute] = [
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        *proxy.routes(),
+        Mount("/admin", app=admin_app(svc)),
+    ]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if do_migrate:
+            await svc.store.migrate()
+        await svc.workers.register()
+        await proxy.start()
+        tasks = [
+            asyncio.create_task(svc.workers.run(svc.ledger, cfg.server.request_timeout_seconds * 1000 + 60_000)),
+            asyncio.create_task(svc.keys.run_last_used_flusher()),
+        ]
+        try:
+            yield
+        finally:
+            for t in tasks:
+                t.cancel()
+            for t in tasks:
+                with contextlib.suppress(BaseException):
+                    await t
+            with contextlib.suppress(Exception):
+                await svc.keys.flush_last_used()
+            await proxy.close()
+            await svc.workers.unregister()
+            await svc.close()
+
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={TollwayError: _tollway_error})
+    app.state.services = svc
+    app.state.config = cfg
+    app.add_middleware(RequestIdMiddleware)
+    return app
+
+
+def app_from_env() -> Starlette:
+    """uvicorn factory for `tollway serve` (each worker process builds its own app)."""
+    cfg = config_mod.load(config_mod.find_config_path(os.environ.get(config_mod.CONFIG_ENV)))
+    return create_app(cfg, migrate=False)

@@ -1,0 +1,301 @@
+"""The operator CLI: a thin layer over the same service objects as the admin API.
+
+Every command takes --json and then prints exactly one JSON object on stdout. Expected
+errors are one line on stderr and exit status 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from tollway import config as config_mod
+from tollway.config import Config, ConfigError
+from tollway.errors import TollwayError
+from tollway.money import MoneyError, format_usd, parse_usd
+from tollway.services import Services, build
+
+T = TypeVar("T")
+
+
+class CliError(Exception):
+    pass
+
+
+def emit(obj: dict[str, Any], as_json: bool, human: Callable[[dict[str, Any]], str] | None = None) -> None:
+    if as_json:
+        click.echo(json.dumps(obj, default=str, sort_keys=True))
+    else:
+        click.echo(human(obj) if human else "\n".join(f"{k}: {v}" for k, v in obj.items()))
+
+
+def handle_errors(fn: Callable[..., T]) -> Callable[..., T]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        try:
+            return fn(*args, **kwargs)
+        except (ConfigError, CliError, MoneyError, ValueError) as exc:
+            _fail(str(exc))
+        except TollwayError as exc:
+            _fail(exc.message)
+        raise AssertionError("unreachable")
+
+    return wrapper
+
+
+def _fail(message: str) -> None:
+    click.echo(f"error: {message.splitlines()[0] if message else 'failed'}", err=True)
+    sys.exit(1)
+
+
+def load_config(path: str | None) -> Config:
+    return config_mod.load(config_mod.find_config_path(path))
+
+
+def with_services(cfg: Config, fn: Callable[[Services], Awaitable[T]]) -> T:
+    async def run() -> T:
+        svc = build(cfg)
+        try:
+            if svc.store.is_sqlite:
+                await svc.store.migrate()
+            return await fn(svc)
+        finally:
+            await svc.close()
+
+    return asyncio.run(run())
+
+
+config_option = click.option("--config", "config_path", default=None, metavar="PATH",
+                             help="tollway.toml (default: $TOLLWAY_CONFIG, then ./tollway.toml)")
+json_option = click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+
+
+@click.group()
+@click.version_option(package_name="tollway")
+def main() -> None:
+    """Tollway: a self-hostable LLM API gateway."""
+
+
+@main.command()
+@click.option("--path", default="tollway.toml", show_default=True)
+@json_option
+@handle_errors
+def init(path: str, as_json: bool) -> None:
+    """Write a commented starter tollway.toml (refuses to overwrite)."""
+    target = Path(path)
+    if target.exists():
+        raise CliError(f"{target} already exists; not overwriting it")
+    text = resources.files("tollway").joinpath("tollway.example.toml").read_text("utf-8")
+    target.write_text(text, encoding="utf-8")
+    emit({"written": str(target)}, as_json, lambda o: f"wrote {o['written']}; next: tollway serve")
+
+
+@main.command()
+@config_option
+@click.option("--host", default=None)
+@click.option("--port", default=None, type=int)
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64))
+@json_option
+@handle_errors
+def serve(config_path: str | None, host: str | None, port: int | None, workers: int, as_json: bool) -> None:
+    """Run the gateway."""
+    import uvicorn
+
+    from tollway import telemetry
+
+    cfg = load_config(config_path)
+    config_mod.provider_secrets(cfg)  # fail now, with the key path, if a provider key is unset
+    os.environ[config_mod.CONFIG_ENV] = str(Path(cfg.source).resolve())
+
+    async def prepare(svc: Services) -> list[str]:
+        return svc.notices
+
+    notices = with_services(cfg, prepare)  # SQLite: migrations applied once, before workers fork
+    h, p = host or cfg.server.host, port or cfg.server.port
+    telemetry.configure_logging()
+    telemetry.log_startup(h, p, workers, notices)
+    uvicorn.run("tollway.app:app_from_env", factory=True, host=h, port=p, workers=workers,
+                log_level="warning", access_log=False, loop="uvloop", http="httptools",
+                timeout_graceful_shutdown=10)
+
+
+@main.command()
+@config_option
+@json_option
+@handle_errors
+def migrate(config_path: str | None, as_json: bool) -> None:
+    """Apply database migrations."""
+    cfg = load_config(config_path)
+
+    async def run(svc: Services) -> dict[str, Any]:
+        await svc.store.migrate()
+        return {"migrated": True, "database": _redact_url(cfg.database.url)}
+
+    emit(with_services(cfg, run), as_json)
+
+
+@main.group("config")
+def config_group() -> None:
+    """Inspect the configuration."""
+
+
+@config_group.command("check")
+@config_option
+@json_option
+@handle_errors
+def config_check(config_path: str | None, as_json: bool) -> None:
+    """Validate tollway.toml and print the production surface."""
+    from tollway.surface import describe, render_text
+
+    cfg = load_config(config_path)
+    surface = describe(cfg)
+    emit({"ok": True, "surface": surface}, as_json, lambda o: render_text(surface))
+
+
+@main.group()
+def tenants() -> None:
+    """Create and inspect tenants."""
+
+
+@tenants.command("create")
+@config_option
+@click.option("--name", required=True)
+@click.option("--email", default=None)
+@json_option
+@handle_errors
+def tenants_create(config_path: str | None, name: str, email: str | None, as_json: bool) -> None:
+    cfg = load_config(config_path)
+    emit(with_services(cfg, lambda s: s.tenants.create(name, email)), as_json)
+
+
+@tenants.command("show")
+@config_option
+@click.argument("tenant_id")
+@json_option
+@handle_errors
+def tenants_show(config_path: str | None, tenant_id: str, as_json: bool) -> None:
+    cfg = load_config(config_path)
+    emit(with_services(cfg, lambda s: s.tenants.get(tenant_id)), as_json)
+
+
+@main.group()
+def keys() -> None:
+    """Issue, list and revoke customer API keys."""
+
+
+@keys.command("create")
+@config_option
+@click.option("--tenant", "tenant_id", required=True)
+@click.option("--name", default=None)
+@click.option("--expires-in-days", type=click.IntRange(1), default=None)
+@click.option("--spend-limit", "spend_limit", default=None, help="USD, e.g. 10.00")
+@click.option("--spend-period", type=click.Choice(["day", "month"]), default=None)
+@json_option
+@handle_errors
+def keys_create(config_path: str | None, tenant_id: str, name: str | None, expires_in_days: int | None,
+                spend_limit: str | None, spend_period: str | None, as_json: bool) -> None:
+    """Create a key; the key itself is shown only this once."""
+    import time
+
+    cfg = load_config(config_path)
+    expires = int((time.time() + expires_in_days * 86400) * 1000) if expires_in_days else None
+    limit = parse_usd(spend_limit) if spend_limit else None
+    result = with_services(cfg, lambda s: s.keys.create(
+        tenant_id, name=name, expires_at=expires, spend_limit_micros=limit, spend_limit_period=spend_period))
+    emit(result, as_json, lambda o: f"key_id: {o['key_id']}\nkey: {o['key']}\n(store it now: it is not shown again)")
+
+
+@keys.command("list")
+@config_option
+@click.option("--tenant", "tenant_id", required=True)
+@json_option
+@handle_errors
+def keys_list(config_path: str | None, tenant_id: str, as_json: bool) -> None:
+    cfg = load_config(config_path)
+    rows = with_services(cfg, lambda s: s.keys.list(tenant_id))
+    emit({"tenant_id": tenant_id, "keys": rows}, as_json,
+         lambda o: "\n".join(f"{k['id']}  {k['prefix']}…  {k['name'] or ''}  "
+                             f"{'revoked' if k['revoked_at'] else 'active'}" for k in o["keys"]) or "no keys")
+
+
+@keys.command("revoke")
+@config_option
+@click.argument("key_id")
+@json_option
+@handle_errors
+def keys_revoke(config_path: str | None, key_id: str, as_json: bool) -> None:
+    """Revoke a key; returns once no running worker admits it."""
+    cfg = load_config(config_path)
+    emit(with_services(cfg, lambda s: s.keys.revoke(key_id)), as_json)
+
+
+@main.group()
+def wallet() -> None:
+    """Credit and inspect wallets."""
+
+
+@wallet.command("credit")
+@config_option
+@click.option("--tenant", "tenant_id", required=True)
+@click.option("--amount", required=True, help="USD, e.g. 5.00")
+@click.option("--reference", required=True, help="idempotency reference")
+@json_option
+@handle_errors
+def wallet_credit(config_path: str | None, tenant_id: str, amount: str, reference: str, as_json: bool) -> None:
+    cfg = load_config(config_path)
+    micros = parse_usd(amount)
+    if micros <= 0:
+        raise CliError("--amount must be positive")
+    result = with_services(cfg, lambda s: s.ledger.credit_manual(tenant_id, micros, reference))
+    emit({"tenant_id": tenant_id, "applied": result["applied"], "balance_usd": format_usd(result["balance_micros"])},
+         as_json)
+
+
+@wallet.command("show")
+@config_option
+@click.option("--tenant", "tenant_id", required=True)
+@json_option
+@handle_errors
+def wallet_show(config_path: str | None, tenant_id: str, as_json: bool) -> None:
+    cfg = load_config(config_path)
+    emit(with_services(cfg, lambda s: s.ledger.wallet(tenant_id)), as_json)
+
+
+@main.group()
+def ledger() -> None:
+    """Check the ledger."""
+
+
+@ledger.command("verify")
+@config_option
+@json_option
+@handle_errors
+def ledger_verify(config_path: str | None, as_json: bool) -> None:
+    """Recompute every balance from the ledger; exit 1 naming the tenant on any mismatch."""
+    cfg = load_config(config_path)
+    max_age = cfg.server.request_timeout_seconds * 1000 + 60_000
+    problems = with_services(cfg, lambda s: s.ledger.verify(max_age))
+    emit({"ok": not problems, "problems": problems}, as_json,
+         lambda o: "ledger ok" if o["ok"] else "\n".join(o["problems"]))
+    if problems:
+        if not as_json:
+            click.echo(f"error: {problems[0]}", err=True)
+        sys.exit(1)
+
+
+def _redact_url(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        user = creds.split(":", 1)[0]
+        return f"{scheme}://{user}@{host}" if ":" not in creds else f"{scheme}://{user}:***@{host}"
+    return url

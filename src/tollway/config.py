@@ -1,0 +1,424 @@
+"""tollway.toml -> frozen dataclasses.
+
+The dataclasses below ARE the config schema: the loader walks their fields, so
+validation, `tollway config check`, the docs test and the security page all read the
+same table. Every error names the file, the key path and what was expected.
+Secrets never live in the file: it names environment variables, resolved into `Secret`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import tomllib
+import types
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+CONFIG_ENV = "TOLLWAY_CONFIG"
+DEFAULT_CONFIG_NAME = "tollway.toml"
+
+
+class ConfigError(Exception):
+    """A mistake in tollway.toml; the message names file, key path and expectation."""
+
+
+def doc(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
+    """A dataclass field carrying its documentation (shown by docs and `config check`)."""
+    if default is dataclasses.MISSING and "default_factory" not in kw:
+        return field(metadata={"doc": text})
+    if "default_factory" in kw:
+        return field(default_factory=kw["default_factory"], metadata={"doc": text})
+    return field(default=default, metadata={"doc": text})
+
+
+class Secret:
+    """A secret read from an environment variable; its repr and str never show the value."""
+
+    __slots__ = ("_value", "env")
+
+    def __init__(self, env: str, value: str) -> None:
+        self.env = env
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return f"Secret(env={self.env!r}, value='***')"
+
+    __str__ = __repr__
+
+
+# Price strings are USD per million tokens, which is exactly micro-USD per token.
+Price = Decimal
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = doc("Address the gateway listens on.", "127.0.0.1")
+    port: int = doc("TCP port the gateway listens on.", 8080)
+    max_body_bytes: int = doc("Largest request body accepted on /v1 (413 above).", 4_000_000)
+    admin_token_env: str = doc(
+        "Env var holding the bearer token of the /admin API; the API is off when unset.",
+        "TOLLWAY_ADMIN_TOKEN",
+    )
+    key_secret_env: str = doc(
+        "Env var holding the HMAC secret for customer keys at rest; embedded mode "
+        "generates a 0600 file next to the database when unset.",
+        "TOLLWAY_KEY_SECRET",
+    )
+    request_timeout_seconds: int = doc("Longest an upstream call may take in total.", 600)
+    stream_idle_timeout_seconds: int = doc(
+        "Longest an upstream stream may stay silent before the client gets an error event.", 60
+    )
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    url: str = doc("sqlite:///PATH (embedded) or postgresql://user@host:port/db.", "sqlite:///tollway.db")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    url: str = doc("memory:// (one process) or redis://host:port/db (shared by workers).", "memory://")
+    key_ttl_seconds: int = doc("How long a verified key stays cached.", 60)
+    negative_ttl_seconds: int = doc("How long an unknown key stays cached as unknown.", 5)
+
+
+@dataclass(frozen=True)
+class RetentionConfig:
+    access_log_days: int = doc("Days access-log rows are kept; usage and ledger are kept.", 30)
+
+
+@dataclass(frozen=True)
+class AttributionConfig:
+    header: str = doc("Header carrying per-customer metadata upstream.", "cf-aig-metadata")
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    enabled: bool = doc("Serve Prometheus metrics at /metrics.", True)
+    tenant_labels: bool = doc("Label metrics by tenant id (unbounded label set; off).", False)
+
+
+@dataclass(frozen=True)
+class StripeConfig:
+    secret_key_env: str = doc("Env var holding the Stripe secret key.", "STRIPE_SECRET_KEY")
+    webhook_secret_env: str = doc(
+        "Env var holding the webhook endpoint secret (whsec_...).", "STRIPE_WEBHOOK_SECRET"
+    )
+    currency: str = doc("ISO currency of top-ups (lowercase).", "usd")
+    min_topup_usd: Price = doc("Smallest top-up a user may choose.", Decimal("5"))
+    max_topup_usd: Price = doc("Largest top-up a user may choose.", Decimal("500"))
+    success_url: str = doc("Where Stripe sends the user after paying.", "http://127.0.0.1:8080/dashboard/wallet?paid=1")
+    cancel_url: str = doc("Where Stripe sends the user after cancelling.", "http://127.0.0.1:8080/dashboard/wallet")
+    api_base: str = doc("Stripe API base URL (override only for a local fake in tests).", "https://api.stripe.com")
+    webhook_tolerance_seconds: int = doc("Oldest accepted signature timestamp.", 300)
+
+
+ProviderType = Literal["openai", "anthropic", "echo"]
+
+
+@dataclass(frozen=True)
+class ProviderConfig:
+    type: ProviderType = doc("Wire format: openai (OpenAI-compatible), anthropic, or echo (offline demo).")
+    base_url: str = doc("Upstream base URL, e.g. https://api.deepseek.com/v1.", "")
+    api_key_env: str = doc("Env var holding the provider key (not needed for echo).", "")
+    extra_headers: dict[str, str] = doc(
+        "Extra headers sent upstream (names of env vars are not expanded).", default_factory=dict
+    )
+    cf_collect_log_payload: bool = doc(
+        "Send cf-aig-collect-log-payload: false when false (Cloudflare AI Gateway keeps "
+        "metadata, not bodies).",
+        True,
+    )
+    cf_aig_token_env: str = doc("Env var with a cf-aig-authorization token (Authenticated Gateway).", "")
+    name: str = ""  # filled from the table name, not a TOML key
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    id: str = doc("The slug customers send, e.g. deepseek/deepseek-chat.")
+    provider: str = doc("Name of a [providers.NAME] table.")
+    upstream: str = doc("Model name sent to the provider.")
+    input_usd_per_mtok: Price = doc("USD per million prompt tokens (decimal string).")
+    output_usd_per_mtok: Price = doc("USD per million completion tokens (decimal string).")
+    cached_input_usd_per_mtok: Price | None = doc("USD per million cached prompt tokens.", None)
+    reasoning_usd_per_mtok: Price | None = doc(
+        "USD per million reasoning tokens when priced apart from output.", None
+    )
+    cache_write_usd_per_mtok: Price | None = doc("USD per million cache-write prompt tokens.", None)
+    max_output_tokens: int = doc(
+        "Output bound reserved when a request sets no max_tokens.", 4096
+    )
+    kind: Literal["chat", "embedding"] = doc("chat (chat/completions) or embedding.", "chat")
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
+    attribution: AttributionConfig | None = None
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    stripe: StripeConfig | None = None
+    providers: dict[str, ProviderConfig] = field(default_factory=dict)
+    models: list[ModelConfig] = field(default_factory=list)
+    source: str = "<defaults>"  # the file it came from
+    _by_id: dict[str, ModelConfig] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Built once: the /v1 hot path resolves a slug with one dict lookup.
+        object.__setattr__(self, "_by_id", {m.id: m for m in self.models})
+
+    def model(self, slug: str) -> ModelConfig | None:
+        return self._by_id.get(slug)
+
+    def env_references(self) -> list[tuple[str, str]]:
+        """(purpose, env var name) for every secret the config refers to."""
+        refs = [("admin API token", self.server.admin_token_env), ("customer-key HMAC secret", self.server.key_secret_env)]
+        for p in self.providers.values():
+            if p.api_key_env:
+                refs.append((f"provider {p.name} key", p.api_key_env))
+            if p.cf_aig_token_env:
+                refs.append((f"provider {p.name} cf-aig-authorization", p.cf_aig_token_env))
+        if self.stripe:
+            refs.append(("Stripe secret key", self.stripe.secret_key_env))
+            refs.append(("Stripe webhook secret", self.stripe.webhook_secret_env))
+        return refs
+
+
+# --- loading -----------------------------------------------------------------------------
+
+
+def find_config_path(explicit: str | None) -> Path:
+    """--config, then $TOLLWAY_CONFIG, then ./tollway.toml."""
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get(CONFIG_ENV)
+    if env:
+        return Path(env)
+    return Path(DEFAULT_CONFIG_NAME)
+
+
+def load(path: str | Path) -> Config:
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: file not found (run `tollway init` to write a starter config)") from None
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read ({exc.strerror})") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+    return parse(data, source=str(p))
+
+
+def parse(data: dict[str, Any], source: str = "<string>") -> Config:
+    loader = _Loader(source)
+    return loader.config(data)
+
+
+class _Loader:
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, path: str, message: str) -> ConfigError:
+        return ConfigError(f"{self.source}: {path}: {message}")
+
+    def config(self, data: dict[str, Any]) -> Config:
+        known = {"server", "database", "cache", "retention", "attribution", "metrics", "stripe", "providers", "models"}
+        self._unknown(data, known, "")
+        providers_raw = data.get("providers", {})
+        if not isinstance(providers_raw, dict):
+            raise self.fail("providers", "expected a table of [providers.NAME] tables")
+        providers: dict[str, ProviderConfig] = {}
+        for name, table in providers_raw.items():
+            prov = self.dataclass(ProviderConfig, table, f"providers.{name}", skip={"name"})
+            providers[name] = dataclasses.replace(prov, name=name)
+            self._check_provider(prov, f"providers.{name}")
+        models_raw = data.get("models", [])
+        if not isinstance(models_raw, list):
+            raise self.fail("models", "expected an array of [[models]] tables")
+        models: list[ModelConfig] = []
+        seen: set[str] = set()
+        for i, table in enumerate(models_raw):
+            path = f"models[{i}]"
+            m = self.dataclass(ModelConfig, table, path)
+            if m.id in seen:
+                raise self.fail(f"{path}.id", f"duplicate model id {m.id!r}; each id must be unique")
+            seen.add(m.id)
+            if m.provider not in providers:
+                raise self.fail(
+                    f"{path}.provider",
+                    f"no provider named {m.provider!r}; expected one of {sorted(providers) or 'none defined'}",
+                )
+            models.append(m)
+        cfg = Config(
+            server=self.dataclass(ServerConfig, data.get("server", {}), "server"),
+            database=self.dataclass(DatabaseConfig, data.get("database", {}), "database"),
+            cache=self.dataclass(CacheConfig, data.get("cache", {}), "cache"),
+            retention=self.dataclass(RetentionConfig, data.get("retention", {}), "retention"),
+            attribution=(
+                self.dataclass(AttributionConfig, data["attribution"], "attribution")
+                if "attribution" in data
+                else None
+            ),
+            metrics=self.dataclass(MetricsConfig, data.get("metrics", {}), "metrics"),
+            stripe=self.dataclass(StripeConfig, data["stripe"], "stripe") if "stripe" in data else None,
+            providers=providers,
+            models=models,
+            source=self.source,
+        )
+        self._check(cfg)
+        return cfg
+
+    def _check_provider(self, p: ProviderConfig, path: str) -> None:
+        if p.type != "echo":
+            if not p.base_url.startswith(("http://", "https://")):
+                raise self.fail(f"{path}.base_url", "expected an http:// or https:// URL")
+            if not p.api_key_env:
+                raise self.fail(f"{path}.api_key_env", "expected the name of the env var holding the provider key")
+
+    def _check(self, cfg: Config) -> None:
+        url = cfg.database.url
+        if not (url.startswith("sqlite:///") or url.startswith(("postgresql://", "postgres://"))):
+            raise self.fail("database.url", f"unsupported URL {url!r}; expected sqlite:///PATH or postgresql://...")
+        curl = cfg.cache.url
+        if not (curl == "memory://" or curl.startswith(("redis://", "rediss://"))):
+            raise self.fail("cache.url", f"unsupported URL {curl!r}; expected memory:// or redis://host:port/db")
+        for path, value in (
+            ("server.port", cfg.server.port),
+            ("server.max_body_bytes", cfg.server.max_body_bytes),
+            ("server.request_timeout_seconds", cfg.server.request_timeout_seconds),
+            ("server.stream_idle_timeout_seconds", cfg.server.stream_idle_timeout_seconds),
+            ("cache.key_ttl_seconds", cfg.cache.key_ttl_seconds),
+            ("retention.access_log_days", cfg.retention.access_log_days),
+        ):
+            if value <= 0:
+                raise self.fail(path, f"expected a positive integer, got {value}")
+        if cfg.server.port > 65535:
+            raise self.fail("server.port", "expected a port number up to 65535")
+        if cfg.stripe and cfg.stripe.min_topup_usd > cfg.stripe.max_topup_usd:
+            raise self.fail("stripe.min_topup_usd", "must not exceed stripe.max_topup_usd")
+
+    def _unknown(self, data: dict[str, Any], known: set[str], path: str) -> None:
+        for key in data:
+            if key not in known:
+                hint = difflib.get_close_matches(key, sorted(known), n=1)
+                also = f"; did you mean {hint[0]!r}?" if hint else f"; expected one of {sorted(known)}"
+                raise self.fail(f"{path}{key}" if not path else f"{path}.{key}", f"unknown key{also}")
+
+    def dataclass(self, cls: type[Any], data: Any, path: str, skip: frozenset[str] | set[str] = frozenset()) -> Any:
+        if not isinstance(data, dict):
+            raise self.fail(path, f"expected a table, got {_tname(data)}")
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in skip}
+        self._unknown(data, set(fields), path)
+        hints = get_type_hints(cls)
+        kwargs: dict[str, Any] = {}
+        for name, f in fields.items():
+            key_path = f"{path}.{name}"
+            if name in data:
+                kwargs[name] = self.value(hints[name], data[name], key_path)
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise self.fail(key_path, "required key is missing")
+        return cls(**kwargs)
+
+    def value(self, hint: Any, value: Any, path: str) -> Any:
+        origin = get_origin(hint)
+        if origin in (Union, types.UnionType):
+            args = [a for a in get_args(hint) if a is not type(None)]
+            return self.value(args[0], value, path)
+        if origin is Literal:
+            choices = get_args(hint)
+            if value not in choices:
+                raise self.fail(path, f"expected one of {list(choices)}, got {value!r}")
+            return value
+        if origin is dict:
+            if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+                raise self.fail(path, "expected a table of strings")
+            return dict(value)
+        if hint is Decimal:
+            return self.price(value, path)
+        if hint is bool:
+            if not isinstance(value, bool):
+                raise self.fail(path, f"expected true or false, got {_tname(value)}")
+            return value
+        if hint is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise self.fail(path, f"expected an integer, got {_tname(value)}")
+            return value
+        if hint is str:
+            if not isinstance(value, str):
+                raise self.fail(path, f"expected a string, got {_tname(value)}")
+            return value
+        raise self.fail(path, f"unsupported type {hint}")  # pragma: no cover - schema bug
+
+    def price(self, value: Any, path: str) -> Decimal:
+        if not isinstance(value, str):
+            raise self.fail(
+                path, f'expected a decimal string such as "0.27" (floats are inexact), got {_tname(value)}'
+            )
+        try:
+            d = Decimal(value)
+        except InvalidOperation:
+            raise self.fail(path, f'expected a decimal string such as "0.27", got {value!r}') from None
+        if not d.is_finite():
+            raise self.fail(path, f"expected a finite amount, got {value!r}")
+        if d < 0:
+            raise self.fail(path, f"expected a non-negative amount, got {value!r}")
+        return d
+
+
+def _tname(v: Any) -> str:
+    return {str: "a string", int: "an integer", float: "a float", bool: "a boolean", list: "an array", dict: "a table"}.get(
+        type(v), type(v).__name__
+    )
+
+
+def resolve_secret(env: str, *, path: str, source: str) -> Secret:
+    value = os.environ.get(env, "")
+    if not value:
+        raise ConfigError(f"{source}: {path}: environment variable {env} is not set (it must hold the secret)")
+    return Secret(env, value)
+
+
+def provider_secrets(cfg: Config) -> dict[str, Secret]:
+    """Resolve the keys of providers that some model uses; called at `serve`, not `check`."""
+    used = {m.provider for m in cfg.models}
+    out: dict[str, Secret] = {}
+    for name in sorted(used):
+        p = cfg.providers[name]
+        if p.type == "echo":
+            continue
+        out[name] = resolve_secret(p.api_key_env, path=f"providers.{name}.api_key_env", source=cfg.source)
+    return out
+
+
+def schema_table() -> list[tuple[str, str, str]]:
+    """(key path, default, doc) for every documented key; used by docs and tests."""
+    rows: list[tuple[str, str, str]] = []
+    sections: list[tuple[str, type[Any]]] = [
+        ("server", ServerConfig), ("database", DatabaseConfig), ("cache", CacheConfig),
+        ("retention", RetentionConfig), ("attribution", AttributionConfig), ("metrics", MetricsConfig),
+        ("stripe", StripeConfig), ("providers.NAME", ProviderConfig), ("models[]", ModelConfig),
+    ]
+    for prefix, cls in sections:
+        for f in dataclasses.fields(cls):
+            if "doc" not in f.metadata:
+                continue
+            if f.default is not dataclasses.MISSING:
+                default = repr(f.default) if not isinstance(f.default, Decimal) else f'"{f.default}"'
+            elif f.default_factory is not dataclasses.MISSING:
+                default = "{}"
+            else:
+                default = "(required)"
+            rows.append((f"{prefix}.{f.name}", default, f.metadata["doc"]))
+    return rows

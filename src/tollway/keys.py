@@ -1,0 +1,280 @@
+"""Customer API keys: issue, hash at rest, verify with a cache, revoke at once.
+
+Key format: "ak_" + base64url(32 random bytes || 6-byte tag), where the tag is an HMAC
+of the random part under a server secret. A key is checked in this order:
+  1. shape (length, alphabet)                      -> no lookup
+  2. tag (constant-time HMAC compare)             -> no lookup: random or forged keys
+     cost zero database reads (a guess passes with probability 2^-48)
+  3. cache ("k:<hash>", key_ttl_seconds)          -> no database read on a hit
+  4. one indexed read by HMAC-SHA256 hash         -> then cached, or cached as unknown
+At rest only the keyed hash and a display prefix are stored, so a copy of the database
+does not let anyone use (or even test) a key without the secret.
+
+Revocation reaches every worker before `revoke` returns: with a shared (Redis) cache the
+entry is deleted and a tombstone blocks re-caching; with per-worker memory caches the
+revocation bus (revocation.py) waits until every live worker has evicted it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import hmac
+import os
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+from tollway.errors import BadRequest, NotFound, Unauthorized
+from tollway.store.cache import Cache
+from tollway.store.db import Store, now_ms
+from tollway.store.schema import api_keys, tenants
+
+PREFIX = "ak_"
+_RANDOM_BYTES = 32
+_TAG_BYTES = 6
+_ENCODED_LEN = 51  # base64url of 38 bytes, unpadded
+_SHAPE = re.compile(r"ak_[A-Za-z0-9_-]{%d}" % _ENCODED_LEN)
+_NEGATIVE = "-"
+PERIODS = ("day", "month")
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who a request is from: the only identity the rest of the request sees."""
+
+    tenant_id: str
+    key_id: str
+    expires_at: int | None = None
+    spend_limit_micros: int | None = None
+    spend_limit_period: str | None = None
+
+    def encode(self) -> str:
+        return "|".join(
+            [self.tenant_id, self.key_id, str(self.expires_at or ""), str(self.spend_limit_micros or ""),
+             self.spend_limit_period or ""]
+        )
+
+    @classmethod
+    def decode(cls, s: str) -> Principal:
+        t, k, exp, lim, per = s.split("|")
+        return cls(t, k, int(exp) if exp else None, int(lim) if lim else None, per or None)
+
+    def spend_period(self, at: float | None = None) -> str | None:
+        if self.spend_limit_micros is None:
+            return None
+        d = datetime.fromtimestamp(at if at is not None else time.time(), UTC)
+        return d.strftime("%Y-%m-%d") if self.spend_limit_period == "day" else d.strftime("%Y-%m")
+
+
+class KeySecret:
+    """The server secret, split into one subkey for hashing and one for the tag."""
+
+    def __init__(self, secret: bytes) -> None:
+        if len(secret) < 16:
+            raise ValueError("the key secret must be at least 16 bytes")
+        self._hash_key = hmac.new(secret, b"tollway key hash v1", hashlib.sha256).digest()
+        self._tag_key = hmac.new(secret, b"tollway key tag v1", hashlib.sha256).digest()
+
+    def tag(self, random_part: bytes) -> bytes:
+        return hmac.new(self._tag_key, random_part, hashlib.sha256).digest()[:_TAG_BYTES]
+
+    def hash(self, key: str) -> str:
+        return hmac.new(self._hash_key, key.encode("ascii"), hashlib.sha256).hexdigest()
+
+    def __repr__(self) -> str:
+        return "KeySecret('***')"
+
+
+def load_key_secret(env_name: str, sqlite_file: Path | None) -> tuple[KeySecret, str | None]:
+    """From the environment; in embedded mode, else from a generated 0600 file next to the
+    database. Returns the secret and a startup notice (or None)."""
+    value = os.environ.get(env_name)
+    if value:
+        return KeySecret(value.encode()), None
+    if sqlite_file is None:
+        raise ValueError(
+            f"environment variable {env_name} is not set; every worker must share one key secret "
+            f"(generate one with: python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+        )
+    path = sqlite_file.parent / ".tollway-key-secret"
+    if path.exists():
+        return KeySecret(path.read_bytes().strip()), None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(secrets.token_urlsafe(32).encode())
+    notice = (f"generated the customer-key secret at {path} (mode 0600); back it up with the "
+              f"database, or set {env_name} instead")
+    return KeySecret(path.read_bytes().strip()), notice
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(8)}"
+
+
+class Keys:
+    def __init__(self, store: Store, cache: Cache, secret: KeySecret, *, ttl: float = 60,
+                 negative_ttl: float = 5, bus: Any = None) -> None:
+        self.store = store
+        self.cache = cache
+        self.secret = secret
+        self.ttl = ttl
+        self.negative_ttl = negative_ttl
+        self.bus = bus  # RevocationBus for per-worker caches, or None
+        self._last_used: dict[str, int] = {}
+
+    # --- issuing --------------------------------------------------------------------------
+
+    def mint(self) -> str:
+        rnd = secrets.token_bytes(_RANDOM_BYTES)
+        raw = rnd + self.secret.tag(rnd)
+        return PREFIX + base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+    async def create(self, tenant_id: str, *, name: str | None = None, expires_at: int | None = None,
+                     spend_limit_micros: int | None = None, spend_limit_period: str | None = None
+                     ) -> dict[str, Any]:
+        if (spend_limit_micros is None) != (spend_limit_period is None):
+            raise BadRequest("spend limit needs both an amount and a period (day or month)")
+        if spend_limit_period is not None and spend_limit_period not in PERIODS:
+            raise BadRequest("spend limit period must be 'day' or 'month'")
+        if spend_limit_micros is not None and spend_limit_micros <= 0:
+            raise BadRequest("spend limit must be positive")
+        key = self.mint()
+        key_id = new_id("key")
+        async with self.store.write() as conn:
+            t = (await conn.execute(sa.select(tenants.c.deleted_at).where(tenants.c.id == tenant_id))).first()
+            if t is None or t.deleted_at is not None:
+                raise NotFound(f"no tenant {tenant_id}")
+            await conn.execute(api_keys.insert().values(
+                id=key_id, tenant_id=tenant_id, name=name, prefix=key[:7], key_hash=self.secret.hash(key),
+                created_at=now_ms(), expires_at=expires_at, spend_limit_micros=spend_limit_micros,
+                spend_limit_period=spend_limit_period))
+        return {"key_id": key_id, "key": key, "tenant_id": tenant_id, "prefix": key[:7]}
+
+    async def list(self, tenant_id: str) -> list[dict[str, Any]]:
+        cols = [c for c in api_keys.c if c.name != "key_hash"]
+        async with self.store.read() as conn:
+            rows = (await conn.execute(
+                sa.select(*cols).where(api_keys.c.tenant_id == tenant_id).order_by(api_keys.c.created_at)
+            )).mappings().all()
+        return [dict(r) for r in rows]
+
+    async def revoke(self, key_id: str) -> dict[str, Any]:
+        """Returns only when no worker will admit the key any more."""
+        async with self.store.write() as conn:
+            row = (await conn.execute(
+                sa.select(api_keys.c.key_hash, api_keys.c.revoked_at).where(api_keys.c.id == key_id)
+            )).first()
+            if row is None:
+                raise NotFound(f"no key {key_id}")
+            revoked_at = row.revoked_at or now_ms()
+            if row.revoked_at is None:
+                await conn.execute(api_keys.update().where(api_keys.c.id == key_id).values(revoked_at=revoked_at))
+            seq = await self.bus.publish(conn, row.key_hash) if self.bus is not None else None
+        await self.evict(row.key_hash)
+        if self.bus is not None and seq is not None:
+            await self.bus.wait_for(seq)
+        return {"key_id": key_id, "revoked_at": revoked_at}
+
+    async def revoke_tenant(self, tenant_id: str) -> int:
+        async with self.store.read() as conn:
+            ids = (await conn.execute(
+                sa.select(api_keys.c.id).where(api_keys.c.tenant_id == tenant_id, api_keys.c.revoked_at.is_(None))
+            )).scalars().all()
+        for key_id in ids:
+            await self.revoke(key_id)
+        return len(ids)
+
+    async def evict(self, key_hash: str) -> None:
+        if self.cache.shared:
+            # The tombstone outlives any positive entry a racing worker may still write.
+            await self.cache.set(f"r:{key_hash}", "1", self.ttl + 5)
+        await self.cache.delete(f"k:{key_hash}")
+
+    # --- verifying (the /v1 hot path) ---------------------------------------------------------
+
+    def check_shape(self, key: str) -> bool:
+        if len(key) != len(PREFIX) + _ENCODED_LEN or not _SHAPE.fullmatch(key):
+            return False
+        raw = base64.urlsafe_b64decode(key[len(PREFIX):] + "=")
+        return hmac.compare_digest(raw[_RANDOM_BYTES:], self.secret.tag(raw[:_RANDOM_BYTES]))
+
+    async def authenticate(self, key: str | None) -> Principal:
+        if not key or not self.check_shape(key):
+            raise Unauthorized()
+        key_hash = self.secret.hash(key)
+        if self.cache.shared:
+            cached, tomb = await self.cache.get_many(f"k:{key_hash}", f"r:{key_hash}")
+            if tomb is not None:
+                cached = None
+        else:
+            cached = await self.cache.get(f"k:{key_hash}")
+            if cached is not None and self.bus is not None and not self.bus.fresh():
+                cached = None  # this worker may have missed a revocation: ask the database
+        if cached is None:
+            principal = await self._lookup(key_hash)
+            if self.cache.shared and principal is not None:
+                tomb = await self.cache.get(f"r:{key_hash}")
+                if tomb is not None:
+                    principal = None
+            await self.cache.set(f"k:{key_hash}", principal.encode() if principal else _NEGATIVE,
+                                 self.ttl if principal else self.negative_ttl)
+        elif cached == _NEGATIVE:
+            principal = None
+        else:
+            principal = Principal.decode(cached)
+        if principal is None:
+            raise Unauthorized()
+        if principal.expires_at is not None and principal.expires_at <= now_ms():
+            raise Unauthorized()
+        self._last_used[principal.key_id] = now_ms()
+        return principal
+
+    async def _lookup(self, key_hash: str) -> Principal | None:
+        async with self.store.read() as conn:
+            row = (await conn.execute(
+                sa.select(api_keys.c.id, api_keys.c.tenant_id, api_keys.c.key_hash, api_keys.c.revoked_at,
+                          api_keys.c.expires_at, api_keys.c.spend_limit_micros, api_keys.c.spend_limit_period)
+                .where(api_keys.c.key_hash == key_hash)
+            )).first()
+        if row is None or not hmac.compare_digest(row.key_hash, key_hash) or row.revoked_at is not None:
+            return None
+        return Principal(row.tenant_id, row.id, row.expires_at, row.spend_limit_micros, row.spend_limit_period)
+
+    # --- last_used_at without a write per request ----------------------------------------------
+
+    async def flush_last_used(self) -> int:
+        pending, self._last_used = self._last_used, {}
+        if not pending:
+            return 0
+        async with self.store.write() as conn:
+            await conn.execute(
+                api_keys.update().where(api_keys.c.id == sa.bindparam("kid")).values(last_used_at=sa.bindparam("ts")),
+                [{"kid": k, "ts": v} for k, v in pending.items()],
+            )
+        return len(pending)
+
+    async def run_last_used_flusher(self, every: float = 15.0) -> None:
+        while True:
+            await asyncio.sleep(every)
+            with contextlib.suppress(Exception):  # retried on the next tick; never fatal
+                await self.flush_last_used()
+
+
+def bearer_key(headers: Any) -> str | None:
+    """The customer key from Authorization: Bearer or x-api-key (Anthropic clients)."""
+    auth = headers.get("authorization")
+    if auth:
+        scheme, _, value = auth.partition(" ")
+        return value.strip() if scheme.lower() == "bearer" else None
+    value = headers.get("x-api-key")
+    return value.strip() if value else None

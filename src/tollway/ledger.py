@@ -1,0 +1,290 @@
+"""Wallets and the append-only ledger.
+
+Every change to a balance is one ledger row whose id is its idempotency key (primary
+key): applying the same entry again inserts nothing and moves nothing. Application
+code inserts ledger rows and never updates or deletes them. The wallet row holds the
+running balance so a request reads one row, not a sum.
+
+Why concurrent requests cannot overspend: a reservation is the conditional statement
+  UPDATE wallets SET balance = balance - :amount WHERE tenant = :t AND balance >= :amount
+executed in the same transaction as its ledger row. The database applies it atomically
+against the latest committed balance (SQLite: one writer at a time under BEGIN
+IMMEDIATE; PostgreSQL: the UPDATE takes the row lock and re-checks the condition), so
+two racing requests can never both take the last dollar. A CHECK constraint keeps the
+balance >= 0 even against a bug here.
+
+One request costs two write transactions: reserve (before forwarding) and settle
+(after; it also writes the usage row). Nothing is batched in memory, so a crash loses
+no spend: an open reservation is released by the sweep (workers.py) once the worker that
+held it stops heart-beating. Policy: a dangling reservation is released in full and
+recorded with reference "swept" — the customer is never charged for a request whose
+outcome Tollway never saw.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+import sqlalchemy.exc
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from tollway.errors import InsufficientFunds, NotFound, SpendLimitExceeded
+from tollway.money import format_usd
+from tollway.store.db import Store, now_ms
+from tollway.store.schema import key_spend, ledger_entries, reservations, tenants, usage_events, wallets
+
+CREDIT_KINDS = ("credit", "topup", "refund_credit", "adjust")
+DEBIT_KINDS = ("debit", "refund", "dispute", "adjust_debit")
+
+
+class Ledger:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._insert = (postgresql.insert if not store.is_sqlite else sqlite.insert)
+
+    # --- credits and manual debits ------------------------------------------------------------
+
+    async def credit(self, tenant_id: str, amount_micros: int, entry_id: str, *, kind: str = "credit",
+                     reference: str | None = None, conn: AsyncConnection | None = None) -> dict[str, Any]:
+        """Add money. Idempotent on entry_id: a replay returns applied=False and changes nothing."""
+        if amount_micros <= 0:
+            raise ValueError("credit amount must be positive")
+        if conn is not None:
+            return await self._credit(conn, tenant_id, amount_micros, entry_id, kind, reference)
+        try:
+            async with self.store.write() as c:
+                return await self._credit(c, tenant_id, amount_micros, entry_id, kind, reference)
+        except sa.exc.IntegrityError:
+            # A concurrent replay of the same entry won the insert; ours rolled back whole.
+            return {"applied": False, "entry_id": entry_id, "balance_micros": await self.balance(tenant_id)}
+
+    async def _credit(self, conn: AsyncConnection, tenant_id: str, amount: int, entry_id: str, kind: str,
+                      reference: str | None) -> dict[str, Any]:
+        if await self._exists(conn, entry_id):
+            return {"applied": False, "entry_id": entry_id, "balance_micros": await self._balance(conn, tenant_id)}
+        new = (await conn.execute(
+            wallets.update().where(wallets.c.tenant_id == tenant_id)
+            .values(balance_micros=wallets.c.balance_micros + amount, updated_at=now_ms())
+            .returning(wallets.c.balance_micros)
+        )).scalar()
+        if new is None:
+            raise NotFound(f"no wallet for tenant {tenant_id}")
+        await self._entry(conn, entry_id, tenant_id, kind, amount, new, reference)
+        return {"applied": True, "entry_id": entry_id, "balance_micros": new}
+
+    async def credit_manual(self, tenant_id: str, amount_micros: int, reference: str) -> dict[str, Any]:
+        """An operator's credit; idempotent on (tenant, reference)."""
+        return await self.credit(tenant_id, amount_micros, f"manual:{tenant_id}:{reference}", reference=reference)
+
+    async def debit(self, tenant_id: str, amount_micros: int, entry_id: str, *, kind: str = "debit",
+                    reference: str | None = None, conn: AsyncConnection | None = None) -> dict[str, Any]:
+        """Take money back (refund, dispute, adjustment). Never below zero: the part the
+        balance cannot cover is reported as `shortfall_micros`, not invented."""
+        if amount_micros <= 0:
+            raise ValueError("debit amount must be positive")
+        if conn is not None:
+            return await self._debit(conn, tenant_id, amount_micros, entry_id, kind, reference)
+        try:
+            async with self.store.write() as c:
+                return await self._debit(c, tenant_id, amount_micros, entry_id, kind, reference)
+        except sa.exc.IntegrityError:
+            return {"applied": False, "entry_id": entry_id, "balance_micros": await self.balance(tenant_id),
+                    "shortfall_micros": 0}
+
+    async def _debit(self, conn: AsyncConnection, tenant_id: str, amount: int, entry_id: str, kind: str,
+                     reference: str | None) -> dict[str, Any]:
+        if await self._exists(conn, entry_id):
+            return {"applied": False, "entry_id": entry_id, "balance_micros": await self._balance(conn, tenant_id),
+                    "shortfall_micros": 0}
+        balance = await self._balance(conn, tenant_id, lock=True)
+        taken = min(amount, balance)
+        new = balance - taken
+        await conn.execute(wallets.update().where(wallets.c.tenant_id == tenant_id)
+                           .values(balance_micros=new, updated_at=now_ms()))
+        await self._entry(conn, entry_id, tenant_id, kind, -taken, new, reference)
+        return {"applied": True, "entry_id": entry_id, "balance_micros": new, "shortfall_micros": amount - taken}
+
+    # --- the request path: reserve, then settle -------------------------------------------------
+
+    async def reserve(self, tenant_id: str, request_id: str, amount_micros: int, *, key_id: str | None = None,
+                      key_limit_micros: int | None = None, key_period: str | None = None,
+                      worker_id: str | None = None) -> int:
+        """Hold the most a request can cost, or raise 402/429 and hold nothing."""
+        async with self.store.write() as conn:
+            new = (await conn.execute(
+                wallets.update()
+                .where(wallets.c.tenant_id == tenant_id, wallets.c.balance_micros >= amount_micros)
+                .values(balance_micros=wallets.c.balance_micros - amount_micros, updated_at=now_ms())
+                .returning(wallets.c.balance_micros)
+            )).scalar()
+            if new is None:
+                raise InsufficientFunds(
+                    f"Your wallet balance does not cover this request (up to {format_usd(amount_micros)} USD "
+                    f"must be reserved). Top up to continue."
+                )
+            if key_limit_micros is not None and key_period is not None:
+                await self._hold_key_spend(conn, key_id or "", key_period, amount_micros, key_limit_micros)
+            await self._entry(conn, f"{request_id}:reserve", tenant_id, "reserve", -amount_micros, new, request_id)
+            await conn.execute(reservations.insert().values(
+                request_id=request_id, tenant_id=tenant_id, key_id=key_id,
+                key_period=key_period if key_limit_micros is not None else None,
+                worker_id=worker_id, amount_micros=amount_micros, created_at=now_ms()))
+        return new
+
+    async def _hold_key_spend(self, conn: AsyncConnection, key_id: str, period: str, amount: int,
+                              limit: int) -> None:
+        stmt = self._insert(key_spend).values(key_id=key_id, period=period, spent_micros=amount)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[key_spend.c.key_id, key_spend.c.period],
+            set_={"spent_micros": key_spend.c.spent_micros + amount},
+            where=key_spend.c.spent_micros + amount <= limit,
+        ).returning(key_spend.c.spent_micros)
+        spent = (await conn.execute(stmt)).scalar() if amount <= limit else None
+        if spent is None:
+            raise SpendLimitExceeded(
+                f"This API key's spend limit of {format_usd(limit)} USD for this period would be exceeded."
+            )
+
+    async def settle(self, request_id: str, charge_micros: int, usage: dict[str, Any] | None = None) -> int | None:
+        """Charge the actual cost and release the rest, in one transaction.
+
+        Idempotent: the reservation row is the gate; a second settle finds none and
+        returns None without touching anything. The charge is capped at what was
+        reserved plus what the wallet still holds, so the balance never goes negative.
+        """
+        async with self.store.write() as conn:
+            res = (await conn.execute(
+                reservations.delete().where(reservations.c.request_id == request_id)
+                .returning(reservations.c.tenant_id, reservations.c.amount_micros,
+                           reservations.c.key_id, reservations.c.key_period)
+            )).first()
+            if res is None:
+                return None
+            tenant_id, held = res.tenant_id, res.amount_micros
+            charge = max(0, charge_micros)
+            ts = now_ms()
+            new = (await conn.execute(
+                wallets.update()
+                .where(wallets.c.tenant_id == tenant_id, wallets.c.balance_micros + held >= charge)
+                .values(balance_micros=wallets.c.balance_micros + held - charge, updated_at=ts)
+                .returning(wallets.c.balance_micros)
+            )).scalar()
+            if new is None:  # cost beyond the reservation and the balance: charge what exists
+                balance = await self._balance(conn, tenant_id, lock=True)
+                charge = balance + held
+                new = 0
+                await conn.execute(wallets.update().where(wallets.c.tenant_id == tenant_id)
+                                   .values(balance_micros=0, updated_at=ts))
+            rows = [dict(id=f"{request_id}:release", tenant_id=tenant_id, kind="release", amount_micros=held,
+                         balance_after_micros=new + charge, reference=request_id, created_at=ts)]
+            if charge:
+                rows.append(dict(id=f"{request_id}:debit", tenant_id=tenant_id, kind="debit",
+                                 amount_micros=-charge, balance_after_micros=new, reference=request_id,
+                                 created_at=ts))
+            await conn.execute(ledger_entries.insert(), rows)
+            if res.key_period is not None and charge != held:
+                await conn.execute(
+                    key_spend.update()
+                    .where(key_spend.c.key_id == res.key_id, key_spend.c.period == res.key_period)
+                    .values(spent_micros=key_spend.c.spent_micros - held + charge))
+            if usage is not None:
+                await conn.execute(usage_events.insert().values(
+                    request_id=request_id, tenant_id=tenant_id, cost_micros=charge, created_at=ts, **usage))
+        return charge
+
+    async def release(self, request_id: str, usage: dict[str, Any] | None = None) -> int | None:
+        return await self.settle(request_id, 0, usage)
+
+    # --- reading ----------------------------------------------------------------------------
+
+    async def balance(self, tenant_id: str) -> int:
+        async with self.store.read() as conn:
+            return await self._balance(conn, tenant_id)
+
+    async def wallet(self, tenant_id: str) -> dict[str, Any]:
+        async with self.store.read() as conn:
+            bal = await self._balance(conn, tenant_id)
+            held = (await conn.execute(
+                sa.select(sa.func.coalesce(sa.func.sum(reservations.c.amount_micros), 0))
+                .where(reservations.c.tenant_id == tenant_id))).scalar_one()
+        return {"tenant_id": tenant_id, "balance_usd": format_usd(bal), "balance_micros": bal,
+                "reserved_usd": format_usd(int(held)), "reserved_micros": int(held)}
+
+    async def entries(self, tenant_id: str, limit: int | None = None) -> list[dict[str, Any]]:
+        q = (sa.select(ledger_entries).where(ledger_entries.c.tenant_id == tenant_id)
+             .order_by(ledger_entries.c.created_at, ledger_entries.c.id))
+        if limit:
+            q = q.limit(limit)
+        async with self.store.read() as conn:
+            return [dict(r) for r in (await conn.execute(q)).mappings().all()]
+
+    async def verify(self, max_reservation_age_ms: int) -> list[str]:
+        """Every balance equals its ledger sum, none is negative, no reservation is stale."""
+        problems: list[str] = []
+        cutoff = now_ms() - max_reservation_age_ms
+        async with self.store.read() as conn:
+            sums = dict((await conn.execute(
+                sa.select(ledger_entries.c.tenant_id, sa.func.sum(ledger_entries.c.amount_micros))
+                .group_by(ledger_entries.c.tenant_id))).tuples().all())
+            for tenant_id, bal in (await conn.execute(sa.select(wallets.c.tenant_id, wallets.c.balance_micros))).tuples():
+                total = int(sums.pop(tenant_id, 0) or 0)
+                if total != bal:
+                    problems.append(f"tenant {tenant_id}: balance {format_usd(bal)} != ledger sum {format_usd(total)}")
+                if bal < 0:
+                    problems.append(f"tenant {tenant_id}: negative balance {format_usd(bal)}")
+            for tenant_id in sums:
+                problems.append(f"tenant {tenant_id}: ledger entries without a wallet")
+            held = dict((await conn.execute(
+                sa.select(reservations.c.tenant_id, sa.func.sum(reservations.c.amount_micros))
+                .group_by(reservations.c.tenant_id))).tuples().all())
+            open_by_ledger = dict((await conn.execute(
+                sa.select(ledger_entries.c.tenant_id, sa.func.sum(ledger_entries.c.amount_micros))
+                .where(ledger_entries.c.kind.in_(("reserve", "release")))
+                .group_by(ledger_entries.c.tenant_id))).tuples().all())
+            for tenant_id in set(held) | set(open_by_ledger):
+                if int(held.get(tenant_id, 0) or 0) != -int(open_by_ledger.get(tenant_id, 0) or 0):
+                    problems.append(f"tenant {tenant_id}: open reservations do not match reserve/release entries")
+            for rid, tenant_id in (await conn.execute(
+                sa.select(reservations.c.request_id, reservations.c.tenant_id)
+                .where(reservations.c.created_at < cutoff))).tuples():
+                problems.append(f"tenant {tenant_id}: reservation {rid} older than the longest request")
+        return problems
+
+    async def open_reservations(self, older_than_ms: int | None = None,
+                                worker_ids: list[str] | None = None) -> list[str]:
+        q = sa.select(reservations.c.request_id)
+        if older_than_ms is not None:
+            q = q.where(reservations.c.created_at < now_ms() - older_than_ms)
+        if worker_ids is not None:
+            q = q.where(reservations.c.worker_id.in_(worker_ids))
+        async with self.store.read() as conn:
+            return list((await conn.execute(q)).scalars().all())
+
+    # --- helpers ----------------------------------------------------------------------------
+
+    async def _exists(self, conn: AsyncConnection, entry_id: str) -> bool:
+        return (await conn.execute(sa.select(ledger_entries.c.id).where(ledger_entries.c.id == entry_id))).first() is not None
+
+    async def _balance(self, conn: AsyncConnection, tenant_id: str, lock: bool = False) -> int:
+        q = sa.select(wallets.c.balance_micros).where(wallets.c.tenant_id == tenant_id)
+        if lock and not self.store.is_sqlite:
+            q = q.with_for_update()
+        bal = (await conn.execute(q)).scalar()
+        if bal is None:
+            raise NotFound(f"no wallet for tenant {tenant_id}")
+        return int(bal)
+
+    async def _entry(self, conn: AsyncConnection, entry_id: str, tenant_id: str, kind: str, amount: int,
+                     balance_after: int, reference: str | None) -> None:
+        await conn.execute(ledger_entries.insert().values(
+            id=entry_id, tenant_id=tenant_id, kind=kind, amount_micros=amount,
+            balance_after_micros=balance_after, reference=reference, created_at=now_ms()))
+
+    async def open_wallet(self, conn: AsyncConnection, tenant_id: str) -> None:
+        await conn.execute(wallets.insert().values(tenant_id=tenant_id, balance_micros=0, updated_at=now_ms()))
+
+
+async def tenant_exists(conn: AsyncConnection, tenant_id: str) -> bool:
+    return (await conn.execute(sa.select(tenants.c.id).where(tenants.c.id == tenant_id))).first() is not None

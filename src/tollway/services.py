@@ -1,0 +1,49 @@
+"""The service objects one process uses, built from config: the CLI, the admin API and
+the /v1 path all call these same objects."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from tollway.config import Config
+from tollway.keys import Keys, load_key_secret
+from tollway.ledger import Ledger
+from tollway.store.cache import Cache, make_cache
+from tollway.store.db import Store, sqlite_path
+from tollway.tenants import Tenants
+from tollway.workers import WorkerRegistry
+
+
+@dataclass
+class Services:
+    config: Config
+    store: Store
+    cache: Cache
+    keys: Keys
+    ledger: Ledger
+    tenants: Tenants
+    workers: WorkerRegistry
+    notices: list[str]
+
+    async def close(self) -> None:
+        await self.cache.close()
+        await self.store.close()
+
+
+def config_dir(cfg: Config) -> Path | None:
+    return Path(cfg.source).resolve().parent if cfg.source and not cfg.source.startswith("<") else None
+
+
+def build(cfg: Config, *, worker_id: str | None = None) -> Services:
+    """worker_id None: a client process (CLI) that serves no requests."""
+    base = config_dir(cfg)
+    store = Store(cfg.database.url, base_dir=base)
+    cache = make_cache(cfg.cache.url)
+    secret, notice = load_key_secret(cfg.server.key_secret_env, sqlite_path(cfg.database.url, base))
+    registry = WorkerRegistry(store, cache if not cache.shared else None, worker_id)
+    keys = Keys(store, cache, secret, ttl=cfg.cache.key_ttl_seconds, negative_ttl=cfg.cache.negative_ttl_seconds,
+                bus=registry if not cache.shared else None)
+    ledger = Ledger(store)
+    return Services(cfg, store, cache, keys, ledger, Tenants(store, ledger), registry,
+                    [notice] if notice else [])

@@ -1,0 +1,1 @@
+"""Storage: database engine, schema, caches. Foreign errors become ServiceUnavailable here."""

@@ -1,0 +1,175 @@
+"""SQLAlchemy Core tables. Times are unix epoch milliseconds (BigInteger), money micro-USD.
+
+The ledger is append-only: application code inserts ledger rows and never updates or
+deletes them. A wallet row caches the running balance; `tollway ledger verify` checks
+it against the sum of the ledger.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Column,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+tenants = Table(
+    "tenants", metadata,
+    Column("id", String(40), primary_key=True),
+    Column("name", Text, nullable=True),           # personal data: erased on deletion
+    Column("email", Text, nullable=True),          # personal data: erased on deletion
+    Column("external_id", String(200), nullable=True, unique=True),  # identity-provider subject
+    Column("created_at", BigInteger, nullable=False),
+    Column("deletion_requested_at", BigInteger, nullable=True),
+    Column("deleted_at", BigInteger, nullable=True),
+)
+
+api_keys = Table(
+    "api_keys", metadata,
+    Column("id", String(40), primary_key=True),
+    Column("tenant_id", String(40), ForeignKey("tenants.id"), nullable=False, index=True),
+    Column("name", Text, nullable=True),
+    Column("prefix", String(16), nullable=False),          # display only: "ak_AbCd"
+    Column("key_hash", String(64), nullable=False, unique=True),  # hex HMAC-SHA256
+    Column("created_at", BigInteger, nullable=False),
+    Column("last_used_at", BigInteger, nullable=True),
+    Column("revoked_at", BigInteger, nullable=True),
+    Column("expires_at", BigInteger, nullable=True),
+    Column("spend_limit_micros", BigInteger, nullable=True),
+    Column("spend_limit_period", String(8), nullable=True),  # "day" | "month"
+)
+
+# Spend of one limited key in one period (reservations included), so the limit holds
+# under concurrency the same way the wallet does.
+key_spend = Table(
+    "key_spend", metadata,
+    Column("key_id", String(40), primary_key=True),
+    Column("period", String(10), primary_key=True),        # "2026-11-28" or "2026-11"
+    Column("spent_micros", BigInteger, nullable=False),
+)
+
+wallets = Table(
+    "wallets", metadata,
+    Column("tenant_id", String(40), ForeignKey("tenants.id"), primary_key=True),
+    Column("balance_micros", BigInteger, nullable=False),
+    Column("updated_at", BigInteger, nullable=False),
+    CheckConstraint("balance_micros >= 0", name="balance_not_negative"),
+)
+
+ledger_entries = Table(
+    "ledger_entries", metadata,
+    Column("id", String(120), primary_key=True),            # the idempotency key
+    Column("tenant_id", String(40), nullable=False),
+    Column("kind", String(16), nullable=False),             # credit|debit|reserve|release|refund|adjust
+    Column("amount_micros", BigInteger, nullable=False),    # signed change to the balance
+    Column("balance_after_micros", BigInteger, nullable=False),
+    Column("reference", String(200), nullable=True),
+    Column("created_at", BigInteger, nullable=False),
+    Index("ix_ledger_entries_tenant_created", "tenant_id", "created_at"),
+)
+
+# One row per open reservation; deleted when settled or released. This is bookkeeping
+# about the ledger (what is still held), not the ledger itself.
+reservations = Table(
+    "reservations", metadata,
+    Column("request_id", String(64), primary_key=True),
+    Column("tenant_id", String(40), nullable=False),
+    Column("key_id", String(40), nullable=True),
+    Column("key_period", String(10), nullable=True),
+    Column("worker_id", String(40), nullable=True),        # who holds it; swept when it dies
+    Column("amount_micros", BigInteger, nullable=False),
+    Column("created_at", BigInteger, nullable=False, index=True),
+)
+
+usage_events = Table(
+    "usage_events", metadata,
+    Column("request_id", String(64), primary_key=True),
+    Column("tenant_id", String(40), nullable=False, index=True),
+    Column("key_id", String(40), nullable=True),
+    Column("model", String(200), nullable=False),
+    Column("provider", String(100), nullable=False),
+    Column("prompt_tokens", Integer, nullable=False),
+    Column("completion_tokens", Integer, nullable=False),
+    Column("cached_tokens", Integer, nullable=False),
+    Column("reasoning_tokens", Integer, nullable=False),
+    Column("cost_micros", BigInteger, nullable=False),
+    Column("estimated", Boolean, nullable=False),
+    Column("status", Integer, nullable=False),
+    Column("error_type", String(64), nullable=True),
+    Column("latency_ms", Integer, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+)
+
+access_log = Table(
+    "access_log", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("created_at", BigInteger, nullable=False, index=True),
+    Column("request_id", String(64), nullable=False),
+    Column("method", String(10), nullable=False),
+    Column("path", String(200), nullable=False),
+    Column("status", Integer, nullable=False),
+    Column("client_ip", String(64), nullable=True),        # personal data: erased on deletion
+    Column("latency_ms", Integer, nullable=False),
+    Column("tenant_id", String(40), nullable=True, index=True),
+)
+
+# Revocations for caches that live inside each worker (memory://): every worker polls
+# this table and acknowledges in `workers`, and a revoke waits for every live worker.
+revocations = Table(
+    "revocations", metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("key_hash", String(64), nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+)
+
+workers = Table(
+    "workers", metadata,
+    Column("id", String(40), primary_key=True),
+    Column("acked_seq", BigInteger, nullable=False),
+    Column("heartbeat_at", BigInteger, nullable=False),
+)
+
+stripe_events = Table(
+    "stripe_events", metadata,
+    Column("id", String(120), primary_key=True),            # evt_...
+    Column("type", String(80), nullable=False),
+    Column("outcome", String(200), nullable=False),
+    Column("received_at", BigInteger, nullable=False),
+)
+
+topups = Table(
+    "topups", metadata,
+    Column("session_id", String(120), primary_key=True),    # cs_...
+    Column("tenant_id", String(40), nullable=False, index=True),
+    Column("amount_micros", BigInteger, nullable=False),
+    Column("currency", String(8), nullable=False),
+    Column("status", String(16), nullable=False),           # created|pending|paid|failed|expired
+    Column("payment_intent", String(120), nullable=True, index=True),
+    Column("refunded_micros", BigInteger, nullable=False, server_default="0"),
+    Column("created_at", BigInteger, nullable=False),
+)
+
+deletion_requests = Table(
+    "deletion_requests", metadata,
+    Column("tenant_id", String(40), primary_key=True),
+    Column("requested_at", BigInteger, nullable=False),
+    Column("completed_at", BigInteger, nullable=True),
+)
