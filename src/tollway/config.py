@@ -181,7 +181,8 @@ class Config:
 
     def env_references(self) -> list[tuple[str, str]]:
         """(purpose, env var name) for every secret the config refers to."""
-        refs = [("admin API token", self.server.admin_token_env), ("customer-key HMAC secret", self.server.key_secret_env)]
+        refs = [("admin API token", self.server.admin_token_env),
+                ("customer-key HMAC secret", self.server.key_secret_env)]
         for p in self.providers.values():
             if p.api_key_env:
                 refs.append((f"provider {p.name} key", p.api_key_env))
@@ -378,9 +379,9 @@ class _Loader:
 
 
 def _tname(v: Any) -> str:
-    return {str: "a string", int: "an integer", float: "a float", bool: "a boolean", list: "an array", dict: "a table"}.get(
-        type(v), type(v).__name__
-    )
+    names = {str: "a string", int: "an integer", float: "a float", bool: "a boolean", list: "an array",
+             dict: "a table"}
+    return names.get(type(v), type(v).__name__)
 
 
 def resolve_secret(env: str, *, path: str, source: str) -> Secret:

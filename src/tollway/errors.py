@@ -38,7 +38,8 @@ class BadRequest(TollwayError):
 class Unauthorized(TollwayError):
     status, type, code = 401, "invalid_request_error", "invalid_api_key"
 
-    def __init__(self, message: str = "Invalid API key. Check the key you sent (Authorization: Bearer ak_...).") -> None:
+    def __init__(self, message: str = "Invalid API key. Check the key you sent (Authorization: Bearer ak_...)."
+                 ) -> None:
         super().__init__(message, headers={"www-authenticate": 'Bearer realm="tollway"'})
 
 

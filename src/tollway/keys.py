@@ -42,7 +42,7 @@ PREFIX = "ak_"
 _RANDOM_BYTES = 32
 _TAG_BYTES = 6
 _ENCODED_LEN = 51  # base64url of 38 bytes, unpadded
-_SHAPE = re.compile(r"ak_[A-Za-z0-9_-]{%d}" % _ENCODED_LEN)
+_SHAPE = re.compile(rf"ak_[A-Za-z0-9_-]{{{_ENCODED_LEN}}}")
 _NEGATIVE = "-"
 PERIODS = ("day", "month")
 

@@ -42,7 +42,7 @@ DEBIT_KINDS = ("debit", "refund", "dispute", "adjust_debit")
 class Ledger:
     def __init__(self, store: Store) -> None:
         self.store = store
-        self._insert = (postgresql.insert if not store.is_sqlite else sqlite.insert)
+        self._insert: Any = postgresql.insert if not store.is_sqlite else sqlite.insert
 
     # --- credits and manual debits ------------------------------------------------------------
 
@@ -131,7 +131,7 @@ class Ledger:
                 request_id=request_id, tenant_id=tenant_id, key_id=key_id,
                 key_period=key_period if key_limit_micros is not None else None,
                 worker_id=worker_id, amount_micros=amount_micros, created_at=now_ms()))
-        return new
+        return int(new)
 
     async def _hold_key_spend(self, conn: AsyncConnection, key_id: str, period: str, amount: int,
                               limit: int) -> None:
@@ -228,7 +228,8 @@ class Ledger:
             sums = dict((await conn.execute(
                 sa.select(ledger_entries.c.tenant_id, sa.func.sum(ledger_entries.c.amount_micros))
                 .group_by(ledger_entries.c.tenant_id))).tuples().all())
-            for tenant_id, bal in (await conn.execute(sa.select(wallets.c.tenant_id, wallets.c.balance_micros))).tuples():
+            balances = await conn.execute(sa.select(wallets.c.tenant_id, wallets.c.balance_micros))
+            for tenant_id, bal in balances.tuples():
                 total = int(sums.pop(tenant_id, 0) or 0)
                 if total != bal:
                     problems.append(f"tenant {tenant_id}: balance {format_usd(bal)} != ledger sum {format_usd(total)}")
@@ -265,7 +266,8 @@ class Ledger:
     # --- helpers ----------------------------------------------------------------------------
 
     async def _exists(self, conn: AsyncConnection, entry_id: str) -> bool:
-        return (await conn.execute(sa.select(ledger_entries.c.id).where(ledger_entries.c.id == entry_id))).first() is not None
+        found = await conn.execute(sa.select(ledger_entries.c.id).where(ledger_entries.c.id == entry_id))
+        return found.first() is not None
 
     async def _balance(self, conn: AsyncConnection, tenant_id: str, lock: bool = False) -> int:
         q = sa.select(wallets.c.balance_micros).where(wallets.c.tenant_id == tenant_id)

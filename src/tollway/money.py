@@ -32,7 +32,7 @@ def parse_usd(text: str) -> int:
         raise MoneyError(f"not a finite amount: {text!r}")
     if d != d.quantize(_QUANTUM):
         raise MoneyError(f"more than 6 decimal places: {text!r}")
-    return int(d * MICROS_PER_USD)
+    return int(d * MICROS_PER_USD)  # exact: d has at most 6 decimals
 
 
 def format_usd(micros: int) -> str:
@@ -48,7 +48,7 @@ def decimal_to_micros_ceil(amount_usd: Decimal) -> int:
 
 def from_minor_units(amount: int, exponent: int = 2) -> int:
     """Stripe-style minor units (cents for USD) -> micro-dollars, exactly."""
-    return amount * 10 ** (6 - exponent)
+    return int(amount * 10 ** (6 - exponent))
 
 
 @dataclass(frozen=True, slots=True)

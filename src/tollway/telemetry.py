@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 import structlog
@@ -11,7 +12,7 @@ import structlog
 from tollway.privacy import loggable
 
 
-def _allow_listed(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+def _allow_listed(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> Mapping[str, Any]:
     return loggable(event_dict)
 
 
@@ -36,3 +37,8 @@ def log_startup(host: str, port: int, workers: int, notices: list[str]) -> None:
     for notice in notices:
         log.warning("startup_notice", notice=notice)
     log.info("serving", host=host, port=port, count=workers)
+
+
+def record_request(**fields: Any) -> None:
+    """One line per /v1 request: the metadata allow-listed in privacy.py, nothing else."""
+    log.info("request", **fields)

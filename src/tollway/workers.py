@@ -22,6 +22,7 @@ import time
 from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from tollway.errors import ServiceUnavailable
 from tollway.store.cache import Cache
@@ -49,15 +50,15 @@ class WorkerRegistry:
 
     # --- used by revoke ---------------------------------------------------------------------
 
-    async def publish(self, conn: sa.ext.asyncio.AsyncConnection, key_hash: str) -> int:
+    async def publish(self, conn: AsyncConnection, key_hash: str) -> int:
         result = await conn.execute(
             revocations.insert().values(key_hash=key_hash, created_at=now_ms()).returning(revocations.c.seq))
         return int(result.scalar_one())
 
-    async def wait_for(self, seq: int, timeout: float = 10.0) -> None:
+    async def wait_for(self, seq: int, limit_seconds: float = 10.0) -> None:
         if self.worker_id is not None:
             await self.poll()  # our own cache first: the common single-process case is instant
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + limit_seconds
         while True:
             async with self.store.read() as conn:
                 behind = (await conn.execute(
@@ -78,7 +79,8 @@ class WorkerRegistry:
     async def register(self) -> None:
         assert self.worker_id is not None
         async with self.store.write() as conn:
-            self.acked = int((await conn.execute(sa.select(sa.func.coalesce(sa.func.max(revocations.c.seq), 0)))).scalar_one())
+            latest = sa.select(sa.func.coalesce(sa.func.max(revocations.c.seq), 0))
+            self.acked = int((await conn.execute(latest)).scalar_one())
             await conn.execute(workers.insert().values(id=self.worker_id, acked_seq=self.acked, heartbeat_at=now_ms()))
         self._fresh_until = time.monotonic() + FRESH
         self._last_beat = time.monotonic()
@@ -118,8 +120,8 @@ class WorkerRegistry:
 
 async def dead_workers(store: Store) -> list[str]:
     async with store.read() as conn:
-        return list((await conn.execute(
-            sa.select(workers.c.id).where(workers.c.heartbeat_at <= now_ms() - int(STALE * 1000)))).scalars().all())
+        silent = sa.select(workers.c.id).where(workers.c.heartbeat_at <= now_ms() - int(STALE * 1000))
+        return list((await conn.execute(silent)).scalars().all())
 
 
 async def sweep(store: Store, ledger: Ledger, max_request_ms: int) -> int:

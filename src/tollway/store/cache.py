@@ -81,14 +81,14 @@ class RedisCache:
             value = await self.client.get(self._k(key))
         except Exception as exc:
             raise _unavailable(exc) from exc
-        return value  # type: ignore[no-any-return]
+        return str(value) if value is not None else None
 
     async def get_many(self, *keys: str) -> list[str | None]:
         try:
             values = await self.client.mget([self._k(k) for k in keys])
         except Exception as exc:
             raise _unavailable(exc) from exc
-        return list(values)
+        return [str(v) if v is not None else None for v in values]
 
     async def set(self, key: str, value: str, ttl: float) -> None:
         try:

@@ -108,11 +108,10 @@ class Store:
             async with self._translate(), self.engine.begin() as conn:
                 yield conn
             return
-        async with self._write_lock, self._translate():
-            async with self.engine.connect() as raw:
-                conn = await raw.execution_options(tollway_write=True)
-                async with conn.begin():
-                    yield conn
+        async with self._write_lock, self._translate(), self.engine.connect() as raw:
+            conn = await raw.execution_options(tollway_write=True)
+            async with conn.begin():
+                yield conn
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:

@@ -1,0 +1,217 @@
+"""Test factories.
+
+* `backend` runs a test on the embedded default (SQLite + memory cache) and on the
+  scale-out stack (PostgreSQL + Redis). When PostgreSQL or Redis is not reachable the
+  scale-out variant is skipped with the reason; with TOLLWAY_REQUIRE_SERVICES=1 (CI) it
+  fails instead, so nothing is skipped silently there.
+* `make_config(**sections)` writes a real tollway.toml into the test's folder.
+* `serve_app(app)` runs any ASGI app under uvicorn on a loopback port in its own thread
+  (streaming, stalls and disconnects need a real server, not an in-process client).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+
+from tollway import config as config_mod
+
+PG_HOST, PG_PORT = "127.0.0.1", 5432
+PG_ADMIN_URL = os.environ.get("TOLLWAY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("TOLLWAY_TEST_REDIS", "redis://127.0.0.1:6379/9")
+REQUIRE_SERVICES = os.environ.get("TOLLWAY_REQUIRE_SERVICES") == "1"
+
+os.environ.setdefault("TOLLWAY_KEY_SECRET", "test-key-secret-" + "x" * 16)
+
+
+def _reachable(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def need_service(name: str, host: str, port: int) -> None:
+    if _reachable(host, port):
+        return
+    msg = f"{name} is not reachable on {host}:{port} (see README: Running the tests)"
+    if REQUIRE_SERVICES:
+        pytest.fail(msg + "; TOLLWAY_REQUIRE_SERVICES=1 forbids skipping")
+    pytest.skip(msg)
+
+
+def need_postgres() -> None:
+    need_service("PostgreSQL", PG_HOST, PG_PORT)
+
+
+def need_redis() -> None:
+    need_service("Redis", "127.0.0.1", 6379)
+
+
+# --- PostgreSQL: one fresh database per test ----------------------------------------------
+
+
+async def _pg_admin(sql: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(PG_ADMIN_URL)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+@contextlib.contextmanager
+def fresh_pg_database() -> Iterator[str]:
+    need_postgres()
+    name = "tollway_t_" + secrets.token_hex(6)
+    asyncio.run(_pg_admin(f'CREATE DATABASE "{name}"'))
+    base = PG_ADMIN_URL.rsplit("/", 1)[0]
+    try:
+        yield f"{base}/{name}"
+    finally:
+        with contextlib.suppress(Exception):
+            asyncio.run(_pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+def flush_redis() -> None:
+    need_redis()
+    import redis
+
+    r = redis.Redis.from_url(REDIS_URL)
+    r.flushdb()
+    r.close()
+
+
+# --- backends ---------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["embedded", "scaleout"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """{"database": {...}, "cache": {...}} for the two supported stacks."""
+    if request.param == "embedded":
+        yield {"database": {"url": f"sqlite:///{tmp_path / 'tollway.db'}"}, "cache": {"url": "memory://"}}
+        return
+    need_redis()
+    with fresh_pg_database() as url:
+        flush_redis()
+        yield {"database": {"url": url}, "cache": {"url": REDIS_URL}}
+
+
+@pytest.fixture
+def embedded(tmp_path: Path) -> dict[str, Any]:
+    return {"database": {"url": f"sqlite:///{tmp_path / 'tollway.db'}"}, "cache": {"url": "memory://"}}
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f'"{k}" = {_toml_value(x)}' for k, x in v.items()) + " }"
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(type(v))
+
+
+def to_toml(data: dict[str, Any]) -> str:
+    lines: list[str] = []
+    for section, body in data.items():
+        if section == "providers":
+            for name, table in body.items():
+                lines.append(f"[providers.{name}]")
+                lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
+        elif section == "models":
+            for table in body:
+                lines.append("[[models]]")
+                lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
+        else:
+            lines.append(f"[{section}]")
+            lines += [f"{k} = {_toml_value(v)}" for k, v in body.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+DEMO_MODELS = {
+    "providers": {"echo": {"type": "echo"}},
+    "models": [{"id": "demo/echo", "provider": "echo", "upstream": "echo-1",
+                "input_usd_per_mtok": "1.00", "output_usd_per_mtok": "2.00"}],
+}
+
+
+@pytest.fixture
+def make_config(tmp_path: Path, embedded: dict[str, Any]) -> Callable[..., config_mod.Config]:
+    """make_config(database=..., providers=..., models=..., server=...) -> Config from a real file.
+    Sections given replace the defaults whole; the default stack is embedded."""
+
+    def make(**sections: Any) -> config_mod.Config:
+        data: dict[str, Any] = {**embedded, **DEMO_MODELS}
+        data.update(sections)
+        path = tmp_path / f"tollway-{secrets.token_hex(3)}.toml"
+        path.write_text(to_toml(data), encoding="utf-8")
+        return config_mod.load(path)
+
+    return make
+
+
+# --- running servers on loopback -------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServerThread:
+    """An ASGI app under uvicorn in its own thread and event loop."""
+
+    def __init__(self, app: Any, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                     access_log=False, lifespan="on", timeout_graceful_shutdown=2)
+        self.server = uvicorn.Server(self.config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def start(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + 15
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("server did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture
+def serve_app() -> Iterator[Callable[[Any], ServerThread]]:
+    started: list[ServerThread] = []
+
+    def serve(app: Any) -> ServerThread:
+        s = ServerThread(app).start()
+        started.append(s)
+        return s
+
+    yield serve
+    for s in reversed(started):
+        s.stop()
