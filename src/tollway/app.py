@@ -114,6 +114,9 @@ def create_app(cfg: Config, *, services: Services | None = None, migrate: bool |
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         if do_migrate:
             await svc.store.migrate()
+        elif not await svc.store.migrations_current():
+            await svc.close()
+            raise RuntimeError("database migrations are not current; run `tollway migrate` first")
         await svc.workers.register()
         await proxy.start()
         tasks = [

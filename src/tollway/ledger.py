@@ -227,9 +227,9 @@ class Ledger:
         async with self.store.read() as conn:
             sums = dict((await conn.execute(
                 sa.select(ledger_entries.c.tenant_id, sa.func.sum(ledger_entries.c.amount_micros))
-                .group_by(ledger_entries.c.tenant_id))).tuples().all())
+                .group_by(ledger_entries.c.tenant_id))).all())
             balances = await conn.execute(sa.select(wallets.c.tenant_id, wallets.c.balance_micros))
-            for tenant_id, bal in balances.tuples():
+            for tenant_id, bal in balances:
                 total = int(sums.pop(tenant_id, 0) or 0)
                 if total != bal:
                     problems.append(f"tenant {tenant_id}: balance {format_usd(bal)} != ledger sum {format_usd(total)}")
@@ -239,17 +239,17 @@ class Ledger:
                 problems.append(f"tenant {tenant_id}: ledger entries without a wallet")
             held = dict((await conn.execute(
                 sa.select(reservations.c.tenant_id, sa.func.sum(reservations.c.amount_micros))
-                .group_by(reservations.c.tenant_id))).tuples().all())
+                .group_by(reservations.c.tenant_id))).all())
             open_by_ledger = dict((await conn.execute(
                 sa.select(ledger_entries.c.tenant_id, sa.func.sum(ledger_entries.c.amount_micros))
                 .where(ledger_entries.c.kind.in_(("reserve", "release")))
-                .group_by(ledger_entries.c.tenant_id))).tuples().all())
+                .group_by(ledger_entries.c.tenant_id))).all())
             for tenant_id in set(held) | set(open_by_ledger):
                 if int(held.get(tenant_id, 0) or 0) != -int(open_by_ledger.get(tenant_id, 0) or 0):
                     problems.append(f"tenant {tenant_id}: open reservations do not match reserve/release entries")
             for rid, tenant_id in (await conn.execute(
                 sa.select(reservations.c.request_id, reservations.c.tenant_id)
-                .where(reservations.c.created_at < cutoff))).tuples():
+                .where(reservations.c.created_at < cutoff))):
                 problems.append(f"tenant {tenant_id}: reservation {rid} older than the longest request")
         return problems
 

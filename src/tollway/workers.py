@@ -90,7 +90,7 @@ class WorkerRegistry:
         async with self.store.read() as conn:
             rows = (await conn.execute(
                 sa.select(revocations.c.seq, revocations.c.key_hash).where(revocations.c.seq > self.acked)
-                .order_by(revocations.c.seq))).tuples().all()
+                .order_by(revocations.c.seq))).all()
         if rows and self.cache is not None:
             await self.cache.delete(*[f"k:{h}" for _, h in rows])
         new_acked = rows[-1][0] if rows else self.acked

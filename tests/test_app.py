@@ -1,0 +1,126 @@
+"""The application shell: health, readiness, the admin API and its token, the route table."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import pytest
+from starlette.routing import Mount, Route
+
+from tollway.app import ROUTE_TABLE, create_app
+from tollway.config import Config
+from tollway.store.db import Store
+from tests.conftest import ServerThread
+
+TOKEN = "admin-token-for-tests-0123456789"
+
+
+@pytest.fixture
+def gateway(make_config: Callable[..., Config], serve_app: Callable[[Any], ServerThread],
+            monkeypatch: pytest.MonkeyPatch, backend: dict[str, Any]) -> tuple[ServerThread, Config]:
+    monkeypatch.setenv("TOLLWAY_ADMIN_TOKEN", TOKEN)
+    cfg = make_config(**backend)
+    return serve_app(create_app(cfg, provider_keys={}, migrate=True)), cfg
+
+
+def admin(url: str, method: str, path: str, **kw: Any) -> httpx.Response:
+    return httpx.request(method, url + "/admin" + path, headers={"authorization": f"Bearer {TOKEN}"}, timeout=30,
+                         **kw)
+
+
+def test_health_and_readiness(gateway: tuple[ServerThread, Config]) -> None:
+    server, _ = gateway
+    assert httpx.get(server.url + "/healthz").json() == {"status": "ok"}
+    r = httpx.get(server.url + "/readyz")
+    assert r.status_code == 200 and r.json() == {"status": "ready"}
+    assert r.headers["x-request-id"].startswith("req_")
+
+
+def test_start_refused_until_migrated(make_config: Callable[..., Config]) -> None:
+    app = create_app(make_config(), provider_keys={}, migrate=False)
+
+    async def start() -> None:
+        async with app.router.lifespan_context(app):
+            pass
+
+    with pytest.raises(RuntimeError, match="tollway migrate"):
+        asyncio.run(start())
+
+
+def test_admin_api_full_cycle(gateway: tuple[ServerThread, Config]) -> None:
+    server, _ = gateway
+    url = server.url
+    tenant = admin(url, "POST", "/tenants", json={"name": "Ada", "email": "ada@example.com"}).json()
+    tid = tenant["tenant_id"]
+    key = admin(url, "POST", f"/tenants/{tid}/keys", json={"name": "ci"}).json()
+    assert key["key"].startswith("ak_")
+    listed = admin(url, "GET", f"/tenants/{tid}/keys").json()
+    assert [k["id"] for k in listed["keys"]] == [key["key_id"]]
+    for _ in range(3):
+        credited = admin(url, "POST", f"/tenants/{tid}/wallet/credit",
+                         json={"amount_usd": "2.50", "reference": "inv-1"}).json()
+    assert credited == {"applied": False, "balance_usd": "2.500000"}
+    assert admin(url, "GET", f"/tenants/{tid}/wallet").json()["balance_usd"] == "2.500000"
+    assert admin(url, "GET", "/ledger/verify").json() == {"ok": True, "problems": []}
+    models = httpx.get(url + "/v1/models", headers={"authorization": f"Bearer {key['key']}"})
+    assert models.status_code == 200
+    assert admin(url, "POST", f"/keys/{key['key_id']}/revoke").status_code == 200
+    after = httpx.get(url + "/v1/models", headers={"authorization": f"Bearer {key['key']}"})
+    assert after.status_code == 401
+
+
+def test_admin_api_rejects_bad_input_with_openai_errors(gateway: tuple[ServerThread, Config]) -> None:
+    server, _ = gateway
+    r = admin(server.url, "POST", "/tenants/tn_nope/wallet/credit", json={"amount_usd": "abc", "reference": "x"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    r = admin(server.url, "GET", "/tenants/tn_nope")
+    assert r.status_code == 404 and "error" in r.json()
+
+
+def test_admin_token_required_and_openapi_published(gateway: tuple[ServerThread, Config]) -> None:
+    server, _ = gateway
+    assert httpx.get(server.url + "/admin/tenants/x").status_code == 401
+    bad = httpx.get(server.url + "/admin/tenants/x", headers={"authorization": "Bearer nope"})
+    assert bad.status_code == 401 and bad.json()["error"]["code"] == "invalid_api_key"
+    spec = admin(server.url, "GET", "/openapi.json").json()
+    assert "/tenants" in spec["paths"] and "/keys/{key_id}/revoke" in spec["paths"]
+
+
+def test_admin_api_is_off_without_token(make_config: Callable[..., Config],
+                                        serve_app: Callable[[Any], ServerThread],
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TOLLWAY_ADMIN_TOKEN", raising=False)
+    server = serve_app(create_app(make_config(), provider_keys={}))
+    r = httpx.post(server.url + "/admin/tenants", json={}, headers={"authorization": "Bearer x"})
+    assert r.status_code == 404
+    assert httpx.get(server.url + "/admin/openapi.json").status_code == 404
+
+
+def test_route_table_matches_the_app(make_config: Callable[..., Config]) -> None:
+    app = create_app(make_config(), provider_keys={})
+    served: set[str] = set()
+    for route in app.routes:
+        if isinstance(route, Mount):
+            served.add(route.path + "/*")
+        elif isinstance(route, Route):
+            served.add(route.path)
+    listed = {path for path, *_ in ROUTE_TABLE}
+    assert served <= listed, f"served but not in ROUTE_TABLE: {served - listed}"
+
+
+def test_migrations_apply_and_are_current(backend: dict[str, Any], make_config: Callable[..., Config]) -> None:
+    cfg = make_config(**backend)
+
+    async def run() -> bool:
+        store = Store(cfg.database.url)
+        try:
+            await store.migrate()
+            await store.migrate()  # idempotent
+            return await store.migrations_current()
+        finally:
+            await store.close()
+
+    assert asyncio.run(run()) is True

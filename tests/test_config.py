@@ -1,0 +1,146 @@
+"""tollway.toml validation: every mistake is refused with the file, the key path and what was expected."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from decimal import Decimal
+from importlib import resources
+from pathlib import Path
+
+import pytest
+
+from tollway import config as config_mod
+from tollway.config import ConfigError
+
+GOOD = """
+[server]
+port = 8080
+
+[providers.deepseek]
+type = "openai"
+base_url = "https://api.deepseek.com/v1"
+api_key_env = "DEEPSEEK_API_KEY"
+
+[[models]]
+id = "deepseek/deepseek-chat"
+provider = "deepseek"
+upstream = "deepseek-chat"
+input_usd_per_mtok = "0.27"
+output_usd_per_mtok = "1.10"
+cached_input_usd_per_mtok = "0.07"
+"""
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "tollway", *args], capture_output=True, text=True, cwd=cwd,
+                          env=env, timeout=60)
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "tollway.toml"
+    p.write_text(text, encoding="utf-8")
+    return p
+
+
+def test_good_config_parses_exactly(tmp_path: Path) -> None:
+    cfg = config_mod.load(write(tmp_path, GOOD))
+    m = cfg.model("deepseek/deepseek-chat")
+    assert m is not None
+    assert m.input_usd_per_mtok == Decimal("0.27")
+    assert isinstance(m.output_usd_per_mtok, Decimal)
+    assert cfg.providers["deepseek"].name == "deepseek"
+    assert cfg.cache.key_ttl_seconds == 60
+    assert cfg.retention.access_log_days == 30
+
+
+BROKEN = [
+    ("typo in a section key", GOOD.replace("port = 8080", "prot = 8080"), "server.prot", "did you mean 'port'"),
+    ("unknown section", GOOD + "\n[servr]\nhost='x'\n", "servr", "unknown key"),
+    ("wrong type", GOOD.replace("port = 8080", 'port = "8080"'), "server.port", "expected an integer"),
+    ("model points at a missing provider", GOOD.replace('provider = "deepseek"', 'provider = "groq"'),
+     "models[0].provider", "no provider named 'groq'"),
+    ("malformed price", GOOD.replace('"0.27"', '"0.2.7"'), "models[0].input_usd_per_mtok", "decimal string"),
+    ("float price", GOOD.replace('"0.27"', "0.27"), "models[0].input_usd_per_mtok", "floats are inexact"),
+    ("negative price", GOOD.replace('"1.10"', '"-1.10"'), "models[0].output_usd_per_mtok", "non-negative"),
+    ("duplicate model id", GOOD + GOOD[GOOD.index("[[models]]"):], "models[1].id", "duplicate model id"),
+    ("unsupported database", GOOD + '\n[database]\nurl = "mysql://x/y"\n', "database.url", "unsupported URL"),
+    ("unsupported cache", GOOD + '\n[cache]\nurl = "memcached://x"\n', "cache.url", "unsupported URL"),
+    ("missing required model key", GOOD.replace('upstream = "deepseek-chat"\n', ""), "models[0].upstream",
+     "required key is missing"),
+    ("bad provider type", GOOD.replace('type = "openai"', 'type = "cohere"'), "providers.deepseek.type",
+     "expected one of"),
+    ("provider without key env", GOOD.replace('api_key_env = "DEEPSEEK_API_KEY"\n', ""),
+     "providers.deepseek.api_key_env", "env var"),
+    ("non-positive ttl", GOOD + "\n[cache]\nkey_ttl_seconds = 0\n", "cache.key_ttl_seconds", "positive"),
+    ("not TOML", "[server\nport=1", "", "not valid TOML"),
+]
+
+
+@pytest.mark.parametrize(("case", "text", "path", "expected"), BROKEN, ids=[b[0] for b in BROKEN])
+def test_each_mistake_names_file_key_path_and_expectation(tmp_path: Path, case: str, text: str, path: str,
+                                                           expected: str) -> None:
+    p = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        config_mod.load(p)
+    message = str(info.value)
+    assert str(p) in message
+    assert path in message
+    assert expected in message
+
+
+@pytest.mark.parametrize(("case", "text", "path", "expected"), BROKEN[:4], ids=[b[0] for b in BROKEN[:4]])
+def test_config_check_exits_non_zero_with_one_line(tmp_path: Path, case: str, text: str, path: str,
+                                                   expected: str) -> None:
+    p = write(tmp_path, text)
+    result = run_cli("config", "check", "--config", str(p))
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert path in result.stderr
+
+
+def test_starter_config_checks_and_prints_the_surface(tmp_path: Path) -> None:
+    assert run_cli("init", cwd=tmp_path).returncode == 0
+    result = run_cli("config", "check", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for expected in ("/v1/chat/completions", "providers", "demo/echo", "TOLLWAY_ADMIN_TOKEN", "storage",
+                     "retention access log 30 days", "never recorded"):
+        assert expected in result.stdout
+
+
+def test_unset_provider_key_fails_at_serve_not_at_check(tmp_path: Path) -> None:
+    p = write(tmp_path, GOOD)
+    env = {k: v for k, v in __import__("os").environ.items() if k != "DEEPSEEK_API_KEY"}
+    assert run_cli("config", "check", "--config", str(p), env=env).returncode == 0
+    result = run_cli("serve", "--config", str(p), env=env)
+    assert result.returncode == 1
+    assert "providers.deepseek.api_key_env" in result.stderr
+    assert "DEEPSEEK_API_KEY" in result.stderr
+
+
+def test_config_found_by_flag_then_env_then_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(config_mod.CONFIG_ENV, raising=False)
+    assert config_mod.find_config_path(None) == Path("tollway.toml")
+    monkeypatch.setenv(config_mod.CONFIG_ENV, "/etc/x.toml")
+    assert config_mod.find_config_path(None) == Path("/etc/x.toml")
+    assert config_mod.find_config_path("a.toml") == Path("a.toml")
+
+
+def test_secret_repr_never_shows_the_value() -> None:
+    s = config_mod.Secret("DEEPSEEK_API_KEY", "sk-very-secret")
+    assert "sk-very-secret" not in repr(s)
+    assert "sk-very-secret" not in str(s)
+    assert "sk-very-secret" not in f"{s}"
+    assert s.reveal() == "sk-very-secret"
+
+
+def test_every_config_key_is_documented_and_in_the_starter() -> None:
+    docs = (Path(__file__).parents[1] / "docs" / "config.md").read_text(encoding="utf-8")
+    for key, _default, text in config_mod.schema_table():
+        assert f"`{key}`" in docs, f"docs/config.md does not document {key}"
+        assert text
+    starter = resources.files("tollway").joinpath("tollway.example.toml").read_text("utf-8")
+    for section in ("[server]", "[database]", "[cache]", "[retention]", "[providers.echo]", "[[models]]"):
+        assert section in starter
