@@ -12,15 +12,16 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import os
 import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import uvicorn
@@ -31,6 +32,7 @@ PG_HOST, PG_PORT = "127.0.0.1", 5432
 PG_ADMIN_URL = os.environ.get("TOLLWAY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("TOLLWAY_TEST_REDIS", "redis://127.0.0.1:6379/9")
 REQUIRE_SERVICES = os.environ.get("TOLLWAY_REQUIRE_SERVICES") == "1"
+T = TypeVar("T")
 
 os.environ.setdefault("TOLLWAY_KEY_SECRET", "test-key-secret-" + "x" * 16)
 
@@ -61,29 +63,100 @@ def need_redis() -> None:
 
 
 # --- PostgreSQL: one fresh database per test ----------------------------------------------
+#
+# Each test gets its own database, copied from a migrated template (CREATE DATABASE ...
+# TEMPLATE copies files: cheaper than running the migrations again). The template's name
+# carries a hash of the migration files, so editing a migration builds a new one. Several
+# pytest runs may share the server: a template is built under a random name and renamed
+# into place, so a half-built one is never copied.
 
 
-async def _pg_admin(sql: str) -> None:
+def run_aside(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine to completion on its own loop in another thread, so sync helpers
+    work from sync fixtures and from inside a running test loop alike."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+def _pg_run(*statements: str, url: str = PG_ADMIN_URL) -> list[Any]:
+    """Run statements on one admin connection."""
     import asyncpg
 
-    conn = await asyncpg.connect(PG_ADMIN_URL)
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
+    async def run() -> list[Any]:
+        conn = await asyncpg.connect(url)
+        try:
+            return [await conn.fetch(sql) for sql in statements]
+        finally:
+            await conn.close()
+
+    return run_aside(run())
+
+
+def _pg_url(name: str) -> str:
+    return PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+
+
+def _migrations_digest() -> str:
+    import hashlib
+
+    from tollway.store.db import MIGRATIONS
+
+    h = hashlib.sha256()
+    for f in sorted([MIGRATIONS / "env.py", *(MIGRATIONS / "versions").glob("*.py")]):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:12]
+
+
+_template_name: str | None = None
+
+
+def pg_template() -> str:
+    """The migrated template database for this checkout's migrations, built once."""
+    global _template_name
+    if _template_name is not None:
+        return _template_name
+    from tollway.store.db import Store
+
+    name = "tollway_tpl_" + _migrations_digest()
+    exists = _pg_run(f"SELECT 1 FROM pg_database WHERE datname = '{name}'")[0]
+    if not exists:
+        building = f"{name}_{secrets.token_hex(4)}"
+        _pg_run(f'CREATE DATABASE "{building}"')
+
+        async def migrate() -> None:
+            store = Store(_pg_url(building))
+            try:
+                await store.migrate()
+            finally:
+                await store.close()
+
+        try:
+            run_aside(migrate())
+            # Nobody may connect to a template while it is copied.
+            _pg_run(f'ALTER DATABASE "{building}" WITH ALLOW_CONNECTIONS false',
+                    f'ALTER DATABASE "{building}" RENAME TO "{name}"')
+        except Exception:
+            if not _pg_run(f"SELECT 1 FROM pg_database WHERE datname = '{name}'")[0]:
+                raise  # not a lost race with another test run: a real failure
+        finally:
+            with contextlib.suppress(Exception):
+                _pg_run(f'DROP DATABASE IF EXISTS "{building}" WITH (FORCE)')
+    _template_name = name
+    return name
 
 
 @contextlib.contextmanager
-def fresh_pg_database() -> Iterator[str]:
+def fresh_pg_database(migrated: bool = True) -> Iterator[str]:
+    """A new database, dropped afterwards; migrated to head unless migrated=False."""
     need_postgres()
     name = "tollway_t_" + secrets.token_hex(6)
-    asyncio.run(_pg_admin(f'CREATE DATABASE "{name}"'))
-    base = PG_ADMIN_URL.rsplit("/", 1)[0]
+    template = pg_template() if migrated else "template0"
+    _pg_run(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
     try:
-        yield f"{base}/{name}"
+        yield _pg_url(name)
     finally:
         with contextlib.suppress(Exception):
-            asyncio.run(_pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            _pg_run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def flush_redis() -> None:
@@ -105,8 +178,9 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str
         yield {"database": {"url": f"sqlite:///{tmp_path / 'tollway.db'}"}, "cache": {"url": "memory://"}}
         return
     need_redis()
+    # Redis is not flushed: other test runs may share it, and every cache key a test
+    # writes derives from random keys and ids, so tests cannot see each other's entries.
     with fresh_pg_database() as url:
-        flush_redis()
         yield {"database": {"url": url}, "cache": {"url": REDIS_URL}}
 
 

@@ -11,6 +11,7 @@ import os
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
@@ -34,6 +35,11 @@ class KeyIn(BaseModel):
 class CreditIn(BaseModel):
     amount_usd: str = Field(description='decimal string, e.g. "5.00"')
     reference: str = Field(min_length=1, max_length=150, description="idempotency reference")
+
+
+class TopupIn(BaseModel):
+    amount_usd: str = Field(description='decimal string, e.g. "20.00", within [stripe] min/max')
+    idempotency_key: str | None = Field(default=None, max_length=80, description="same key, same session")
 
 
 def usd(text: str, what: str) -> int:
@@ -77,6 +83,19 @@ def admin_app(svc: Services) -> FastAPI:
     async def get_tenant(tenant_id: str) -> dict[str, Any]:
         return await svc.tenants.get(tenant_id)
 
+    @api.delete("/tenants/{tenant_id}")
+    async def delete_tenant(tenant_id: str) -> dict[str, Any]:
+        """Revoke every key, erase personal data, pseudonymise usage and ledger (idempotent)."""
+        return await svc.tenants.delete(tenant_id)
+
+    @api.get("/tenants/{tenant_id}/export")
+    async def export_tenant(tenant_id: str) -> JSONResponse:
+        """Everything held about the tenant, as a JSON download."""
+        data = await svc.tenants.export(tenant_id)
+        return JSONResponse(jsonable_encoder(data), headers={
+            "content-disposition": f'attachment; filename="tollway-export-{tenant_id}.json"',
+            "cache-control": "no-store"})
+
     @api.post("/tenants/{tenant_id}/keys")
     async def create_key(tenant_id: str, body: KeyIn) -> dict[str, Any]:
         limit = usd(body.spend_limit_usd, "spend_limit_usd") if body.spend_limit_usd else None
@@ -100,6 +119,13 @@ def admin_app(svc: Services) -> FastAPI:
     @api.get("/tenants/{tenant_id}/wallet")
     async def wallet(tenant_id: str) -> dict[str, Any]:
         return await svc.ledger.wallet(tenant_id)
+
+    @api.post("/tenants/{tenant_id}/topups")
+    async def create_topup(tenant_id: str, body: TopupIn) -> dict[str, Any]:
+        """A Stripe Checkout Session; the wallet is credited by the verified webhook only."""
+        from tollway.webhooks.stripe import start_topup  # stripe-python loads only when used
+
+        return await start_topup(svc, tenant_id, body.amount_usd, idempotency_key=body.idempotency_key)
 
     @api.get("/ledger/verify")
     async def verify() -> dict[str, Any]:

@@ -20,6 +20,8 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tollway import config as config_mod
+from tollway import retention, telemetry
+from tollway.accesslog import AccessLogMiddleware, AccessLogWriter
 from tollway.config import Config
 from tollway.errors import TollwayError, render_json
 from tollway.services import Services, build
@@ -33,7 +35,7 @@ ROUTE_TABLE: list[tuple[str, str, str, str]] = [
     ("/v1/completions", "POST", "customer key", "legacy text completions"),
     ("/v1/embeddings", "POST", "customer key", "embeddings"),
     ("/v1/messages", "POST", "customer key", "Anthropic Messages API"),
-    ("/admin/*", "GET,POST", "operator token", "operator API (off unless the token env var is set)"),
+    ("/admin/*", "GET,POST,DELETE", "operator token", "operator API (off unless the token env var is set)"),
     ("/metrics", "GET", "anyone on the listener", "Prometheus metrics (no tenant or content labels)"),
     ("/webhooks/stripe", "POST", "Stripe signature", "wallet top-ups from Stripe Checkout"),
 ]
@@ -109,6 +111,15 @@ def create_app(cfg: Config, *, services: Services | None = None, migrate: bool |
         *proxy.routes(),
         Mount("/admin", app=admin_app(svc)),
     ]
+    if svc.payments is not None:  # /webhooks/stripe exists only with a [stripe] table
+        from tollway.webhooks.stripe import stripe_routes
+
+        routes += stripe_routes(svc)
+    if cfg.metrics.enabled:
+        routes.append(Route("/metrics", telemetry.metrics_endpoint, methods=["GET"]))
+    telemetry.configure_logging()
+    telemetry.configure_metrics([m.id for m in cfg.models], cfg.providers, cfg.metrics.tenant_labels)
+    access = AccessLogWriter(svc.store)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -117,9 +128,12 @@ def create_app(cfg: Config, *, services: Services | None = None, migrate: bool |
         elif not await svc.store.migrations_current():
             await svc.close()
             raise RuntimeError("database migrations are not current; run `tollway migrate` first")
-        await svc.workers.register()
+        # Registers, then releases what a killed predecessor left reserved, before serving.
+        await svc.workers.start(svc.ledger, cfg.server.request_timeout_seconds * 1000 + 60_000)
         await proxy.start()
+        access.start()
         tasks = [
+            asyncio.create_task(retention.run_periodic_purge(svc.store, cfg.retention.access_log_days)),
             asyncio.create_task(svc.workers.run(svc.ledger, cfg.server.request_timeout_seconds * 1000 + 60_000)),
             asyncio.create_task(svc.keys.run_last_used_flusher()),
         ]
@@ -134,12 +148,14 @@ def create_app(cfg: Config, *, services: Services | None = None, migrate: bool |
             with contextlib.suppress(Exception):
                 await svc.keys.flush_last_used()
             await proxy.close()
+            await access.close()  # after the last request: its row is written too
             await svc.workers.unregister()
             await svc.close()
 
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={TollwayError: _tollway_error})
     app.state.services = svc
     app.state.config = cfg
+    app.add_middleware(AccessLogMiddleware, writer=access)  # inside RequestIdMiddleware: reads the id
     app.add_middleware(RequestIdMiddleware)
     return app
 

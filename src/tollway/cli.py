@@ -7,10 +7,12 @@ errors are one line on stderr and exit status 1.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import os
 import sys
+import tempfile
 from collections.abc import Awaitable, Callable
 from importlib import resources
 from pathlib import Path
@@ -117,15 +119,24 @@ def serve(config_path: str | None, host: str | None, port: int | None, workers: 
     os.environ[config_mod.CONFIG_ENV] = str(Path(cfg.source).resolve())
 
     async def prepare(svc: Services) -> list[str]:
+        # PostgreSQL: say so in one line here, rather than as N worker start-up failures.
+        if not await svc.store.migrations_current():
+            raise CliError("database migrations are not current; run `tollway migrate` first")
         return svc.notices
 
     notices = with_services(cfg, prepare)  # SQLite: migrations applied once, before workers fork
     h, p = host or cfg.server.host, port or cfg.server.port
     telemetry.configure_logging()
     telemetry.log_startup(h, p, workers, notices)
-    uvicorn.run("tollway.app:app_from_env", factory=True, host=h, port=p, workers=workers,
-                log_level="warning", access_log=False, loop="uvloop", http="httptools",
-                timeout_graceful_shutdown=10)
+    with contextlib.ExitStack() as stack:
+        if workers > 1 and not os.environ.get(telemetry.MULTIPROC_ENV):
+            # One metrics folder shared by this run's workers: /metrics sums them all.
+            os.environ[telemetry.MULTIPROC_ENV] = stack.enter_context(tempfile.TemporaryDirectory(prefix="tollway-"))
+        # log_config=None: uvicorn installs no handlers of its own, its records reach the
+        # allow-listed JSON handler (telemetry.configure_logging) like every other logger's.
+        uvicorn.run("tollway.app:app_from_env", factory=True, host=h, port=p, workers=workers,
+                    log_level="warning", access_log=False, log_config=None, loop="uvloop", http="httptools",
+                    timeout_graceful_shutdown=10)
 
 
 @main.command()
@@ -185,6 +196,43 @@ def tenants_create(config_path: str | None, name: str, email: str | None, as_jso
 def tenants_show(config_path: str | None, tenant_id: str, as_json: bool) -> None:
     cfg = load_config(config_path)
     emit(with_services(cfg, lambda s: s.tenants.get(tenant_id)), as_json)
+
+
+@tenants.command("delete")
+@config_option
+@click.argument("tenant_id")
+@json_option
+@handle_errors
+def tenants_delete(config_path: str | None, tenant_id: str, as_json: bool) -> None:
+    """Revoke the tenant's keys, erase its personal data, pseudonymise its usage and ledger."""
+    cfg = load_config(config_path)
+    emit(with_services(cfg, lambda s: s.tenants.delete(tenant_id)), as_json)
+
+
+@tenants.command("export")
+@config_option
+@click.argument("tenant_id")
+@json_option
+@handle_errors
+def tenants_export(config_path: str | None, tenant_id: str, as_json: bool) -> None:
+    """Print everything held about a tenant (profile, keys metadata, ledger, usage) as JSON."""
+    cfg = load_config(config_path)
+    emit(with_services(cfg, lambda s: s.tenants.export(tenant_id)), as_json,
+         lambda o: json.dumps(o, default=str, indent=2))
+
+
+@main.command()
+@config_option
+@json_option
+@handle_errors
+def purge(config_path: str | None, as_json: bool) -> None:
+    """Delete access-log rows older than retention.access_log_days (usage and ledger are kept)."""
+    from tollway.retention import purge_access_log
+
+    cfg = load_config(config_path)
+    result = with_services(cfg, lambda s: purge_access_log(s.store, cfg.retention.access_log_days))
+    emit(result, as_json, lambda o: f"deleted {o['deleted']} access-log rows older than {o['cutoff']} "
+                                    f"({o['access_log_days']} days)")
 
 
 @main.group()

@@ -2,17 +2,22 @@
 
 Key format: "ak_" + base64url(32 random bytes || 6-byte tag), where the tag is an HMAC
 of the random part under a server secret. A key is checked in this order:
-  1. shape (length, alphabet)                      -> no lookup
+  1. shape (length, alphabet, canonical base64)   -> no lookup
   2. tag (constant-time HMAC compare)             -> no lookup: random or forged keys
      cost zero database reads (a guess passes with probability 2^-48)
   3. cache ("k:<hash>", key_ttl_seconds)          -> no database read on a hit
   4. one indexed read by HMAC-SHA256 hash         -> then cached, or cached as unknown
+So the bound for a flood of bad keys is: zero database reads for keys not minted with
+our secret, and one read per distinct well-tagged unknown key per negative_ttl_seconds
+(only someone holding the secret can mint those). Every failure, whatever the step,
+answers the same 401, so the answer is no oracle for which step failed.
+
 At rest only the keyed hash and a display prefix are stored, so a copy of the database
 does not let anyone use (or even test) a key without the secret.
 
 Revocation reaches every worker before `revoke` returns: with a shared (Redis) cache the
 entry is deleted and a tombstone blocks re-caching; with per-worker memory caches the
-revocation bus (revocation.py) waits until every live worker has evicted it.
+revocation bus (workers.py) waits until every live worker has evicted it.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from tollway.errors import BadRequest, NotFound, Unauthorized
 from tollway.store.cache import Cache
 from tollway.store.db import Store, now_ms
 from tollway.store.schema import api_keys, tenants
+from tollway.workers import WorkerRegistry
 
 PREFIX = "ak_"
 _RANDOM_BYTES = 32
@@ -44,6 +50,8 @@ _TAG_BYTES = 6
 _ENCODED_LEN = 51  # base64url of 38 bytes, unpadded
 _SHAPE = re.compile(rf"ak_[A-Za-z0-9_-]{{{_ENCODED_LEN}}}")
 _NEGATIVE = "-"
+_MISSING = "Missing API key. Send it as Authorization: Bearer ak_... (or x-api-key: ak_...)."
+_LOOKUP_BOUND = 60  # seconds: far beyond the database's command timeout
 PERIODS = ("day", "month")
 
 
@@ -106,14 +114,25 @@ def load_key_secret(env_name: str, sqlite_file: Path | None) -> tuple[KeySecret,
             f"(generate one with: python -c 'import secrets; print(secrets.token_urlsafe(32))')"
         )
     path = sqlite_file.parent / ".tollway-key-secret"
-    if path.exists():
-        return KeySecret(path.read_bytes().strip()), None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(secrets.token_urlsafe(32).encode())
-    notice = (f"generated the customer-key secret at {path} (mode 0600); back it up with the "
-              f"database, or set {env_name} instead")
+    notice = None
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Written under a private name, then linked into place: a process starting at the
+        # same moment either wins the link or reads the complete file, never half of it.
+        tmp = path.with_name(f"{path.name}.{secrets.token_hex(4)}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(secrets.token_urlsafe(32).encode())
+        try:
+            os.link(tmp, path)
+            notice = (f"generated the customer-key secret at {path} (mode 0600); back it up with the "
+                      f"database, or set {env_name} instead")
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    elif path.stat().st_mode & 0o077:
+        notice = f"the customer-key secret {path} is readable by other users; chmod 600 it"
     return KeySecret(path.read_bytes().strip()), notice
 
 
@@ -123,13 +142,13 @@ def new_id(prefix: str) -> str:
 
 class Keys:
     def __init__(self, store: Store, cache: Cache, secret: KeySecret, *, ttl: float = 60,
-                 negative_ttl: float = 5, bus: Any = None) -> None:
+                 negative_ttl: float = 5, bus: WorkerRegistry | None = None) -> None:
         self.store = store
         self.cache = cache
         self.secret = secret
         self.ttl = ttl
         self.negative_ttl = negative_ttl
-        self.bus = bus  # RevocationBus for per-worker caches, or None
+        self.bus = bus  # the revocation bus for per-worker (memory) caches; None with Redis
         self._last_used: dict[str, int] = {}
 
     # --- issuing --------------------------------------------------------------------------
@@ -148,6 +167,8 @@ class Keys:
             raise BadRequest("spend limit period must be 'day' or 'month'")
         if spend_limit_micros is not None and spend_limit_micros <= 0:
             raise BadRequest("spend limit must be positive")
+        if expires_at is not None and expires_at <= now_ms():
+            raise BadRequest("expires_at must be in the future (unix epoch milliseconds)")
         key = self.mint()
         key_id = new_id("key")
         async with self.store.write() as conn:
@@ -196,8 +217,9 @@ class Keys:
 
     async def evict(self, key_hash: str) -> None:
         if self.cache.shared:
-            # The tombstone outlives any positive entry a racing worker may still write.
-            await self.cache.set(f"r:{key_hash}", "1", self.ttl + 5)
+            # set_unless refuses positive entries while the tombstone lives, so it must
+            # outlast the slowest lookup that read the key before the revocation committed.
+            await self.cache.set(f"r:{key_hash}", "1", self.ttl + _LOOKUP_BOUND)
         await self.cache.delete(f"k:{key_hash}")
 
     # --- verifying (the /v1 hot path) ---------------------------------------------------------
@@ -205,29 +227,41 @@ class Keys:
     def check_shape(self, key: str) -> bool:
         if len(key) != len(PREFIX) + _ENCODED_LEN or not _SHAPE.fullmatch(key):
             return False
-        raw = base64.urlsafe_b64decode(key[len(PREFIX):] + "=")
+        body = key[len(PREFIX):]
+        raw = base64.urlsafe_b64decode(body + "=")
+        # The last character carries 2 unused bits; only the canonical spelling is a key.
+        if base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii") != body:
+            return False
         return hmac.compare_digest(raw[_RANDOM_BYTES:], self.secret.tag(raw[:_RANDOM_BYTES]))
 
     async def authenticate(self, key: str | None) -> Principal:
-        if not key or not self.check_shape(key):
+        """The principal behind `key`, or 401. The 401 is the same for malformed, unknown,
+        revoked and expired keys: it must not tell a guesser which check failed."""
+        if not key:
+            raise Unauthorized(_MISSING)
+        if not self.check_shape(key):
             raise Unauthorized()
         key_hash = self.secret.hash(key)
         if self.cache.shared:
             cached, tomb = await self.cache.get_many(f"k:{key_hash}", f"r:{key_hash}")
-            if tomb is not None:
-                cached = None
+            if tomb is not None:  # revoked moments ago (revocation is final): no lookup needed
+                raise Unauthorized()
         else:
             cached = await self.cache.get(f"k:{key_hash}")
             if cached is not None and self.bus is not None and not self.bus.fresh():
                 cached = None  # this worker may have missed a revocation: ask the database
         if cached is None:
+            generation = self.bus.generation if self.bus is not None else 0
             principal = await self._lookup(key_hash)
+            value, ttl = (principal.encode(), self.ttl) if principal else (_NEGATIVE, self.negative_ttl)
             if self.cache.shared and principal is not None:
-                tomb = await self.cache.get(f"r:{key_hash}")
-                if tomb is not None:
+                # One atomic step: a revocation whose tombstone landed after our read wins.
+                if not await self.cache.set_unless(f"k:{key_hash}", value, ttl, guard=f"r:{key_hash}"):
                     principal = None
-            await self.cache.set(f"k:{key_hash}", principal.encode() if principal else _NEGATIVE,
-                                 self.ttl if principal else self.negative_ttl)
+            elif self.bus is None or self.bus.generation == generation:
+                # (A memory cache is not refilled by a lookup that raced an eviction: the
+                # row it read may predate the revocation the eviction was for.)
+                await self.cache.set(f"k:{key_hash}", value, ttl)
         elif cached == _NEGATIVE:
             principal = None
         else:

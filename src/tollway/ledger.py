@@ -3,7 +3,8 @@
 Every change to a balance is one ledger row whose id is its idempotency key (primary
 key): applying the same entry again inserts nothing and moves nothing. Application
 code inserts ledger rows and never updates or deletes them. The wallet row holds the
-running balance so a request reads one row, not a sum.
+running balance (what the tenant can still spend, holds deducted) so a request reads
+one row, not a sum; `verify` checks it against the sum of the ledger.
 
 Why concurrent requests cannot overspend: a reservation is the conditional statement
   UPDATE wallets SET balance = balance - :amount WHERE tenant = :t AND balance >= :amount
@@ -13,16 +14,22 @@ IMMEDIATE; PostgreSQL: the UPDATE takes the row lock and re-checks the condition
 two racing requests can never both take the last dollar. A CHECK constraint keeps the
 balance >= 0 even against a bug here.
 
-One request costs two write transactions: reserve (before forwarding) and settle
-(after; it also writes the usage row). Nothing is batched in memory, so a crash loses
-no spend: an open reservation is released by the sweep (workers.py) once the worker that
-held it stops heart-beating. Policy: a dangling reservation is released in full and
-recorded with reference "swept" — the customer is never charged for a request whose
-outcome Tollway never saw.
+One request costs two short write transactions, reserve (before forwarding) and settle
+(after; it also writes the usage row); nothing is batched in memory, so a crash loses
+no spend. The reservation row is settle's idempotency gate: settle deletes it and only
+the transaction that deleted it moves money. An open reservation whose worker died is
+released in full by the sweep (workers.py), recorded as `<request>:swept`: a customer
+is never charged for a request whose outcome Tollway never saw. If the worker was in
+fact alive (a long stall made it look dead), its settle arrives later and charges the
+request then, once, capped at the balance (`_settle_late`).
+
+Entry ids: `<request>:reserve`, `<request>:release` (or `:swept`), `<request>:debit`;
+operator credits `manual:<tenant>:<reference>`; Stripe `stripe:...`.
 """
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -48,7 +55,9 @@ class Ledger:
 
     async def credit(self, tenant_id: str, amount_micros: int, entry_id: str, *, kind: str = "credit",
                      reference: str | None = None, conn: AsyncConnection | None = None) -> dict[str, Any]:
-        """Add money. Idempotent on entry_id: a replay returns applied=False and changes nothing."""
+        """Add money. Idempotent on entry_id: a replay returns applied=False and changes nothing.
+        With `conn`, runs inside the caller's transaction (a concurrent replay then raises
+        IntegrityError there, rolling the caller's transaction back whole)."""
         if amount_micros <= 0:
             raise ValueError("credit amount must be positive")
         if conn is not None:
@@ -98,11 +107,7 @@ class Ledger:
         if await self._exists(conn, entry_id):
             return {"applied": False, "entry_id": entry_id, "balance_micros": await self._balance(conn, tenant_id),
                     "shortfall_micros": 0}
-        balance = await self._balance(conn, tenant_id, lock=True)
-        taken = min(amount, balance)
-        new = balance - taken
-        await conn.execute(wallets.update().where(wallets.c.tenant_id == tenant_id)
-                           .values(balance_micros=new, updated_at=now_ms()))
+        taken, new = await self._take(conn, tenant_id, 0, amount)
         await self._entry(conn, entry_id, tenant_id, kind, -taken, new, reference)
         return {"applied": True, "entry_id": entry_id, "balance_micros": new, "shortfall_micros": amount - taken}
 
@@ -111,12 +116,17 @@ class Ledger:
     async def reserve(self, tenant_id: str, request_id: str, amount_micros: int, *, key_id: str | None = None,
                       key_limit_micros: int | None = None, key_period: str | None = None,
                       worker_id: str | None = None) -> int:
-        """Hold the most a request can cost, or raise 402/429 and hold nothing."""
+        """Hold the most a request can cost, or raise 402 (wallet) / 429 (key spend limit)
+        and hold nothing. Returns the balance left. A request id can be reserved once."""
+        if amount_micros < 0:
+            raise ValueError("a reservation cannot be negative")
+        limited = key_limit_micros is not None and key_period is not None
+        ts = now_ms()
         async with self.store.write() as conn:
             new = (await conn.execute(
                 wallets.update()
                 .where(wallets.c.tenant_id == tenant_id, wallets.c.balance_micros >= amount_micros)
-                .values(balance_micros=wallets.c.balance_micros - amount_micros, updated_at=now_ms())
+                .values(balance_micros=wallets.c.balance_micros - amount_micros, updated_at=ts)
                 .returning(wallets.c.balance_micros)
             )).scalar()
             if new is None:
@@ -124,17 +134,19 @@ class Ledger:
                     f"Your wallet balance does not cover this request (up to {format_usd(amount_micros)} USD "
                     f"must be reserved). Top up to continue."
                 )
-            if key_limit_micros is not None and key_period is not None:
+            if limited:
+                assert key_limit_micros is not None and key_period is not None
                 await self._hold_key_spend(conn, key_id or "", key_period, amount_micros, key_limit_micros)
-            await self._entry(conn, f"{request_id}:reserve", tenant_id, "reserve", -amount_micros, new, request_id)
+            await self._entry(conn, f"{request_id}:reserve", tenant_id, "reserve", -amount_micros, new, request_id,
+                              ts)
             await conn.execute(reservations.insert().values(
-                request_id=request_id, tenant_id=tenant_id, key_id=key_id,
-                key_period=key_period if key_limit_micros is not None else None,
-                worker_id=worker_id, amount_micros=amount_micros, created_at=now_ms()))
+                request_id=request_id, tenant_id=tenant_id, key_id=key_id, key_period=key_period if limited else None,
+                worker_id=worker_id, amount_micros=amount_micros, created_at=ts))
         return int(new)
 
     async def _hold_key_spend(self, conn: AsyncConnection, key_id: str, period: str, amount: int,
                               limit: int) -> None:
+        # Same shape as the wallet: one conditional upsert, atomic under concurrency.
         stmt = self._insert(key_spend).values(key_id=key_id, period=period, spent_micros=amount)
         stmt = stmt.on_conflict_do_update(
             index_elements=[key_spend.c.key_id, key_spend.c.period],
@@ -144,58 +156,123 @@ class Ledger:
         spent = (await conn.execute(stmt)).scalar() if amount <= limit else None
         if spent is None:
             raise SpendLimitExceeded(
-                f"This API key's spend limit of {format_usd(limit)} USD for this period would be exceeded."
+                f"This API key's spend limit of {format_usd(limit)} USD for this period would be exceeded "
+                f"(this request may cost up to {format_usd(amount)} USD). Raise the key's limit or wait "
+                f"for the next period."
             )
 
     async def settle(self, request_id: str, charge_micros: int, usage: dict[str, Any] | None = None) -> int | None:
-        """Charge the actual cost and release the rest, in one transaction.
+        """Charge the actual cost, release the rest of the hold, and record the usage row,
+        in one transaction. Returns what was charged, or None if there was nothing to
+        settle (a replay: settling twice charges once).
 
-        Idempotent: the reservation row is the gate; a second settle finds none and
-        returns None without touching anything. The charge is capped at what was
-        reserved plus what the wallet still holds, so the balance never goes negative.
-        """
-        async with self.store.write() as conn:
-            res = (await conn.execute(
-                reservations.delete().where(reservations.c.request_id == request_id)
-                .returning(reservations.c.tenant_id, reservations.c.amount_micros,
-                           reservations.c.key_id, reservations.c.key_period)
-            )).first()
-            if res is None:
-                return None
-            tenant_id, held = res.tenant_id, res.amount_micros
-            charge = max(0, charge_micros)
-            ts = now_ms()
-            new = (await conn.execute(
-                wallets.update()
-                .where(wallets.c.tenant_id == tenant_id, wallets.c.balance_micros + held >= charge)
-                .values(balance_micros=wallets.c.balance_micros + held - charge, updated_at=ts)
-                .returning(wallets.c.balance_micros)
-            )).scalar()
-            if new is None:  # cost beyond the reservation and the balance: charge what exists
-                balance = await self._balance(conn, tenant_id, lock=True)
-                charge = balance + held
-                new = 0
-                await conn.execute(wallets.update().where(wallets.c.tenant_id == tenant_id)
-                                   .values(balance_micros=0, updated_at=ts))
-            rows = [dict(id=f"{request_id}:release", tenant_id=tenant_id, kind="release", amount_micros=held,
-                         balance_after_micros=new + charge, reference=request_id, created_at=ts)]
-            if charge:
-                rows.append(dict(id=f"{request_id}:debit", tenant_id=tenant_id, kind="debit",
-                                 amount_micros=-charge, balance_after_micros=new, reference=request_id,
-                                 created_at=ts))
-            await conn.execute(ledger_entries.insert(), rows)
-            if res.key_period is not None and charge != held:
-                await conn.execute(
-                    key_spend.update()
-                    .where(key_spend.c.key_id == res.key_id, key_spend.c.period == res.key_period)
-                    .values(spent_micros=key_spend.c.spent_micros - held + charge))
-            if usage is not None:
-                await conn.execute(usage_events.insert().values(
-                    request_id=request_id, tenant_id=tenant_id, cost_micros=charge, created_at=ts, **usage))
-        return charge
+        The charge is capped at what was reserved plus what the wallet still holds, so
+        the balance never goes negative."""
+        try:
+            async with self.store.write() as conn:
+                return await self._settle(conn, request_id, max(0, charge_micros), usage, swept=False)
+        except sa.exc.IntegrityError:
+            # Two late settles of the same swept request raced; the other one charged it.
+            return None
 
     async def release(self, request_id: str, usage: dict[str, Any] | None = None) -> int | None:
+        """Release a hold without charging (the request failed before any cost arose)."""
         return await self.settle(request_id, 0, usage)
+
+    async def release_swept(self, request_ids: list[str]) -> int:
+        """The sweep's release: each in its own short transaction, so one bad row cannot
+        hold the others back. Returns how many were still open."""
+        released = 0
+        for request_id in request_ids:
+            try:
+                async with self.store.write() as conn:
+                    if await self._settle(conn, request_id, 0, None, swept=True) is not None:
+                        released += 1
+            except sa.exc.IntegrityError:
+                continue  # a settle got there first
+        return released
+
+    async def _settle(self, conn: AsyncConnection, request_id: str, charge: int, usage: dict[str, Any] | None,
+                      *, swept: bool) -> int | None:
+        res = (await conn.execute(
+            reservations.delete().where(reservations.c.request_id == request_id)
+            .returning(reservations.c.tenant_id, reservations.c.amount_micros,
+                       reservations.c.key_id, reservations.c.key_period)
+        )).first()
+        if res is None:
+            return None if swept else await self._settle_late(conn, request_id, charge, usage)
+        tenant_id, held = res.tenant_id, int(res.amount_micros)
+        charged, new = await self._take(conn, tenant_id, held, charge)
+        ts = now_ms()
+        rows = [dict(id=f"{request_id}:{'swept' if swept else 'release'}", tenant_id=tenant_id, kind="release",
+                     amount_micros=held, balance_after_micros=new + charged, reference=request_id, created_at=ts)]
+        if charged:
+            rows.append(dict(id=f"{request_id}:debit", tenant_id=tenant_id, kind="debit", amount_micros=-charged,
+                             balance_after_micros=new, reference=request_id, created_at=ts))
+        await conn.execute(ledger_entries.insert(), rows)
+        if res.key_period is not None and charged != held:
+            await conn.execute(
+                key_spend.update()
+                .where(key_spend.c.key_id == res.key_id, key_spend.c.period == res.key_period)
+                .values(spent_micros=key_spend.c.spent_micros - held + charged))
+        await self._usage(conn, request_id, tenant_id, charged, usage, ts)
+        return charged
+
+    async def _settle_late(self, conn: AsyncConnection, request_id: str, charge: int,
+                           usage: dict[str, Any] | None) -> int | None:
+        """Settle a request whose hold the sweep already released (its worker looked dead).
+        The `:debit` entry id keeps this to one charge, written even when it is zero."""
+        swept_id, debit_id = f"{request_id}:swept", f"{request_id}:debit"
+        found = dict((await conn.execute(
+            sa.select(ledger_entries.c.id, ledger_entries.c.tenant_id)
+            .where(ledger_entries.c.id.in_((swept_id, debit_id))))).all())
+        if swept_id not in found or debit_id in found:
+            return None  # never reserved, or already settled
+        tenant_id = found[swept_id]
+        charged = 0
+        ts = now_ms()
+        if charge:
+            charged, new = await self._take(conn, tenant_id, 0, charge)
+            await self._entry(conn, debit_id, tenant_id, "debit", -charged, new, request_id, ts)
+            key_id = (usage or {}).get("key_id")
+            if charged and key_id:
+                # The hold's period went with the reservation row; count it in the current one.
+                now = datetime.now(UTC)
+                await conn.execute(
+                    key_spend.update()
+                    .where(key_spend.c.key_id == key_id,
+                           key_spend.c.period.in_((now.strftime("%Y-%m-%d"), now.strftime("%Y-%m"))))
+                    .values(spent_micros=key_spend.c.spent_micros + charged))
+        await self._usage(conn, request_id, tenant_id, charged, usage, ts)
+        return charged
+
+    async def _take(self, conn: AsyncConnection, tenant_id: str, held: int, charge: int) -> tuple[int, int]:
+        """Return `held` to the wallet and take `charge`, capped so the balance stays >= 0.
+        Returns (charged, new balance)."""
+        new = (await conn.execute(
+            wallets.update()
+            .where(wallets.c.tenant_id == tenant_id, wallets.c.balance_micros + held >= charge)
+            .values(balance_micros=wallets.c.balance_micros + held - charge, updated_at=now_ms())
+            .returning(wallets.c.balance_micros)
+        )).scalar()
+        if new is not None:
+            return charge, int(new)
+        # Rare: the cost exceeds the hold plus the balance. Charge what exists, under the row lock.
+        balance = await self._balance(conn, tenant_id, lock=True)
+        charged = min(charge, balance + held)
+        new = balance + held - charged
+        await conn.execute(wallets.update().where(wallets.c.tenant_id == tenant_id)
+                           .values(balance_micros=new, updated_at=now_ms()))
+        return charged, new
+
+    async def _usage(self, conn: AsyncConnection, request_id: str, tenant_id: str, charged: int,
+                     usage: dict[str, Any] | None, ts: int) -> None:
+        if usage is None:
+            return
+        row = {**usage, "request_id": request_id, "tenant_id": tenant_id, "cost_micros": charged}
+        row.setdefault("created_at", ts)
+        # A usage row already there means this request was recorded: keep the first.
+        await conn.execute(self._insert(usage_events).values(**row).on_conflict_do_nothing())
 
     # --- reading ----------------------------------------------------------------------------
 
@@ -221,10 +298,15 @@ class Ledger:
             return [dict(r) for r in (await conn.execute(q)).mappings().all()]
 
     async def verify(self, max_reservation_age_ms: int) -> list[str]:
-        """Every balance equals its ledger sum, none is negative, no reservation is stale."""
+        """Every balance equals its ledger sum, none is negative, the open holds match the
+        reserve/release entries, and no reservation is older than the longest request.
+        Reads one snapshot (SQLite: one read transaction; PostgreSQL: REPEATABLE READ),
+        so it can run against a live gateway without false alarms."""
         problems: list[str] = []
         cutoff = now_ms() - max_reservation_age_ms
         async with self.store.read() as conn:
+            if not self.store.is_sqlite:
+                await conn.execution_options(isolation_level="REPEATABLE READ")
             sums = dict((await conn.execute(
                 sa.select(ledger_entries.c.tenant_id, sa.func.sum(ledger_entries.c.amount_micros))
                 .group_by(ledger_entries.c.tenant_id))).all())
@@ -244,7 +326,7 @@ class Ledger:
                 sa.select(ledger_entries.c.tenant_id, sa.func.sum(ledger_entries.c.amount_micros))
                 .where(ledger_entries.c.kind.in_(("reserve", "release")))
                 .group_by(ledger_entries.c.tenant_id))).all())
-            for tenant_id in set(held) | set(open_by_ledger):
+            for tenant_id in sorted(set(held) | set(open_by_ledger)):
                 if int(held.get(tenant_id, 0) or 0) != -int(open_by_ledger.get(tenant_id, 0) or 0):
                     problems.append(f"tenant {tenant_id}: open reservations do not match reserve/release entries")
             for rid, tenant_id in (await conn.execute(
@@ -279,10 +361,10 @@ class Ledger:
         return int(bal)
 
     async def _entry(self, conn: AsyncConnection, entry_id: str, tenant_id: str, kind: str, amount: int,
-                     balance_after: int, reference: str | None) -> None:
+                     balance_after: int, reference: str | None, ts: int | None = None) -> None:
         await conn.execute(ledger_entries.insert().values(
             id=entry_id, tenant_id=tenant_id, kind=kind, amount_micros=amount,
-            balance_after_micros=balance_after, reference=reference, created_at=now_ms()))
+            balance_after_micros=balance_after, reference=reference, created_at=ts or now_ms()))
 
     async def open_wallet(self, conn: AsyncConnection, tenant_id: str) -> None:
         await conn.execute(wallets.insert().values(tenant_id=tenant_id, balance_micros=0, updated_at=now_ms()))

@@ -9,11 +9,14 @@ No float ever touches an amount.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from decimal import ROUND_CEILING, Decimal, InvalidOperation
+from decimal import ROUND_CEILING, Decimal
 
 MICROS_PER_USD = 1_000_000
-_QUANTUM = Decimal("0.000001")
+# Plain decimal notation only: Decimal() alone would also take "1e3", "1_000", "NaN" and
+# " +5". Twelve integer digits keep every amount (in micro-dollars) inside a BIGINT.
+_AMOUNT = re.compile(r"-?([0-9]{1,12})(?:\.([0-9]{1,6}))?")
 
 
 class MoneyError(ValueError):
@@ -24,15 +27,13 @@ def parse_usd(text: str) -> int:
     """'5.00' -> 5_000_000. At most 6 decimals; no floats, no exponents, no signs games."""
     if not isinstance(text, str):
         raise MoneyError(f"expected a decimal string, got {type(text).__name__}")
-    try:
-        d = Decimal(text.strip())
-    except InvalidOperation:
-        raise MoneyError(f"not a decimal amount: {text!r}") from None
-    if not d.is_finite():
-        raise MoneyError(f"not a finite amount: {text!r}")
-    if d != d.quantize(_QUANTUM):
-        raise MoneyError(f"more than 6 decimal places: {text!r}")
-    return int(d * MICROS_PER_USD)  # exact: d has at most 6 decimals
+    m = _AMOUNT.fullmatch(text.strip())
+    if m is None:
+        if re.fullmatch(r"-?[0-9]+\.[0-9]{7,}", text.strip()):
+            raise MoneyError(f"more than 6 decimal places: {text!r}")
+        raise MoneyError(f"not a decimal amount like 5.00: {text!r}")
+    micros = int(m.group(1)) * MICROS_PER_USD + int((m.group(2) or "").ljust(6, "0"))
+    return -micros if text.strip().startswith("-") else micros
 
 
 def format_usd(micros: int) -> str:
@@ -48,7 +49,9 @@ def decimal_to_micros_ceil(amount_usd: Decimal) -> int:
 
 def from_minor_units(amount: int, exponent: int = 2) -> int:
     """Stripe-style minor units (cents for USD) -> micro-dollars, exactly."""
-    return int(amount * 10 ** (6 - exponent))
+    if not 0 <= exponent <= 6:
+        raise MoneyError(f"unsupported currency exponent {exponent}")
+    return amount * (1_000_000, 100_000, 10_000, 1_000, 100, 10, 1)[exponent]  # ints only, never 10 ** -n
 
 
 @dataclass(frozen=True, slots=True)

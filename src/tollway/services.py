@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tollway.config import Config
 from tollway.keys import Keys, load_key_secret
@@ -13,6 +14,9 @@ from tollway.store.cache import Cache, make_cache
 from tollway.store.db import Store, sqlite_path
 from tollway.tenants import Tenants
 from tollway.workers import WorkerRegistry
+
+if TYPE_CHECKING:
+    from tollway.webhooks.stripe import Payments
 
 
 @dataclass
@@ -25,8 +29,11 @@ class Services:
     tenants: Tenants
     workers: WorkerRegistry
     notices: list[str]
+    payments: Payments | None = None  # Stripe top-ups; None without a [stripe] table
 
     async def close(self) -> None:
+        if self.payments is not None:
+            await self.payments.close()
         await self.cache.close()
         await self.store.close()
 
@@ -45,5 +52,10 @@ def build(cfg: Config, *, worker_id: str | None = None) -> Services:
     keys = Keys(store, cache, secret, ttl=cfg.cache.key_ttl_seconds, negative_ttl=cfg.cache.negative_ttl_seconds,
                 bus=registry if not cache.shared else None)
     ledger = Ledger(store)
-    return Services(cfg, store, cache, keys, ledger, Tenants(store, ledger), registry,
-                    [notice] if notice else [])
+    payments = None
+    if cfg.stripe is not None:
+        from tollway.webhooks.stripe import Payments  # imports stripe-python only when used
+
+        payments = Payments(cfg.stripe, store, ledger, cfg.source)
+    return Services(cfg, store, cache, keys, ledger, Tenants(store, ledger, keys), registry,
+                    [notice] if notice else [], payments)

@@ -5,20 +5,28 @@ guarantees without any per-request cost:
 
 * Revocation with per-worker (memory://) caches: `revoke` inserts into `revocations`
   in the same transaction as the key update, then waits until every live worker has
-  acknowledged that sequence number. Workers poll every POLL seconds and evict. A worker
-  whose last successful poll+heartbeat is older than FRESH seconds stops trusting its
-  cache (`fresh()` is False) and asks the database, so a worker that is cut off can never
-  serve a revoked key; `revoke` stops waiting on workers silent for longer than STALE.
+  acknowledged that sequence number. A worker acknowledges only after evicting, and
+  trusts its cache (`fresh()`) only while its last committed heartbeat is younger than
+  FRESH. `revoke` skips workers whose heartbeat is older than STALE > FRESH, so a worker
+  a revoke skipped never serves from its cache before it has read that revocation
+  (the ordering argument is in `poll`). A cut-off worker asks the database instead.
 * Reservations record their worker. The sweep releases the reservations of workers
-  that stopped heart-beating (crash, SIGKILL) and, as a backstop, any reservation older
-  than the longest request.
+  that are dead: silent for longer than STALE, or, on the same host, provably gone
+  (their PID no longer runs the process that registered). The second test is what
+  lets a restarted gateway release its killed predecessor's reservations at once.
+  As a backstop, any reservation older than the longest request is released too.
+
+Heartbeats and staleness use the database's clock on PostgreSQL, so workers on hosts
+with skewed clocks still agree on who is silent.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
@@ -32,21 +40,82 @@ from tollway.store.schema import reservations, revocations, workers
 if TYPE_CHECKING:
     from tollway.ledger import Ledger
 
-POLL = 0.1
-FRESH = 1.5
-STALE = 2.5
-HEARTBEAT_EVERY = 0.5
+POLL = 0.1              # seconds between polls of the revocations table
+HEARTBEAT_EVERY = 0.5   # a heartbeat is written at least this often
+FRESH = 1.5             # a worker trusts its cache this long after a committed heartbeat
+STALE = 2.5             # silent this long: revokes stop waiting for it, its reservations are swept
+SWEEP_EVERY = 2.0
+
+
+def db_clock(store: Store) -> sa.ColumnElement[int]:
+    """Now, in epoch milliseconds, by the database's clock (PostgreSQL) or this host's (SQLite)."""
+    if store.is_sqlite:
+        return sa.literal(now_ms(), sa.BigInteger)
+    epoch = sa.extract("epoch", sa.func.clock_timestamp())
+    return sa.cast(sa.func.floor(epoch * 1000), sa.BigInteger)
+
+
+# --- telling for certain that a process is gone ------------------------------------------------
+
+
+def _start_ticks(pid: int) -> str | None:
+    """The start time of a running process (clock ticks since boot), None if it is gone or a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (OSError, ValueError):
+        return None
+    fields = stat.rsplit(")", 1)[-1].split()  # the command name may hold spaces and parentheses
+    if len(fields) < 20 or fields[0] in ("Z", "X"):
+        return None
+    return fields[19]  # field 22 of proc(5); fields[0] is field 3
+
+
+def process_identity() -> str | None:
+    """boot id | PID namespace | pid | start time; None where /proc is unavailable.
+
+    Two workers with the same boot id and PID namespace can see each other's PIDs, so
+    one can tell that the other is gone; the start time defeats PID reuse (a restarted
+    container's gateway is PID 1 again)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+    start = _start_ticks(os.getpid())
+    return f"{boot}|{namespace}|{os.getpid()}|{start}" if start else None
+
+
+def provably_dead(identity: str | None, mine: str | None) -> bool:
+    if not identity or not mine:
+        return False
+    theirs, ours = identity.split("|"), mine.split("|")
+    if len(theirs) != 4 or theirs[:2] != ours[:2]:
+        return False  # another host or PID namespace: only the heartbeat can tell
+    try:
+        pid = int(theirs[2])
+    except ValueError:
+        return False
+    return _start_ticks(pid) != theirs[3]
+
+
+# --- the registry -------------------------------------------------------------------------------
 
 
 class WorkerRegistry:
     def __init__(self, store: Store, cache: Cache | None, worker_id: str | None) -> None:
-        """worker_id None: a client (the CLI or a test) that publishes but serves nothing."""
+        """worker_id None: a client (the CLI or a test) that publishes but serves nothing.
+        cache None: the cache is shared (Redis), so there is nothing per worker to evict."""
         self.store = store
         self.cache = cache
         self.worker_id = worker_id
+        self.identity = process_identity()
         self.acked = 0
+        # Bumped on every eviction; Keys.authenticate does not cache a lookup that raced one.
+        self.generation = 0
         self._fresh_until = 0.0
+        self._beat_started = 0.0
         self._last_beat = 0.0
+        self._lock = asyncio.Lock()
 
     # --- used by revoke ---------------------------------------------------------------------
 
@@ -56,6 +125,7 @@ class WorkerRegistry:
         return int(result.scalar_one())
 
     async def wait_for(self, seq: int, limit_seconds: float = 10.0) -> None:
+        """Return once every live worker has evicted revocation `seq`."""
         if self.worker_id is not None:
             await self.poll()  # our own cache first: the common single-process case is instant
         deadline = time.monotonic() + limit_seconds
@@ -63,54 +133,101 @@ class WorkerRegistry:
             async with self.store.read() as conn:
                 behind = (await conn.execute(
                     sa.select(sa.func.count()).select_from(workers)
-                    .where(workers.c.acked_seq < seq, workers.c.heartbeat_at > now_ms() - int(STALE * 1000))
+                    .where(workers.c.acked_seq < seq,
+                           workers.c.heartbeat_at > db_clock(self.store) - int(STALE * 1000))
                 )).scalar_one()
             if not behind:
                 return
             if time.monotonic() > deadline:
-                raise ServiceUnavailable("revocation was recorded but not every worker confirmed it yet")
+                raise ServiceUnavailable("The revocation is recorded, but not every worker has confirmed it yet; "
+                                         "retry the revoke.")
             await asyncio.sleep(POLL / 2)
 
     def fresh(self) -> bool:
+        """May this worker trust its key cache? Only while a revoke would wait for it."""
         return time.monotonic() < self._fresh_until
 
     # --- the worker's own loop ------------------------------------------------------------------
 
     async def register(self) -> None:
         assert self.worker_id is not None
+        started = time.monotonic()
         async with self.store.write() as conn:
             latest = sa.select(sa.func.coalesce(sa.func.max(revocations.c.seq), 0))
             self.acked = int((await conn.execute(latest)).scalar_one())
-            await conn.execute(workers.insert().values(id=self.worker_id, acked_seq=self.acked, heartbeat_at=now_ms()))
-        self._fresh_until = time.monotonic() + FRESH
-        self._last_beat = time.monotonic()
-
-    async def poll(self) -> None:
-        started = time.monotonic()
-        async with self.store.read() as conn:
-            rows = (await conn.execute(
-                sa.select(revocations.c.seq, revocations.c.key_hash).where(revocations.c.seq > self.acked)
-                .order_by(revocations.c.seq))).all()
-        if rows and self.cache is not None:
-            await self.cache.delete(*[f"k:{h}" for _, h in rows])
-        new_acked = rows[-1][0] if rows else self.acked
-        if new_acked != self.acked or started - self._last_beat >= HEARTBEAT_EVERY:
-            async with self.store.write() as conn:
-                await conn.execute(workers.update().where(workers.c.id == self.worker_id)
-                                   .values(acked_seq=new_acked, heartbeat_at=now_ms()))
-            self.acked = new_acked
-            self._last_beat = started
+            await conn.execute(workers.insert().values(
+                id=self.worker_id, acked_seq=self.acked, heartbeat_at=db_clock(self.store), process=self.identity))
+        # The cache starts empty, so everything up to `acked` is trivially evicted.
+        self._beat_started = self._last_beat = started
         self._fresh_until = started + FRESH
 
-    async def run(self, ledger: Ledger, max_request_ms: int, sweep_every: float = 5.0) -> None:
-        next_sweep = 0.0
+    async def poll(self) -> None:
+        """Heartbeat (if due), then read and evict new revocations, then acknowledge them.
+
+        Why a revoke cannot skip a worker that still trusts a stale entry: the heartbeat is
+        committed before the revocations are read, and the cache is trusted only until
+        FRESH after that heartbeat started. A revocation committed after our read finds
+        our heartbeat younger than FRESH < STALE whenever we still trust the cache, so
+        the revoke waits for our acknowledgement, which we write only after evicting."""
+        async with self._lock:
+            if time.monotonic() - self._last_beat >= HEARTBEAT_EVERY:
+                await self._beat()
+            if self.cache is not None:
+                async with self.store.read() as conn:
+                    rows = (await conn.execute(
+                        sa.select(revocations.c.seq, revocations.c.key_hash)
+                        .where(revocations.c.seq > self.acked).order_by(revocations.c.seq))).all()
+                if rows:
+                    await self.cache.delete(*[f"k:{h}" for _, h in rows])
+                    self.generation += 1
+                    self.acked = int(rows[-1][0])
+                    await self._beat()  # acknowledge now: a revoke is waiting for it
+            self._fresh_until = self._beat_started + FRESH
+
+    async def _beat(self) -> None:
+        started = time.monotonic()
+        async with self.store.write() as conn:
+            done = await conn.execute(workers.update().where(workers.c.id == self.worker_id)
+                                      .values(acked_seq=self.acked, heartbeat_at=db_clock(self.store)))
+            if done.rowcount == 0:
+                # A sweep took us for dead after a long stall (and released our open
+                # reservations: settle charges those late, see Ledger.settle). Come back.
+                await conn.execute(workers.insert().values(
+                    id=self.worker_id, acked_seq=self.acked, heartbeat_at=db_clock(self.store),
+                    process=self.identity))
+        self._beat_started = self._last_beat = started
+
+    async def run(self, ledger: Ledger, max_request_ms: int, sweep_every: float = SWEEP_EVERY) -> None:
+        from tollway.telemetry import log
+
+        next_sweep = time.monotonic() + sweep_every  # start() has just swept
+        failing = False
         while True:
-            with contextlib.suppress(Exception):  # a database outage: retry; fresh() expires meanwhile
+            try:
                 await self.poll()
                 if time.monotonic() >= next_sweep:
-                    await sweep(self.store, ledger, max_request_ms)
                     next_sweep = time.monotonic() + sweep_every
+                    await sweep(self.store, ledger, max_request_ms, self.identity, self.worker_id)
+                failing = False
+            except Exception as exc:  # a database outage: retry; fresh() expires meanwhile
+                if not failing:
+                    log.warning("worker_loop_error", worker_id=self.worker_id, exc_type=type(exc).__name__)
+                failing = True
             await asyncio.sleep(POLL)
+
+    async def start(self, ledger: Ledger, max_request_ms: int) -> int:
+        """Register, then release what dead predecessors left reserved before serving."""
+        from tollway.telemetry import log
+
+        await self.register()
+        try:
+            released = await sweep(self.store, ledger, max_request_ms, self.identity, self.worker_id)
+        except Exception as exc:  # never keep the gateway down: the periodic sweep retries
+            log.warning("startup_sweep_failed", worker_id=self.worker_id, exc_type=type(exc).__name__)
+            return 0
+        if released:
+            log.info("startup_sweep", worker_id=self.worker_id, released=released)
+        return released
 
     async def unregister(self) -> None:
         with contextlib.suppress(Exception):
@@ -118,29 +235,32 @@ class WorkerRegistry:
                 await conn.execute(workers.delete().where(workers.c.id == self.worker_id))
 
 
-async def dead_workers(store: Store) -> list[str]:
+async def dead_workers(store: Store, identity: str | None = None, me: str | None = None) -> list[str]:
+    """Workers silent for longer than STALE, or provably gone on this host."""
+    stale = workers.c.heartbeat_at <= db_clock(store) - int(STALE * 1000)
     async with store.read() as conn:
-        silent = sa.select(workers.c.id).where(workers.c.heartbeat_at <= now_ms() - int(STALE * 1000))
-        return list((await conn.execute(silent)).scalars().all())
+        rows = (await conn.execute(
+            sa.select(workers.c.id, workers.c.process, stale.label("stale")))).all()
+    return [wid for wid, process, is_stale in rows
+            if wid != me and (is_stale or provably_dead(process, identity))]
 
 
-async def sweep(store: Store, ledger: Ledger, max_request_ms: int) -> int:
-    """Release reservations of dead workers, and any older than the longest request."""
-    dead = await dead_workers(store)
-    ids = set(await ledger.open_reservations(older_than_ms=max_request_ms))
+async def sweep(store: Store, ledger: Ledger, max_request_ms: int, identity: str | None = None,
+                me: str | None = None) -> int:
+    """Release the reservations of dead workers, of workers no longer registered, and any
+    older than the longest request. Policy: released in full, never charged (Tollway never
+    saw the outcome); entries are recorded as `<request>:swept`."""
+    dead = await dead_workers(store, identity, me)
+    registered = sa.select(workers.c.id)
     if dead:
-        ids |= set(await ledger.open_reservations(worker_ids=dead))
+        registered = registered.where(workers.c.id.not_in(dead))
     async with store.read() as conn:
-        # Held by a worker whose row is gone (it unregistered, or another sweep removed it).
-        orphans = (await conn.execute(
-            sa.select(reservations.c.request_id).where(
-                reservations.c.worker_id.is_not(None),
-                reservations.c.worker_id.not_in(sa.select(workers.c.id))))).scalars().all()
-    ids |= set(orphans)
-    released = 0
-    for rid in sorted(ids):
-        if await ledger.settle(rid, 0) is not None:
-            released += 1
+        ids = (await conn.execute(
+            sa.select(reservations.c.request_id).where(sa.or_(
+                reservations.c.created_at < now_ms() - max_request_ms,
+                sa.and_(reservations.c.worker_id.is_not(None), reservations.c.worker_id.not_in(registered)),
+            )).order_by(reservations.c.created_at))).scalars().all()
+    released = await ledger.release_swept(list(ids))
     if dead:
         async with store.write() as conn:
             await conn.execute(workers.delete().where(workers.c.id.in_(dead)))

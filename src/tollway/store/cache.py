@@ -1,14 +1,16 @@
 """Caches behind one small protocol: memory (one process) and Redis (shared by workers).
 
 Values are short strings. Redis errors become ServiceUnavailable here and nowhere else,
-so a Redis restart gives clients clean 503s and the client reconnects by itself.
+so a Redis outage gives clients clean 503s. A Redis restart costs at most the commands
+in flight: a pooled connection found dead is reconnected once and the command retried
+(every command here is idempotent), so the service recovers without a gateway restart.
 """
 
 from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from typing import Protocol
+from typing import Any, Protocol
 
 from tollway.errors import ServiceUnavailable
 
@@ -19,6 +21,13 @@ class Cache(Protocol):
     async def get(self, key: str) -> str | None: ...
     async def get_many(self, *keys: str) -> list[str | None]: ...
     async def set(self, key: str, value: str, ttl: float) -> None: ...
+
+    async def set_unless(self, key: str, value: str, ttl: float, guard: str) -> bool:
+        """Set `key` unless `guard` exists, atomically; True when it was set. Lets a worker
+        cache what it read from the database unless a revocation tombstone appeared
+        meanwhile, with no window between the check and the write."""
+        ...
+
     async def delete(self, *keys: str) -> None: ...
     async def close(self) -> None: ...
 
@@ -50,6 +59,13 @@ class MemoryCache:
         while len(self._data) > self._max:
             self._data.popitem(last=False)
 
+    async def set_unless(self, key: str, value: str, ttl: float, guard: str) -> bool:
+        # No await between the check and the write: atomic within the event loop.
+        if await self.get(guard) is not None:
+            return False
+        await self.set(key, value, ttl)
+        return True
+
     async def delete(self, *keys: str) -> None:
         for k in keys:
             self._data.pop(k, None)
@@ -61,55 +77,88 @@ class MemoryCache:
         return len(self._data)
 
 
+# KEYS[1] = key, KEYS[2] = guard, ARGV = value, ttl in ms. One round trip, atomic in Redis.
+_SET_UNLESS = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
+
 class RedisCache:
+    """Shared by every worker. Keys are namespaced by `prefix`, so one Redis database
+    can hold other data too."""
+
     shared = True
 
-    def __init__(self, url: str, prefix: str = "tollway:") -> None:
+    def __init__(self, url: str, prefix: str = "tollway:", *, max_connections: int = 64,
+                 timeout: float = 1.0) -> None:
         import redis.asyncio as aioredis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+        from redis.exceptions import ConnectionError as RedisConnectionError
 
         self.prefix = prefix
-        self.client = aioredis.Redis.from_url(
-            url, socket_timeout=2.0, socket_connect_timeout=2.0, health_check_interval=10,
-            retry_on_timeout=False, decode_responses=True,
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,  # per worker; a burst waits for a free one...
+            timeout=timeout,                  # ...this long, then 503
+            # Commands answer in well under a millisecond; a second of silence is an outage.
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            # After a Redis restart every pooled connection is dead: reconnect once and
+            # retry, so clients see no error once Redis is back. Refused connections
+            # (Redis still down) fail at once, without backoff, into a 503.
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+            health_check_interval=30,
+            decode_responses=True,
         )
+        self.client = aioredis.Redis.from_pool(pool)
+        self._set_unless = self.client.register_script(_SET_UNLESS)
 
     def _k(self, key: str) -> str:
         return self.prefix + key
 
     async def get(self, key: str) -> str | None:
-        try:
-            value = await self.client.get(self._k(key))
-        except Exception as exc:
-            raise _unavailable(exc) from exc
-        return str(value) if value is not None else None
+        return _str(await self._call(self.client.get(self._k(key))))
 
     async def get_many(self, *keys: str) -> list[str | None]:
-        try:
-            values = await self.client.mget([self._k(k) for k in keys])
-        except Exception as exc:
-            raise _unavailable(exc) from exc
-        return [str(v) if v is not None else None for v in values]
+        values = await self._call(self.client.mget([self._k(k) for k in keys]))
+        return [_str(v) for v in values]
 
     async def set(self, key: str, value: str, ttl: float) -> None:
-        try:
-            await self.client.set(self._k(key), value, px=max(1, int(ttl * 1000)))
-        except Exception as exc:
-            raise _unavailable(exc) from exc
+        await self._call(self.client.set(self._k(key), value, px=_ms(ttl)))
+
+    async def set_unless(self, key: str, value: str, ttl: float, guard: str) -> bool:
+        # EVALSHA, falling back to EVAL after a restart flushed the script cache.
+        done = await self._call(self._set_unless(keys=[self._k(key), self._k(guard)], args=[value, _ms(ttl)]))
+        return bool(done)
 
     async def delete(self, *keys: str) -> None:
-        if not keys:
-            return
-        try:
-            await self.client.delete(*[self._k(k) for k in keys])
-        except Exception as exc:
-            raise _unavailable(exc) from exc
+        if keys:
+            await self._call(self.client.delete(*[self._k(k) for k in keys]))
 
     async def close(self) -> None:
         await self.client.aclose()
 
+    async def _call(self, pending: Any) -> Any:
+        from redis.exceptions import RedisError
 
-def _unavailable(exc: Exception) -> ServiceUnavailable:
-    return ServiceUnavailable("The gateway's cache is unavailable; retry shortly.", code="cache_unavailable")
+        try:
+            return await pending
+        except (RedisError, OSError) as exc:
+            # RedisError covers connection loss, timeouts, a full pool, and refusals such
+            # as OOM or a read-only replica: none is the client's fault, all are 503s.
+            raise ServiceUnavailable("The gateway's cache is unavailable; retry shortly.",
+                                     code="cache_unavailable") from exc
+
+
+def _str(value: Any) -> str | None:
+    return str(value) if value is not None else None
+
+
+def _ms(ttl: float) -> int:
+    return max(1, int(ttl * 1000))
 
 
 def make_cache(url: str) -> Cache:

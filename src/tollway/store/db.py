@@ -4,19 +4,24 @@ SQLite (embedded) runs in WAL mode with one writer at a time: in-process writers
 on an asyncio lock and each write transaction starts with BEGIN IMMEDIATE, so writers in
 other processes wait on SQLite's lock (busy_timeout) instead of failing half-way.
 PostgreSQL needs neither: wallet writes are conditional UPDATEs, atomic on their own.
-Driver errors that mean "the database is not there" become ServiceUnavailable here and
-nowhere else.
+
+Driver errors that mean "the database is not there right now" (refused, restarted,
+shutting down, too many connections, a killed session) become ServiceUnavailable here
+and nowhere else; programming errors stay what they are. A PostgreSQL restart costs at
+most the transactions in flight at that moment: the pool pings each connection as it is
+checked out and replaces dead ones, so the service recovers by itself.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import sqlalchemy as sa
 import sqlalchemy.exc
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -24,6 +29,27 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from tollway.errors import ServiceUnavailable
 
 MIGRATIONS = Path(__file__).with_name("migrations")
+T = TypeVar("T")
+
+# Any constant: serialises `tollway migrate` runs started on several hosts at once.
+_MIGRATION_LOCK = 0x746F6C6C  # "toll"
+
+# PostgreSQL SQLSTATE classes that say "not now" rather than "wrong": connection
+# exceptions (08), insufficient resources (53: too many connections, disk full), operator
+# intervention (57: shutdown, restart, statement timeout), serialisation failures and
+# deadlocks (40001, 40P01), and a read-only standby after a fail-over (25006).
+_TRANSIENT_SQLSTATE_PREFIXES = ("08", "53", "57", "40001", "40P01", "25006")
+
+# SQLite result codes with the same meaning: still locked after busy_timeout, disk I/O
+# errors, a full disk, a file that cannot be opened. (SQLITE_ERROR, a bad statement, is not.)
+_TRANSIENT_SQLITE_ERRORS = ("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_IOERR", "SQLITE_FULL", "SQLITE_CANTOPEN",
+                            "SQLITE_NOMEM", "SQLITE_PROTOCOL", "SQLITE_READONLY")
+
+_NOT_THERE: tuple[type[BaseException], ...] = (
+    OSError,                # refused, reset, unreachable; includes TimeoutError on 3.11+
+    asyncio.TimeoutError,
+    sqlalchemy.exc.TimeoutError,  # no pooled connection free within pool_timeout
+)
 
 
 def now_ms() -> int:
@@ -49,47 +75,53 @@ def sqlite_path(url: str, base_dir: Path | None = None) -> Path | None:
     return Path(async_url(url, base_dir)[len("sqlite+aiosqlite:///"):])
 
 
-_UNAVAILABLE: tuple[type[BaseException], ...] = (
-    sqlalchemy.exc.OperationalError,
-    sqlalchemy.exc.InterfaceError,
-    sqlalchemy.exc.TimeoutError,
-    OSError,
-    ConnectionError,
-    asyncio.TimeoutError,
-)
-
-
-def _is_unavailable(exc: BaseException) -> bool:
-    if isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.connection_invalidated:
+def is_unavailable(exc: BaseException) -> bool:
+    """True when `exc` means the database cannot serve us now (retrying later may work)."""
+    if isinstance(exc, sqlalchemy.exc.IntegrityError):
+        return False
+    if isinstance(exc, _NOT_THERE):
         return True
-    if isinstance(exc, sqlalchemy.exc.OperationalError):
-        # "database is locked" after busy_timeout is contention, still a 503 for the client.
-        return True
-    if isinstance(exc, _UNAVAILABLE):
-        return True
-    name = type(exc).__name__
-    # asyncpg raises its own classes (wrapped by SQLAlchemy as DBAPIError) on shutdown.
-    return name in {"ConnectionDoesNotExistError", "CannotConnectNowError", "AdminShutdownError"} or (
-        isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.orig is not None and _is_unavailable_orig(exc.orig)
-    )
+    if isinstance(exc, sqlalchemy.exc.DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        sqlite_error = getattr(exc.orig, "sqlite_errorname", None)
+        if isinstance(sqlite_error, str):
+            return sqlite_error.startswith(_TRANSIENT_SQLITE_ERRORS)
+        sqlstate = getattr(exc.orig, "sqlstate", None)
+        if isinstance(sqlstate, str) and sqlstate.startswith(_TRANSIENT_SQLSTATE_PREFIXES):
+            return True
+        # asyncpg's "connection is closed" / "connection was closed in the middle of
+        # operation": the server went away between two statements.
+        return isinstance(exc, sqlalchemy.exc.InterfaceError) and "closed" in str(exc.orig)
+    return False
 
 
-def _is_unavailable_orig(orig: BaseException) -> bool:
-    text = type(orig).__name__ + " " + type(getattr(orig, "__cause__", None)).__name__
-    return any(s in text for s in ("Connection", "CannotConnect", "Shutdown", "OSError", "Timeout"))
+def _unavailable() -> ServiceUnavailable:
+    return ServiceUnavailable("The gateway's database is unavailable; retry shortly.", code="database_unavailable")
 
 
 class Store:
     """One engine per process. `write()` for a serialised write transaction, `read()` for reads."""
 
-    def __init__(self, url: str, *, base_dir: Path | None = None, pool_size: int = 10) -> None:
+    def __init__(self, url: str, *, base_dir: Path | None = None, pool_size: int = 10,
+                 pool_timeout: float = 10.0) -> None:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
         self.queries = 0  # statements sent; tests assert cache hits cost none
         kwargs: dict[str, Any] = {}
         if not self.is_sqlite:
-            kwargs.update(pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True, pool_recycle=300,
-                          connect_args={"timeout": 5, "command_timeout": 30})
+            kwargs.update(
+                pool_size=pool_size,
+                max_overflow=pool_size,
+                # A request that cannot get a connection this long gets a 503, not a hang.
+                pool_timeout=pool_timeout,
+                # One `;` round trip per checkout (~0.1 ms on a LAN) buys transparent
+                # recovery after a server restart: dead connections are replaced before use.
+                pool_pre_ping=True,
+                pool_recycle=300,
+                connect_args={"timeout": 5, "command_timeout": 30,
+                              "server_settings": {"application_name": "tollway"}},
+            )
         self.engine: AsyncEngine = create_async_engine(async_url(url, base_dir), **kwargs)
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
         sync = self.engine.sync_engine
@@ -103,7 +135,11 @@ class Store:
 
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncConnection]:
-        """One short write transaction; committed on success, rolled back on error."""
+        """One short write transaction; committed on success, rolled back on error.
+
+        If the connection breaks during COMMIT the outcome is unknown to us: callers make
+        their writes idempotent (ledger entry ids, the reservation row as a gate) so that
+        a retry after a 503 is always safe."""
         if self._write_lock is None:
             async with self._translate(), self.engine.begin() as conn:
                 yield conn
@@ -122,19 +158,24 @@ class Store:
     async def _translate(self) -> AsyncIterator[None]:
         try:
             yield
-        except sqlalchemy.exc.IntegrityError:
-            raise
         except ServiceUnavailable:
             raise
         except Exception as exc:
-            if _is_unavailable(exc):
-                raise ServiceUnavailable(
-                    "The gateway's database is unavailable; retry shortly.", code="database_unavailable"
-                ) from exc
+            if is_unavailable(exc):
+                raise _unavailable() from exc
             raise
 
     async def migrate(self) -> None:
-        async with self._translate(), self.engine.connect() as conn:
+        """Apply every migration in one transaction that first takes the database's
+        write lock (PostgreSQL: an advisory lock; SQLite: BEGIN IMMEDIATE), so concurrent
+        runs, from other hosts or this process, apply them once. The lock must be held
+        before Alembic starts: Alembic keeps its run state in process-wide globals."""
+        async with self._translate(), self.engine.connect() as raw:
+            conn = await raw.execution_options(tollway_write=True)
+            if self.is_sqlite:
+                await conn.execute(sa.text("SELECT 1"))
+            else:
+                await conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK})
             await conn.run_sync(_upgrade)
             await conn.commit()
 
@@ -144,6 +185,25 @@ class Store:
 
     async def close(self) -> None:
         await self.engine.dispose()
+
+
+async def retry_while_unavailable(op: Callable[[], Awaitable[T]], *, within: float,
+                                  first_delay: float = 0.05, max_delay: float = 1.0) -> T:
+    """Run an idempotent storage operation until it stops raising ServiceUnavailable,
+    backing off, for at most `within` seconds; then the last 503 propagates.
+
+    For writes that must not be dropped because the database restarted under them, such
+    as settling a request whose answer the customer already has."""
+    deadline = time.monotonic() + within
+    delay = first_delay
+    while True:
+        try:
+            return await op()
+        except ServiceUnavailable:
+            if time.monotonic() + delay > deadline:
+                raise
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, max_delay)
 
 
 def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:

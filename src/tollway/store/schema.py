@@ -145,6 +145,7 @@ workers = Table(
     Column("id", String(40), primary_key=True),
     Column("acked_seq", BigInteger, nullable=False),
     Column("heartbeat_at", BigInteger, nullable=False),
+    Column("process", String(200), nullable=True),         # boot id|pid namespace|pid|start: see workers.py
 )
 
 stripe_events = Table(
@@ -161,7 +162,7 @@ topups = Table(
     Column("tenant_id", String(40), nullable=False, index=True),
     Column("amount_micros", BigInteger, nullable=False),
     Column("currency", String(8), nullable=False),
-    Column("status", String(16), nullable=False),           # created|pending|paid|failed|expired
+    Column("status", String(16), nullable=False),           # created|pending|paid|failed|expired|refused
     Column("payment_intent", String(120), nullable=True, index=True),
     Column("refunded_micros", BigInteger, nullable=False, server_default="0"),
     Column("created_at", BigInteger, nullable=False),

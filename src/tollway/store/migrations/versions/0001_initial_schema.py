@@ -131,6 +131,7 @@ def upgrade() -> None:
     sa.Column('id', sa.String(length=40), nullable=False),
     sa.Column('acked_seq', sa.BigInteger(), nullable=False),
     sa.Column('heartbeat_at', sa.BigInteger(), nullable=False),
+    sa.Column('process', sa.String(length=200), nullable=True),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_workers'))
     )
     op.create_table('api_keys',

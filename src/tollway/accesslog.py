@@ -1,0 +1,197 @@
+"""The access log: one row per HTTP request, written in batches off the request path.
+
+A row holds the fields allow-listed in privacy.py: time, request id, method, route,
+status, client IP, latency and tenant. The path column holds the route *template*
+("/admin/tenants/{tenant_id}", "/v1/chat/completions"), never the raw URL: a URL is text
+the client chose and may carry anything, and templates keep the set of values bounded
+(the same value labels the request metrics).
+
+The middleware only appends a dict to a list; a background task inserts the list with
+one executemany every `flush_every` seconds, or sooner once `batch_rows` are waiting, and
+once more at shutdown. If the database is down the rows wait (up to `max_buffer`, then
+the oldest are dropped and counted in tollway_access_log_dropped_rows_total): the access
+log is a debugging aid, never a reason to slow or fail a request. Money is not here; the
+ledger writes its own rows synchronously.
+
+Rows of a tenant whose deletion was requested lose their tenant id and IP at flush time,
+so a stream that was still running when the tenant was deleted cannot write them back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any
+
+import sqlalchemy as sa
+from starlette.routing import Mount
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from tollway import telemetry
+from tollway.store.db import Store, now_ms
+from tollway.store.schema import access_log, deletion_requests
+
+UNMATCHED = "unmatched"
+_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
+_CLIENT_CLOSED = 499  # nginx's code for "the client closed the connection first"
+
+
+def route_template(scope: Scope) -> str:
+    """The template of the route that handled the request (set by Starlette's router)."""
+    route = scope.get("route")
+    if route is None:
+        return UNMATCHED
+    root = scope.get("root_path", "") or ""
+    if isinstance(route, Mount):
+        # Matched the mount but no route inside it: name the mount, not the URL.
+        return (root or route.path).rstrip("/") + "/*"
+    path = getattr(route, "path", None)
+    return (root + path)[:200] if isinstance(path, str) else UNMATCHED
+
+
+class AccessLogWriter:
+    def __init__(self, store: Store, *, flush_every: float = 1.0, batch_rows: int = 500,
+                 max_buffer: int = 50_000) -> None:
+        self.store = store
+        self.flush_every = flush_every
+        self.batch_rows = batch_rows
+        self.max_buffer = max_buffer
+        self._rows: list[dict[str, Any]] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def add(self, row: dict[str, Any]) -> None:
+        if len(self._rows) >= self.max_buffer:
+            telemetry.ACCESS_LOG_DROPPED.inc()
+            return
+        self._rows.append(row)
+        if len(self._rows) >= self.batch_rows:
+            self._wake.set()
+
+    @property
+    def pending(self) -> int:
+        return len(self._rows)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.flush_every)
+            self._wake.clear()
+            try:
+                await self.flush()
+            except Exception:
+                telemetry.log.warning("access_log_flush_failed", count=len(self._rows), exc_info=True)
+
+    async def flush(self) -> int:
+        """Insert every waiting row in one transaction; on failure they wait for the next try."""
+        rows, self._rows = self._rows, []
+        if not rows:
+            return 0
+        try:
+            async with self.store.write() as conn:
+                tenant_ids = {r["tenant_id"] for r in rows if r["tenant_id"]}
+                if tenant_ids:
+                    deleted = set((await conn.execute(
+                        sa.select(deletion_requests.c.tenant_id)
+                        .where(deletion_requests.c.tenant_id.in_(tenant_ids)))).scalars().all())
+                    for r in rows:
+                        if r["tenant_id"] in deleted:
+                            r["tenant_id"] = None
+                            r["client_ip"] = None
+                await conn.execute(access_log.insert(), rows)
+        except BaseException:
+            self._requeue(rows)
+            raise
+        return len(rows)
+
+    def _requeue(self, rows: list[dict[str, Any]]) -> None:
+        merged = rows + self._rows
+        overflow = len(merged) - self.max_buffer
+        if overflow > 0:
+            telemetry.ACCESS_LOG_DROPPED.inc(overflow)
+            merged = merged[overflow:]
+        self._rows = merged
+
+    async def close(self) -> None:
+        """Stop the loop and write what is left (called at shutdown, after the last request)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._task
+            self._task = None
+        try:
+            await self.flush()
+        except Exception:
+            telemetry.ACCESS_LOG_DROPPED.inc(len(self._rows))
+            telemetry.log.warning("access_log_lost_at_shutdown", count=len(self._rows), exc_info=True)
+            self._rows = []
+
+
+class AccessLogMiddleware:
+    """Times each HTTP request and hands one row to the writer; also feeds HTTP metrics.
+
+    Must sit inside RequestIdMiddleware (it reads scope["state"]["request_id"]). The
+    proxy's authentication step puts the tenant in scope["state"]["tenant_id"].
+    """
+
+    def __init__(self, app: ASGIApp, writer: AccessLogWriter) -> None:
+        self.app = app
+        self.writer = writer
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started_wall = now_ms()
+        started = time.perf_counter()
+        status = 0
+        completed = False
+        disconnected = False
+
+        async def send_and_watch(message: Message) -> None:
+            nonlocal status, completed
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                completed = True
+            await send(message)
+
+        async def receive_and_watch() -> Message:
+            nonlocal disconnected
+            message = await receive()
+            if message["type"] == "http.disconnect" and not completed:
+                disconnected = True
+            return message
+
+        try:
+            await self.app(scope, receive_and_watch, send_and_watch)
+        except BaseException:
+            status = _CLIENT_CLOSED if status and not completed else 500
+            raise
+        finally:
+            if disconnected and not completed:
+                status = _CLIENT_CLOSED
+            self._record(scope, status or 500, started_wall, time.perf_counter() - started)
+
+    def _record(self, scope: Scope, status: int, started_wall: int, seconds: float) -> None:
+        state = scope.get("state") or {}
+        route = route_template(scope)
+        method = scope.get("method", "")
+        method = method if method in _METHODS else "OTHER"
+        client = scope.get("client")
+        tenant = state.get("tenant_id")
+        self.writer.add({
+            "created_at": started_wall,
+            "request_id": str(state.get("request_id", ""))[:64],
+            "method": method,
+            "path": route,
+            "status": status,
+            "client_ip": str(client[0])[:64] if client else None,
+            "latency_ms": int(seconds * 1000),
+            "tenant_id": tenant[:40] if isinstance(tenant, str) else None,
+        })
+        telemetry.record_http(route, method, status, seconds)

@@ -1,0 +1,148 @@
+"""The streaming relay: an ASGI response that passes an upstream SSE stream through.
+
+Per upstream read: split complete events, let the adapter's meter rewrite the model
+name and read usage (byte searches; a JSON parse only for the usage event), send
+everything in one ASGI message. No task and no buffer per chunk: one watcher task per
+stream listens for the client going away, and only the unfinished tail of an event is
+kept between reads.
+
+Endings, each settled exactly once by `on_end` (shielded from cancellation):
+  normal end              -> usage from the stream (or an estimate when none came)
+  upstream stall / error  -> an SSE error event to the client, then an estimate
+  client disconnect       -> the upstream connection is closed (the provider stops
+                             generating), the watcher cancels the pump, estimate of
+                             what was delivered unless usage already arrived
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.types import Message, Receive, Scope, Send
+
+from tollway.errors import TollwayError, UpstreamError
+from tollway.privacy import scrub
+from tollway.providers.base import StreamMeter, UpstreamResponse
+from tollway.telemetry import log
+
+_ERROR_KEY = b'"error":'
+
+
+@dataclass(slots=True)
+class StreamEnd:
+    meter: StreamMeter
+    error: TollwayError | None = None  # the upstream failed mid-stream
+    client_gone: bool = False
+
+
+class Relay:
+    def __init__(self, resp: UpstreamResponse, meter: StreamMeter, headers: list[tuple[bytes, bytes]],
+                 error_event: Callable[[TollwayError], bytes], secrets: Iterable[str],
+                 on_end: Callable[[StreamEnd], Awaitable[None]]) -> None:
+        self.resp = resp
+        self.meter = meter
+        self.headers = headers
+        self.error_event = error_event
+        self.secrets = tuple(secrets)
+        self.on_end = on_end
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        end = StreamEnd(self.meter)
+        task = asyncio.current_task()
+        assert task is not None
+        watcher = asyncio.create_task(_watch(receive, task, end))
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.headers})
+            end.error = await self._pump(send)
+        except asyncio.CancelledError:
+            if not end.client_gone:
+                raise  # server shutdown: settle below, then let it propagate
+            task.uncancel()
+        except OSError:
+            end.client_gone = True  # a server that reports a closed socket on send
+        finally:
+            watcher.cancel()
+            if end.error is None and not end.client_gone:
+                self.resp.release()
+            else:
+                self.resp.close()  # the provider stops generating
+            await _shielded(self.on_end(end))
+        if not end.client_gone:
+            # Settled before the last message, so a client that saw the end sees its charge.
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _pump(self, send: Send) -> TollwayError | None:
+        meter = self.meter
+        buf = b""
+        while True:
+            try:
+                chunk = await self.resp.chunk()
+            except UpstreamError as exc:
+                return await self._fail(send, exc)
+            if not chunk:
+                break
+            buf = buf + chunk if buf else chunk
+            if b"\r" in buf:
+                buf = buf.replace(b"\r\n", b"\n")
+            if b"\n\n" not in buf:
+                continue
+            *events, buf = buf.split(b"\n\n")
+            out = self._feed(events)
+            if out:
+                await send({"type": "http.response.body", "body": out, "more_body": True})
+        out = self._feed([buf.strip()]) if buf.strip() else b""
+        if out:
+            await send({"type": "http.response.body", "body": out, "more_body": True})
+        if not meter.done and meter.usage() is None:
+            return await self._fail(send, UpstreamError(
+                "The model provider closed the stream before it finished.", code="upstream_stream_cut"))
+        return None
+
+    def _feed(self, events: list[bytes]) -> bytes:
+        out: list[bytes] = []
+        for ev in events:
+            if not ev:
+                continue
+            sent = self.meter.feed(ev)
+            if sent is None:
+                continue
+            if _ERROR_KEY in sent:
+                # A provider's error event may echo the operator's key.
+                sent = scrub(sent.decode("utf-8", "replace"), self.secrets).encode()
+            out.append(sent)
+            out.append(b"\n\n")
+        return b"".join(out)
+
+    async def _fail(self, send: Send, exc: TollwayError) -> TollwayError:
+        await send({"type": "http.response.body", "body": self.error_event(exc), "more_body": True})
+        return exc
+
+
+async def _watch(receive: Receive, task: asyncio.Task[Any], end: StreamEnd) -> None:
+    while True:
+        message: Message = await receive()
+        if message["type"] == "http.disconnect":
+            end.client_gone = True
+            task.cancel()
+            return
+
+
+async def _shielded(aw: Awaitable[None]) -> None:
+    """Run the settle to completion even if this task is cancelled meanwhile; a
+    cancellation that arrived in between is re-raised afterwards."""
+    fut = asyncio.ensure_future(aw)
+    cancelled = False
+    while not fut.done():
+        try:
+            await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            cancelled = True
+        except Exception:
+            break  # fut finished with an error, logged below
+    if not fut.cancelled() and fut.exception() is not None:
+        log.error("settle_failed", exc_info=fut.exception())
+    if cancelled:
+        raise asyncio.CancelledError

@@ -1,0 +1,413 @@
+"""Contract suites: the same tests for every Cache (memory, Redis) and every Store
+(SQLite, PostgreSQL), plus how each backend fails and recovers."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from tests.conftest import REDIS_URL, free_port, fresh_pg_database, need_redis
+from tollway.errors import ServiceUnavailable, render_json
+from tollway.store.cache import Cache, MemoryCache, RedisCache, make_cache
+from tollway.store.db import Store, is_unavailable, retry_while_unavailable
+from tollway.store.schema import metadata, tenants, wallets
+
+# --- Cache contract ---------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def cache(request: pytest.FixtureRequest) -> AsyncIterator[Cache]:
+    if request.param == "memory":
+        c: Cache = MemoryCache()
+    else:
+        need_redis()
+        # A prefix of its own: other test runs may share this Redis database.
+        c = RedisCache(REDIS_URL, prefix=f"t{time.monotonic_ns()}:")
+    yield c
+    await c.close()
+
+
+async def test_cache_get_set_delete(cache: Cache) -> None:
+    assert await cache.get("a") is None
+    await cache.set("a", "1", 30)
+    await cache.set("b", "2|x", 30)
+    assert await cache.get("a") == "1"
+    assert await cache.get_many("a", "missing", "b") == ["1", None, "2|x"]
+    await cache.set("a", "3", 30)  # overwrite
+    assert await cache.get("a") == "3"
+    await cache.delete("a", "b", "missing")
+    await cache.delete()  # nothing to delete is not an error
+    assert await cache.get_many("a", "b") == [None, None]
+
+
+async def test_cache_entries_expire(cache: Cache) -> None:
+    await cache.set("short", "v", 0.05)
+    await cache.set("long", "v", 30)
+    await asyncio.sleep(0.15)
+    assert await cache.get_many("short", "long") == [None, "v"]
+
+
+async def test_cache_set_unless_guard(cache: Cache) -> None:
+    assert await cache.set_unless("k", "v1", 30, guard="g") is True
+    assert await cache.get("k") == "v1"
+    await cache.set("g", "1", 0.1)
+    assert await cache.set_unless("k", "v2", 30, guard="g") is False
+    assert await cache.get("k") == "v1"  # untouched, not overwritten
+    await cache.delete("k")
+    assert await cache.set_unless("k", "v3", 30, guard="g") is False
+    assert await cache.get("k") is None
+    await asyncio.sleep(0.2)  # guard expired
+    assert await cache.set_unless("k", "v4", 0.05, guard="g") is True
+    await asyncio.sleep(0.15)
+    assert await cache.get("k") is None  # the ttl applies
+
+
+async def test_cache_set_unless_never_writes_after_the_guard(cache: Cache) -> None:
+    """Racing writers against a guard written midway: once the guard is visible, no write
+    may land (the revocation tombstone contract)."""
+    stop = asyncio.Event()
+    guard_written = asyncio.Event()
+    writes_after_guard = 0
+
+    async def writer(n: int) -> None:
+        nonlocal writes_after_guard
+        while not stop.is_set():
+            guard_seen_before = guard_written.is_set()
+            if await cache.set_unless(f"w{n}", "v", 30, guard="tomb") and guard_seen_before:
+                writes_after_guard += 1
+            await asyncio.sleep(0)
+
+    tasks = [asyncio.create_task(writer(n)) for n in range(8)]
+    await asyncio.sleep(0.05)
+    await cache.set("tomb", "1", 30)
+    guard_written.set()
+    await cache.delete(*[f"w{n}" for n in range(8)])
+    await asyncio.sleep(0.1)
+    stop.set()
+    await asyncio.gather(*tasks)
+    assert writes_after_guard == 0
+    assert await cache.get_many(*[f"w{n}" for n in range(8)]) == [None] * 8
+
+
+def test_make_cache_picks_the_backend() -> None:
+    assert isinstance(make_cache("memory://"), MemoryCache)
+    assert make_cache("memory://").shared is False
+    assert make_cache("redis://127.0.0.1:6379/9").shared is True  # no I/O until first use
+
+
+async def test_memory_cache_is_bounded() -> None:
+    c = MemoryCache(max_entries=3)
+    for i in range(5):
+        await c.set(str(i), "v", 30)
+    assert len(c) == 3
+    assert await c.get_many("0", "1", "2", "3", "4") == [None, None, "v", "v", "v"]
+
+
+async def test_redis_cache_is_shared_between_workers_and_namespaced() -> None:
+    need_redis()
+    prefix = f"t{time.monotonic_ns()}:"
+    one, two, other = RedisCache(REDIS_URL, prefix=prefix), RedisCache(REDIS_URL, prefix=prefix), \
+        RedisCache(REDIS_URL, prefix=prefix + "other:")
+    try:
+        await one.set("k", "v", 30)
+        assert await two.get("k") == "v"
+        assert await other.get("k") is None
+        await two.delete("k")
+        assert await one.get("k") is None
+    finally:
+        for c in (one, two, other):
+            await c.close()
+
+
+async def test_redis_down_is_a_clean_503_fast() -> None:
+    c = RedisCache(f"redis://127.0.0.1:{free_port()}/0")
+    try:
+        for op in (c.get("k"), c.get_many("a", "b"), c.set("k", "v", 1), c.delete("k"),
+                   c.set_unless("k", "v", 1, guard="g")):
+            started = time.monotonic()
+            with pytest.raises(ServiceUnavailable) as info:
+                await op
+            assert time.monotonic() - started < 1.5
+            assert info.value.status == 503 and info.value.instance_code == "cache_unavailable"
+            body = render_json(info.value).body
+            assert b'"type":"server_error"' in bytes(body) and b"retry shortly" in bytes(body)
+    finally:
+        await c.close()
+
+
+async def test_redis_connection_killed_reconnects_without_an_error() -> None:
+    """What a Redis restart does to pooled connections: the next command still succeeds."""
+    need_redis()
+    import redis.asyncio as aioredis
+
+    c = RedisCache(REDIS_URL, prefix=f"t{time.monotonic_ns()}:")
+    admin = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        await c.set("k", "v", 30)
+        conn_id = await c.client.client_id()  # the pool holds exactly this one connection
+        assert await admin.client_kill_filter(_id=conn_id) == 1
+        assert await c.get("k") == "v"
+        assert await c.set_unless("k2", "v", 30, guard="g") is True
+    finally:
+        await c.close()
+        await admin.aclose()
+
+
+# --- Store contract -----------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A database with no tables yet."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'store.db'}"
+        return
+    with fresh_pg_database(migrated=False) as url:
+        yield url
+
+
+@pytest.fixture
+async def store(db_url: str) -> AsyncIterator[Store]:
+    s = Store(db_url)
+    await s.migrate()
+    yield s
+    await s.close()
+
+
+async def _table_names(conn: AsyncConnection) -> set[str]:
+    return set(await conn.run_sync(lambda c: sa.inspect(c).get_table_names()))
+
+
+async def test_migrations_build_exactly_the_schema(db_url: str) -> None:
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    s = Store(db_url)
+    try:
+        assert await s.migrations_current() is False
+        await s.migrate()
+        await s.migrate()  # idempotent
+        assert await s.migrations_current() is True
+        async with s.read() as conn:
+            assert await _table_names(conn) == set(metadata.tables) | {"alembic_version"}
+            # schema.py and the migration must agree, column by column, on each dialect.
+            diffs = await conn.run_sync(lambda c: compare_metadata(MigrationContext.configure(c), metadata))
+        assert diffs == []
+    finally:
+        await s.close()
+
+
+async def test_concurrent_migrations_apply_once(db_url: str) -> None:
+    """Several hosts running `tollway migrate` at once (advisory lock on PostgreSQL)."""
+    stores = [Store(db_url) for _ in range(3)]
+    try:
+        await asyncio.gather(*(s.migrate() for s in stores))
+        assert all([await s.migrations_current() for s in stores])
+    finally:
+        for s in stores:
+            await s.close()
+
+
+async def test_write_commits_and_rolls_back(store: Store) -> None:
+    async with store.write() as conn:
+        await conn.execute(tenants.insert().values(id="tn_1", created_at=1))
+    with pytest.raises(RuntimeError):
+        async with store.write() as conn:
+            await conn.execute(tenants.insert().values(id="tn_2", created_at=1))
+            raise RuntimeError("boom")
+    async with store.read() as conn:
+        ids = (await conn.execute(sa.select(tenants.c.id))).scalars().all()
+    assert ids == ["tn_1"]
+    assert store.queries >= 3
+
+
+async def test_errors_that_are_not_outages_pass_through(store: Store) -> None:
+    async with store.write() as conn:
+        await conn.execute(tenants.insert().values(id="tn_1", created_at=1))
+    with pytest.raises(sa.exc.IntegrityError):
+        async with store.write() as conn:
+            await conn.execute(tenants.insert().values(id="tn_1", created_at=2))
+    with pytest.raises(sa.exc.DBAPIError) as info:
+        async with store.read() as conn:
+            await conn.execute(sa.text("SELECT no_such_column FROM tenants"))
+    assert not isinstance(info.value, ServiceUnavailable)
+    with pytest.raises(sa.exc.IntegrityError):  # the CHECK keeps balances >= 0
+        async with store.write() as conn:
+            await conn.execute(wallets.insert().values(tenant_id="tn_1", balance_micros=-1, updated_at=1))
+
+
+async def test_conditional_update_is_atomic_across_workers(db_url: str) -> None:
+    """Two engines stand for two worker processes: 40 racing conditional debits against a
+    balance of 10 succeed exactly 10 times, never below zero."""
+    workers = [Store(db_url), Store(db_url)]
+    try:
+        await workers[0].migrate()
+        async with workers[0].write() as conn:
+            await conn.execute(tenants.insert().values(id="tn_1", created_at=1))
+            await conn.execute(wallets.insert().values(tenant_id="tn_1", balance_micros=10, updated_at=1))
+
+        async def take(s: Store) -> bool:
+            async with s.write() as conn:
+                new = (await conn.execute(
+                    wallets.update().where(wallets.c.tenant_id == "tn_1", wallets.c.balance_micros >= 1)
+                    .values(balance_micros=wallets.c.balance_micros - 1).returning(wallets.c.balance_micros)
+                )).scalar()
+            return new is not None
+
+        results = await asyncio.gather(*(take(workers[i % 2]) for i in range(40)))
+        assert sum(results) == 10
+        async with workers[1].read() as conn:
+            assert (await conn.execute(sa.select(wallets.c.balance_micros))).scalar_one() == 0
+    finally:
+        for s in workers:
+            await s.close()
+
+
+async def test_database_down_is_a_clean_503(tmp_path: Path) -> None:
+    missing_dir = tmp_path / "no" / "such" / "dir"
+    for url in (f"postgresql://postgres@127.0.0.1:{free_port()}/test", f"sqlite:///{missing_dir}/x.db"):
+        s = Store(url)
+        try:
+            started = time.monotonic()
+            with pytest.raises(ServiceUnavailable) as info:
+                async with s.read() as conn:
+                    await conn.execute(sa.text("SELECT 1"))
+            assert time.monotonic() - started < 6
+            assert info.value.status == 503 and info.value.instance_code == "database_unavailable"
+            with pytest.raises(ServiceUnavailable):
+                async with s.write():
+                    pass
+        finally:
+            await s.close()
+
+
+# --- PostgreSQL: killed sessions, as in a restart ---------------------------------------------------
+
+
+@pytest.fixture
+async def pg_store() -> AsyncIterator[Store]:
+    with fresh_pg_database() as url:
+        s = Store(url, pool_size=2, pool_timeout=0.3)
+        yield s
+        await s.close()
+
+
+async def _terminate(store: Store, pid: int) -> None:
+    import asyncpg
+
+    from tests.conftest import PG_ADMIN_URL
+
+    admin = await asyncpg.connect(PG_ADMIN_URL)
+    try:
+        assert await admin.fetchval("SELECT pg_terminate_backend($1)", pid) is True
+    finally:
+        await admin.close()
+
+
+async def _pid(conn: AsyncConnection) -> int:
+    return int((await conn.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one())
+
+
+async def test_pg_idle_connections_killed_are_replaced_silently(pg_store: Store) -> None:
+    async with pg_store.read() as c1, pg_store.read() as c2:
+        pids = [await _pid(c1), await _pid(c2)]
+    for pid in pids:
+        await _terminate(pg_store, pid)
+    for _ in range(3):  # every pooled connection is dead; none of this may fail
+        async with pg_store.write() as conn:
+            assert await _pid(conn) not in pids
+
+
+async def test_pg_session_killed_mid_transaction_is_503_then_recovers(pg_store: Store) -> None:
+    with pytest.raises(ServiceUnavailable) as info:
+        async with pg_store.write() as conn:
+            await conn.execute(tenants.insert().values(id="tn_lost", created_at=1))
+            await _terminate(pg_store, await _pid(conn))
+            await conn.execute(sa.text("SELECT 1"))
+    assert info.value.instance_code == "database_unavailable"
+    assert is_unavailable(info.value.__cause__)  # type: ignore[arg-type]
+    async with pg_store.read() as conn:  # rolled back, and the next transaction works
+        assert (await conn.execute(sa.select(sa.func.count()).select_from(tenants))).scalar_one() == 0
+
+
+async def test_pg_pool_exhausted_is_503_not_a_hang(pg_store: Store) -> None:
+    async with pg_store.read(), pg_store.read(), pg_store.read(), pg_store.read():  # pool 2 + overflow 2
+        started = time.monotonic()
+        with pytest.raises(ServiceUnavailable):
+            async with pg_store.read():
+                pass
+        assert time.monotonic() - started < 2
+
+
+def test_transient_sqlstates_are_unavailable() -> None:
+    class PgError(Exception):
+        def __init__(self, sqlstate: str) -> None:
+            super().__init__(sqlstate)
+            self.sqlstate = sqlstate
+
+    def wrapped(sqlstate: str) -> BaseException:
+        return sa.exc.DBAPIError("SELECT 1", None, PgError(sqlstate))
+
+    for transient in ("57P01", "57P03", "08006", "53300", "40001", "40P01", "25006"):
+        assert is_unavailable(wrapped(transient)), transient
+    for permanent in ("42P01", "42703", "22003", "23505"):
+        assert not is_unavailable(wrapped(permanent)), permanent
+    assert is_unavailable(ConnectionRefusedError())
+    assert not is_unavailable(ValueError("a bug"))
+
+    def sqlite_error(name: str) -> BaseException:
+        orig = sqlite3.OperationalError(name)
+        orig.sqlite_errorname = name
+        return sa.exc.OperationalError("SELECT 1", None, orig)
+
+    for transient in ("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_IOERR_FSYNC", "SQLITE_FULL", "SQLITE_CANTOPEN"):
+        assert is_unavailable(sqlite_error(transient)), transient
+    assert not is_unavailable(sqlite_error("SQLITE_ERROR"))  # "no such column": a bug, not an outage
+
+
+# --- retrying idempotent writes across an outage --------------------------------------------------
+
+
+async def test_retry_while_unavailable_rides_out_a_short_outage() -> None:
+    calls: list[float] = []
+
+    async def flaky() -> str:
+        calls.append(time.monotonic())
+        if len(calls) < 4:
+            raise ServiceUnavailable("down", code="database_unavailable")
+        return "done"
+
+    assert await retry_while_unavailable(flaky, within=5, first_delay=0.01) == "done"
+    assert len(calls) == 4
+    gaps = [b - a for a, b in itertools.pairwise(calls)]
+    assert gaps == sorted(gaps)  # backing off
+
+
+async def test_retry_while_unavailable_gives_up_and_passes_other_errors() -> None:
+    async def down() -> Any:
+        raise ServiceUnavailable("down")
+
+    started = time.monotonic()
+    with pytest.raises(ServiceUnavailable):
+        await retry_while_unavailable(down, within=0.3, first_delay=0.05)
+    assert 0.1 < time.monotonic() - started < 1.0
+
+    attempts = 0
+
+    async def bug() -> Any:
+        nonlocal attempts
+        attempts += 1
+        raise ValueError("not an outage")
+
+    with pytest.raises(ValueError):
+        await retry_while_unavailable(bug, within=5)
+    assert attempts == 1
