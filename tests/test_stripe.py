@@ -197,7 +197,7 @@ async def test_checkout_for_unknown_tenant_is_404(gw1: Gateway) -> None:
     assert r.status_code == 404 and gw1.fake.requests == []
 
 
-async def test_stripe_failure_is_502_without_the_secret_key(gw1: Gateway, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_stripe_failure_is_502_without_the_secret_key(gw1: Gateway) -> None:
     tid = await gw1.tenant()
     gw1.fake.fail_with = (400, {"type": "invalid_request_error", "message": f"bad request for key {SK}"})
     r = await gw1.admin("POST", f"/tenants/{tid}/topups", json={"amount_usd": "20.00"})

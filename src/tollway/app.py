@@ -31,6 +31,7 @@ ROUTE_TABLE: list[tuple[str, str, str, str]] = [
     ("/healthz", "GET", "anyone", "process is up"),
     ("/readyz", "GET", "anyone", "storage reachable and migrations current"),
     ("/v1/models", "GET", "customer key", "configured models (OpenAI list format)"),
+    ("/v1/models/{model:path}", "GET", "customer key", "one configured model"),
     ("/v1/chat/completions", "POST", "customer key", "chat completions, streaming and not"),
     ("/v1/completions", "POST", "customer key", "legacy text completions"),
     ("/v1/embeddings", "POST", "customer key", "embeddings"),

@@ -82,8 +82,8 @@ class Route:
 class Call:
     """One request's facts, for the settle, the usage row and the log line."""
 
-    __slots__ = ("body", "endpoint", "error_code", "error_type", "principal", "request_id", "route", "started",
-                 "status", "stream", "upstream_status")
+    __slots__ = ("body", "endpoint", "error_code", "error_type", "principal", "recorded", "request_id", "route",
+                 "settled", "started", "status", "stream", "upstream_status")
 
     def __init__(self, request_id: str, endpoint: str) -> None:
         self.request_id = request_id
@@ -97,6 +97,8 @@ class Call:
         self.error_type: str | None = None
         self.error_code: str | None = None
         self.upstream_status: int | None = None
+        self.settled = False
+        self.recorded = False
 
     def failed(self, exc: TollwayError) -> None:
         self.status = exc.status
@@ -135,8 +137,6 @@ class Pipeline:
         self.attribution = cfg.attribution.header.lower() if cfg.attribution else None
         self.upstream = Upstream(cfg.server.request_timeout_seconds, cfg.server.stream_idle_timeout_seconds)
         self.routes = build_routes(cfg, provider_keys, self.upstream, EchoTransport())
-        # Reservation sweeps release nothing younger than this; a call never outlives it.
-        self.request_timeout = cfg.server.request_timeout_seconds
 
     async def start(self) -> None:
         await self.upstream.start()
@@ -151,10 +151,11 @@ class Pipeline:
             await self._serve(call, state, scope, receive, send)
         except ClientGone:
             call.status, call.error_type = 499, "client_disconnected"
-            self._record(call, None, 0)
+            self._record(call, None, None)
         except TollwayError as exc:
-            call.failed(exc)
-            self._record(call, None, 0)
+            if not call.recorded:
+                call.failed(exc)
+                self._record(call, None, None)
             await render_json(exc, call.request_id)(scope, receive, send)
 
     async def _serve(self, call: Call, state: dict[str, Any], scope: Scope, receive: Receive, send: Send) -> None:
@@ -173,18 +174,16 @@ class Pipeline:
             principal.tenant_id, call.request_id, max_cost(len(raw), sh.completion_bound, route.prices),
             key_id=principal.key_id, key_limit_micros=principal.spend_limit_micros,
             key_period=principal.spend_period(), worker_id=self.svc.workers.worker_id)
-        handed_off = False
         try:
-            handed_off = await self._forward(call, route, headers, sh.stream, sh.wants_usage, scope, receive, send)
+            await self._forward(call, route, headers, sh.stream, sh.wants_usage, scope, receive, send)
         except BaseException as exc:
-            if isinstance(exc, TollwayError):
-                call.failed(exc)
-            else:
-                call.status, call.error_type = 500, type(exc).__name__
-            await shielded(self._settle(call, None, released=True))
+            if not call.settled:  # every error path releases the whole reservation
+                if isinstance(exc, TollwayError):
+                    call.failed(exc)
+                else:
+                    call.status, call.error_type = 500, type(exc).__name__
+                await shielded(self._settle(call, None))
             raise
-        if not handed_off:
-            return
 
     def _resolve(self, endpoint: str, slug: str) -> Route:
         route = self.routes.get(slug)
@@ -202,8 +201,7 @@ class Pipeline:
         return route
 
     async def _forward(self, call: Call, route: Route, headers: dict[str, str], stream: bool, wants_usage: bool,
-                       scope: Scope, receive: Receive, send: Send) -> bool:
-        """Returns True when a Relay took over the settle."""
+                       scope: Scope, receive: Receive, send: Send) -> None:
         assert call.principal is not None and route.transport is not None
         per_request: dict[str, str] = {}
         if self.attribution:
@@ -222,7 +220,7 @@ class Pipeline:
                           _stream_headers(resp), route.adapter.error_event, route.secrets,
                           lambda end: self._stream_ended(call, end))
             await relay(scope, receive, send)
-            return True
+            return
         raw = await resp.read()
         resp.release()
         try:
@@ -240,10 +238,9 @@ class Pipeline:
         out = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         if charge is not None:
             out.append((b"x-tollway-cost-usd", format_usd(charge).encode()))
-        out += [(k.encode(), v.encode()) for k, v in returned_headers(resp.headers) if k != "content-type"]
+        out += [(k.encode(), v.encode()) for k, v in returned_headers(resp.headers).items() if k != "content-type"]
         await send({"type": "http.response.start", "status": 200, "headers": out})
         await send({"type": "http.response.body", "body": body, "more_body": False})
-        return True
 
     async def _upstream_failure(self, route: Route, resp: UpstreamResponse) -> TollwayError:
         status = resp.status
@@ -261,7 +258,7 @@ class Pipeline:
         message, code, param = upstream_error_details(raw[:ERROR_BODY_CAP])
         t = route.target
         message = scrub(message.replace(t.upstream_model, t.slug), route.secrets)
-        retry = {k: v for k, v in returned_headers(resp.headers) if k.startswith("retry-after")}
+        retry = {k: v for k, v in returned_headers(resp.headers).items() if k.startswith("retry-after")}
         if status == 429:
             return UpstreamRateLimited(f"The model provider is rate limiting requests: {message}", headers=retry)
         if status in (400, 422):
@@ -297,9 +294,12 @@ class Pipeline:
             call.error_type, call.error_code = type(end.error).__name__, end.error.instance_code
         await self._settle(call, usage)
 
-    async def _settle(self, call: Call, usage: Usage | None, released: bool = False) -> int | None:
+    async def _settle(self, call: Call, usage: Usage | None) -> int | None:
         """Charge (or release, usage None) the reservation; write the usage row; log."""
         assert call.principal is not None and call.route is not None
+        if call.settled:
+            return None
+        call.settled = True
         route = call.route
         charge = cost(usage, route.prices) if usage is not None else 0
         u = usage or Usage()
@@ -319,6 +319,7 @@ class Pipeline:
         return settled
 
     def _record(self, call: Call, usage: Usage | None, charged: int | None) -> None:
+        call.recorded = True
         p, r = call.principal, call.route
         u = usage or Usage()
         record_request(
@@ -336,5 +337,5 @@ def _stream_headers(resp: UpstreamResponse) -> list[tuple[bytes, bytes]]:
     out = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
            # Tell a buffering reverse proxy (nginx) in front of Tollway to pass bytes on at once.
            (b"x-accel-buffering", b"no")]
-    out += [(k.encode(), v.encode()) for k, v in returned_headers(resp.headers) if k != "content-type"]
+    out += [(k.encode(), v.encode()) for k, v in returned_headers(resp.headers).items() if k != "content-type"]
     return out

@@ -19,16 +19,16 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from starlette.types import Message, Receive, Scope, Send
 
 from tollway.errors import TollwayError, UpstreamError
 from tollway.privacy import scrub
 from tollway.providers.base import StreamMeter, UpstreamResponse
-from tollway.telemetry import log
 
 _ERROR_KEY = b'"error":'
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -69,7 +69,7 @@ class Relay:
                 self.resp.release()
             else:
                 self.resp.close()  # the provider stops generating
-            await _shielded(self.on_end(end))
+            await shielded(self.on_end(end))
         if not end.client_gone:
             # Settled before the last message, so a client that saw the end sees its charge.
             await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -130,8 +130,8 @@ async def _watch(receive: Receive, task: asyncio.Task[Any], end: StreamEnd) -> N
             return
 
 
-async def _shielded(aw: Awaitable[None]) -> None:
-    """Run the settle to completion even if this task is cancelled meanwhile; a
+async def shielded(aw: Awaitable[T]) -> T:
+    """Run `aw` (a settle) to completion even if this task is cancelled meanwhile; a
     cancellation that arrived in between is re-raised afterwards."""
     fut = asyncio.ensure_future(aw)
     cancelled = False
@@ -141,8 +141,7 @@ async def _shielded(aw: Awaitable[None]) -> None:
         except asyncio.CancelledError:
             cancelled = True
         except Exception:
-            break  # fut finished with an error, logged below
-    if not fut.cancelled() and fut.exception() is not None:
-        log.error("settle_failed", exc_info=fut.exception())
+            break  # fut is done; its error is raised below
     if cancelled:
         raise asyncio.CancelledError
+    return fut.result()

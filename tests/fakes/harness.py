@@ -1,0 +1,119 @@
+"""A gateway wired to fake upstreams on loopback, with a funded tenant and key.
+
+The gateway runs in its own thread and event loop (serve_app); the test reads and
+writes the same database through a second Services object built from the same config,
+one short event loop per call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import openai
+import sqlalchemy as sa
+
+from tollway.app import create_app
+from tollway.config import Config, Secret
+from tollway.services import Services, build
+from tollway.store.schema import reservations, usage_events
+
+T = TypeVar("T")
+
+PROVIDER_KEY = "sk-fake-provider-key-0123456789abcdefXYZ"
+ANTHROPIC_KEY = "sk-ant-fake-provider-key-9876543210zyxw"
+PRICES = {"input_usd_per_mtok": "2.50", "output_usd_per_mtok": "10.00",
+          "cached_input_usd_per_mtok": "1.25", "reasoning_usd_per_mtok": "12.00"}
+
+
+def fake_models(provider: str = "fake") -> list[dict[str, Any]]:
+    names = ["chat", "usage-on-choice", "nousage", "groq", "stall", "slow", "cut", "sleep",
+             "400", "401", "429", "500", "503"]
+    models = [{"id": f"acme/{n}", "provider": provider, "upstream": f"fake-{n}", **PRICES} for n in names]
+    models.append({"id": "acme/embed", "provider": provider, "upstream": "fake-embed", "kind": "embedding",
+                   "input_usd_per_mtok": "0.10", "output_usd_per_mtok": "0"})
+    models.append({"id": "demo/echo", "provider": "echo", "upstream": "echo-1",
+                   "input_usd_per_mtok": "1.00", "output_usd_per_mtok": "2.00"})
+    return models
+
+
+@dataclass
+class Gateway:
+    url: str
+    cfg: Config
+    tenant_id: str
+    key_id: str
+    key: str
+
+    def run(self, fn: Callable[[Services], Awaitable[T]]) -> T:
+        async def go() -> T:
+            svc = build(self.cfg)
+            try:
+                return await fn(svc)
+            finally:
+                await svc.close()
+
+        return asyncio.run(go())
+
+    def client(self, **kw: Any) -> openai.OpenAI:
+        kw.setdefault("max_retries", 0)
+        kw.setdefault("timeout", 30)
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=kw.pop("api_key", self.key), **kw)
+
+    def balance(self) -> int:
+        return self.run(lambda svc: svc.ledger.balance(self.tenant_id))
+
+    def verify(self) -> list[str]:
+        return self.run(lambda svc: svc.ledger.verify(3_600_000))
+
+    def usage_row(self, request_id: str, wait: float = 5.0) -> dict[str, Any]:
+        async def read(svc: Services) -> dict[str, Any] | None:
+            async with svc.store.read() as conn:
+                row = (await conn.execute(sa.select(usage_events).where(
+                    usage_events.c.request_id == request_id))).mappings().first()
+            return dict(row) if row else None
+
+        deadline = time.monotonic() + wait
+        while True:
+            row = self.run(read)
+            if row is not None or time.monotonic() > deadline:
+                assert row is not None, f"no usage row for {request_id}"
+                return row
+            time.sleep(0.05)
+
+    def open_reservations(self) -> int:
+        async def count(svc: Services) -> int:
+            async with svc.store.read() as conn:
+                return int((await conn.execute(sa.select(sa.func.count()).select_from(reservations))).scalar_one())
+
+        return self.run(count)
+
+
+def start_gateway(make_config: Callable[..., Config], serve_app: Callable[[Any], Any], upstream_url: str,
+                  *, credit_micros: int = 10_000_000, models: list[dict[str, Any]] | None = None,
+                  anthropic_url: str | None = None, **sections: Any) -> Gateway:
+    providers: dict[str, Any] = {
+        "fake": {"type": "openai", "base_url": upstream_url + "/v1", "api_key_env": "FAKE_PROVIDER_KEY",
+                 "cf_collect_log_payload": False, "extra_headers": {"x-extra": "configured"}},
+        "echo": {"type": "echo"},
+    }
+    keys = {"fake": Secret("FAKE_PROVIDER_KEY", PROVIDER_KEY)}
+    if anthropic_url:
+        providers["claude"] = {"type": "anthropic", "base_url": anthropic_url, "api_key_env": "FAKE_ANTHROPIC_KEY"}
+        keys["claude"] = Secret("FAKE_ANTHROPIC_KEY", ANTHROPIC_KEY)
+    sections.setdefault("attribution", {"header": "cf-aig-metadata"})
+    cfg = make_config(providers=providers, models=models or fake_models(), **sections)
+    server = serve_app(create_app(cfg, provider_keys=keys, migrate=True))
+
+    async def fund(svc: Services) -> tuple[str, str, str]:
+        tenant = await svc.tenants.create(name="Ada")
+        key = await svc.keys.create(tenant["tenant_id"], name="test")
+        await svc.ledger.credit(tenant["tenant_id"], credit_micros, "fund-" + tenant["tenant_id"])
+        return tenant["tenant_id"], key["key_id"], key["key"]
+
+    gw = Gateway(server.url, cfg, "", "", "")
+    gw.tenant_id, gw.key_id, gw.key = gw.run(fund)
+    return gw
