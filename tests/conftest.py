@@ -141,6 +141,11 @@ def pg_template() -> str:
         finally:
             with contextlib.suppress(Exception):
                 _pg_run(f'DROP DATABASE IF EXISTS "{building}" WITH (FORCE)')
+        # Templates of earlier migration files are of no further use (each is ~8 MB).
+        for row in _pg_run("SELECT datname FROM pg_database WHERE datname LIKE 'tollway\\_tpl\\_%'")[0]:
+            if row["datname"] != name and len(row["datname"]) == len(name):
+                with contextlib.suppress(Exception):
+                    _pg_run(f'DROP DATABASE IF EXISTS "{row["datname"]}" WITH (FORCE)')
     _template_name = name
     return name
 

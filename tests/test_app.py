@@ -10,10 +10,10 @@ import httpx
 import pytest
 from starlette.routing import Mount, Route
 
+from tests.conftest import ServerThread
 from tollway.app import ROUTE_TABLE, create_app
 from tollway.config import Config
 from tollway.store.db import Store
-from tests.conftest import ServerThread
 
 TOKEN = "admin-token-for-tests-0123456789"
 

@@ -4,10 +4,20 @@ the sweep's release and the late settle, on SQLite and on PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import re
 import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
@@ -15,12 +25,14 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
+from tests.conftest import ServerThread, free_port, fresh_pg_database
+from tests.fakes.harness import PROVIDER_KEY, fake_models, start_gateway
+from tests.fakes.openai_upstream import FakeOpenAI
 from tollway.cli import main as cli_main
 from tollway.config import Config
 from tollway.errors import InsufficientFunds, SpendLimitExceeded
 from tollway.services import Services, build
 from tollway.store.schema import key_spend, ledger_entries, reservations, usage_events, wallets
-from tests.conftest import fresh_pg_database
 
 HOUR_MS = 3_600_000
 
@@ -150,11 +162,11 @@ async def test_charge_beyond_hold_and_balance_is_capped_at_zero(svc: Services) -
 async def test_key_spend_limit_holds_under_concurrency(svc: Services) -> None:
     tid = await new_tenant(svc, 100_000_000)
     key = await svc.keys.create(tid, spend_limit_micros=500_000, spend_limit_period="day")
-    limit = dict(key_id=key["key_id"], key_limit_micros=500_000, key_period="2026-11-28")
+    limit: dict[str, Any] = {"key_id": key["key_id"], "key_limit_micros": 500_000, "key_period": "2026-11-28"}
 
     async def attempt() -> str:
         try:
-            await svc.ledger.reserve(tid, rid(), 100_000, **limit)  # type: ignore[arg-type]
+            await svc.ledger.reserve(tid, rid(), 100_000, **limit)
         except SpendLimitExceeded as exc:
             assert exc.status == 429 and "spend limit of 0.500000 USD" in exc.message
             return "429"
@@ -170,11 +182,11 @@ async def test_key_spend_limit_holds_under_concurrency(svc: Services) -> None:
     async with svc.store.read() as conn:
         spent = (await conn.execute(sa.select(key_spend.c.spent_micros))).scalar_one()
     assert spent == 5 * 40_000
-    await svc.ledger.reserve(tid, rid(), 300_000, **limit)  # type: ignore[arg-type]
+    await svc.ledger.reserve(tid, rid(), 300_000, **limit)
     with pytest.raises(SpendLimitExceeded):
-        await svc.ledger.reserve(tid, rid(), 1, **limit)  # type: ignore[arg-type]
+        await svc.ledger.reserve(tid, rid(), 1, **limit)
     # Another period starts from zero.
-    await svc.ledger.reserve(tid, rid(), 500_000, **{**limit, "key_period": "2026-11-29"})  # type: ignore[arg-type]
+    await svc.ledger.reserve(tid, rid(), 500_000, **{**limit, "key_period": "2026-11-29"})
     assert await svc.ledger.verify(HOUR_MS) == []
 
 
@@ -384,3 +396,189 @@ def test_state_machine_keeps_the_invariants_on_sqlite(make_config: Callable[...,
 def test_state_machine_keeps_the_invariants_on_postgres(make_config: Callable[..., Config]) -> None:
     with fresh_pg_database() as url:
         _run_machine(make_config(database={"url": url}), examples=10, steps=20)
+
+
+# --- over HTTP: the chat endpoint -----------------------------------------------------------------
+
+CHAT_BODY = {"model": "acme/sleep", "messages": [{"role": "user", "content": "Hold the line"}], "max_tokens": 64}
+
+
+@pytest.mark.slow
+def test_200_concurrent_chat_requests_against_a_wallet_covering_20(
+        make_config: Callable[..., Config], serve_app: Callable[[Any], ServerThread], backend: dict[str, Any]) -> None:
+    """All 200 arrive while the first holds are still open (the upstream answers after 3 s):
+    exactly the 20 the wallet covers are forwarded, the rest get 402 at once."""
+    fake = FakeOpenAI(PROVIDER_KEY, stall_seconds=3.0)
+    gw = start_gateway(make_config, serve_app, serve_app(fake.app).url, **backend)
+    probe = httpx.post(gw.url + "/v1/chat/completions", json=CHAT_BODY, timeout=30,
+                       headers={"authorization": f"Bearer {gw.key}"})
+    assert probe.status_code == 200, probe.text
+    hold = gw.run(lambda s: _entry_amount(s, probe.headers["x-request-id"] + ":reserve"))
+
+    async def fund(s: Services) -> tuple[str, str]:
+        tid = str((await s.tenants.create("Bo"))["tenant_id"])
+        key = await s.keys.create(tid)
+        await s.ledger.credit(tid, 20 * hold, "fund-20")
+        return tid, str(key["key"])
+
+    tid, key = gw.run(fund)
+    forwarded_before = len(fake.requests)
+
+    async def storm() -> list[tuple[int, float, str]]:
+        limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
+        async with httpx.AsyncClient(base_url=gw.url, timeout=60, limits=limits) as client:
+            started = time.monotonic()
+
+            async def one() -> tuple[int, float, str]:
+                r = await client.post("/v1/chat/completions", json=CHAT_BODY,
+                                      headers={"authorization": f"Bearer {key}"})
+                return r.status_code, time.monotonic() - started, r.headers.get("x-request-id", "")
+
+            return list(await asyncio.gather(*(one() for _ in range(200))))
+
+    results = asyncio.run(storm())
+    ok = [r for r in results if r[0] == 200]
+    refused = [r for r in results if r[0] == 402]
+    assert len(ok) + len(refused) == 200, Counter(r[0] for r in results)
+    first_ok = min(t for _, t, _ in ok)
+    assert max(t for _, t, _ in refused) < first_ok, "the machine is too slow for this test's premise"
+    assert len(ok) == 20
+    assert len(fake.requests) - forwarded_before == 20  # nothing forwarded without a hold
+
+    async def final(s: Services) -> tuple[int, list[str], int]:
+        debits = await count(s, ledger_entries, ledger_entries.c.tenant_id == tid, ledger_entries.c.kind == "debit")
+        return await s.ledger.balance(tid), await s.ledger.verify(HOUR_MS), debits
+
+    balance, problems, debits = gw.run(final)
+    assert balance >= 0 and problems == [] and debits == 20
+
+
+async def _entry_amount(s: Services, entry_id: str) -> int:
+    async with s.store.read() as conn:
+        return -int((await conn.execute(sa.select(ledger_entries.c.amount_micros)
+                                         .where(ledger_entries.c.id == entry_id))).scalar_one())
+
+
+# --- SIGKILL in the middle of requests ---------------------------------------------------------------
+
+
+def _serve(cfg: Config, port: int) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "FAKE_PROVIDER_KEY": PROVIDER_KEY}
+    log = Path(cfg.source).with_suffix(f".{port}.log")
+    with log.open("ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "tollway", "serve", "--config", cfg.source,
+                                 "--port", str(port)], env=env, stdout=out, stderr=out)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, log.read_text()
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("tollway serve did not become ready")
+
+
+@pytest.mark.slow
+def test_sigkill_mid_requests_then_restart_leaves_a_clean_ledger(
+        make_config: Callable[..., Config], serve_app: Callable[[Any], ServerThread]) -> None:
+    fake = FakeOpenAI(PROVIDER_KEY, stall_seconds=60)
+    upstream = serve_app(fake.app)
+    port = free_port()
+    cfg = make_config(server={"port": port}, models=fake_models(), providers={
+        "fake": {"type": "openai", "base_url": upstream.url + "/v1", "api_key_env": "FAKE_PROVIDER_KEY"},
+        "echo": {"type": "echo"}})
+    credit = 50_000_000
+
+    async def setup(s: Services) -> tuple[str, str]:
+        await s.store.migrate()
+        tid = str((await s.tenants.create("Ada"))["tenant_id"])
+        key = await s.keys.create(tid)
+        await s.ledger.credit(tid, credit, "fund")
+        return tid, str(key["key"])
+
+    tid, key = _run(cfg, setup)
+    proc = _serve(cfg, port)
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    auth = {"authorization": f"Bearer {key}"}
+    answered: list[str] = []  # request ids the client got a 200 for
+    killed = asyncio.Event()
+
+    async def traffic() -> None:
+        async with httpx.AsyncClient(timeout=90) as client:
+            async def hang() -> None:  # held open by the upstream until the kill
+                with contextlib.suppress(httpx.TransportError):
+                    await client.post(url, headers=auth, json=CHAT_BODY)
+
+            async def quick(n: int) -> None:
+                while not killed.is_set():
+                    body = {"model": "demo/echo", "messages": [{"role": "user", "content": f"n{n}"}],
+                            "stream": n % 2 == 0, "stream_options": {"include_usage": True}}
+                    try:
+                        r = await client.post(url, headers=auth, json=body)
+                    except httpx.TransportError:
+                        continue
+                    if r.status_code == 200:
+                        answered.append(r.headers["x-request-id"])
+
+            async def killer() -> None:
+                deadline = time.monotonic() + 30
+                while (len(fake.requests) < 8 or len(answered) < 30) and time.monotonic() < deadline:
+                    await asyncio.sleep(0.02)
+                proc.send_signal(signal.SIGKILL)  # echo traffic is mid-flight too
+                await asyncio.to_thread(proc.wait)
+                killed.set()
+
+            tasks = [asyncio.create_task(hang()) for _ in range(8)]
+            await asyncio.gather(killer(), *(quick(n) for n in range(6)))
+            await asyncio.gather(*tasks)
+
+    asyncio.run(traffic())
+    assert proc.returncode == -signal.SIGKILL
+    assert len(answered) >= 30 and len(fake.requests) >= 8
+
+    async def open_now(s: Services) -> int:
+        return await count(s, reservations)
+
+    assert _run(cfg, open_now) >= 8  # the hanging requests' holds outlived the process
+    second = _serve(cfg, port)  # ready only after the start-up sweep
+    try:
+        async def after(s: Services) -> tuple[int, list[tuple[str, str, int]], int]:
+            async with s.store.read() as conn:
+                rows = (await conn.execute(sa.select(ledger_entries.c.reference, ledger_entries.c.kind,
+                                                     ledger_entries.c.amount_micros)
+                                           .where(ledger_entries.c.tenant_id == tid))).all()
+            return await count(s, reservations), [tuple(r) for r in rows], await s.ledger.balance(tid)
+
+        still_open, entries, balance = _run(cfg, after)
+        assert still_open == 0
+        verify = subprocess.run([sys.executable, "-m", "tollway", "ledger", "verify", "--config", cfg.source],
+                                capture_output=True, text=True, timeout=60)
+        assert verify.returncode == 0, verify.stdout + verify.stderr
+        debits: dict[str, int] = {}
+        for ref, kind, _ in entries:
+            if kind == "debit":
+                debits[ref] = debits.get(ref, 0) + 1
+        assert all(n == 1 for n in debits.values())  # no request charged twice
+        assert set(answered) <= set(debits)  # every answer the client saw was charged
+        swept = [ref for ref, kind, _ in entries if kind == "release" and ref not in debits]
+        assert len(swept) >= 8  # the requests whose outcome was never seen: released, not charged
+        assert balance == credit + sum(a for _, kind, a in entries if kind == "debit")
+    finally:
+        second.terminate()
+        second.wait(timeout=30)
+    logged = "".join(p.read_text() for p in Path(cfg.source).parent.glob("*.log"))
+    assert "startup_sweep" in logged and key not in logged and not re.search(r"ak_[A-Za-z0-9_-]{8,}", logged)
+
+
+def _run(cfg: Config, fn: Callable[[Services], Any]) -> Any:
+    async def go() -> Any:
+        s = build(cfg)
+        try:
+            return await fn(s)
+        finally:
+            await s.close()
+
+    return asyncio.run(go())

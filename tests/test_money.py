@@ -24,7 +24,7 @@ def test_parse_usd_is_exact(text: str, micros: int) -> None:
 
 @pytest.mark.parametrize("text", [
     "1e3", "1E-2", "1_000", "+5", "NaN", "Infinity", "-inf", ".5", "5.", "", "5.0000001", "1,5", "0x10",
-    "1234567890123", "５", "5 USD", "--5",
+    "1234567890123", "\uff15", "5 USD", "--5",  # \uff15: a fullwidth digit five
 ])
 def test_parse_usd_refuses_anything_but_plain_decimals(text: str) -> None:
     with pytest.raises(MoneyError):

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import base64
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from decimal import Decimal
 from typing import Any
 
 import httpx
@@ -14,11 +15,10 @@ import orjson
 import pytest
 
 from tests.conftest import ServerThread
-from tests.fakes.harness import PROVIDER_KEY, Gateway, start_gateway
+from tests.fakes.harness import PROVIDER_KEY, Gateway, launcher
 from tests.fakes.openai_upstream import CACHED_TOKENS, PROMPT_TOKENS, REASONING_TOKENS, REPLY_WORDS, FakeOpenAI
 from tollway.config import Config
 from tollway.money import Prices, Usage, cost, format_usd
-from decimal import Decimal
 
 PRICES = Prices(Decimal("2.50"), Decimal("10.00"), Decimal("1.25"), Decimal("12.00"))
 
@@ -29,16 +29,20 @@ def fake() -> FakeOpenAI:
 
 
 @pytest.fixture
-def gw(make_config: Callable[..., Config], serve_app: Callable[[Any], ServerThread], fake: FakeOpenAI) -> Gateway:
-    upstream = serve_app(fake.app)
-    return start_gateway(make_config, serve_app, upstream.url)
+def launch(make_config: Callable[..., Config], serve_app: Callable[[Any], ServerThread]
+           ) -> Iterator[Callable[..., Gateway]]:
+    yield from launcher(make_config, serve_app)
 
 
 @pytest.fixture
-def gw_both(make_config: Callable[..., Config], serve_app: Callable[[Any], ServerThread], fake: FakeOpenAI,
+def gw(launch: Callable[..., Gateway], serve_app: Callable[[Any], ServerThread], fake: FakeOpenAI) -> Gateway:
+    return launch(serve_app(fake.app).url)
+
+
+@pytest.fixture
+def gw_both(launch: Callable[..., Gateway], serve_app: Callable[[Any], ServerThread], fake: FakeOpenAI,
             backend: dict[str, Any]) -> Gateway:
-    upstream = serve_app(fake.app)
-    return start_gateway(make_config, serve_app, upstream.url, **backend)
+    return launch(serve_app(fake.app).url, **backend)
 
 
 def expected_charge(completion: int) -> int:
@@ -138,15 +142,17 @@ def test_groq_style_usage_is_read_from_x_groq(gw: Gateway) -> None:
 
 
 def test_stream_without_any_usage_bills_a_flagged_estimate(gw: Gateway) -> None:
-    prompt = "count these bytes please"  # 24 bytes -> 6 tokens, + 4 for the message
+    prompt = "count these bytes please"
     stream = gw.client().chat.completions.with_raw_response.create(
         model="acme/nousage", messages=[{"role": "user", "content": prompt}], stream=True)
     list(stream.parse())
     row = gw.usage_row(stream.headers["x-request-id"])
-    delivered = sum(len(w) for w in REPLY_WORDS)  # 28 bytes of text -> 7 tokens
+    # The documented estimate: text bytes / 4 rounded up (+4 per message); the role counts as text.
+    prompt_tokens = -(-len(prompt + "user") // 4) + 4
+    completion_tokens = -(-len("".join(REPLY_WORDS)) // 4)
     assert row["estimated"] is True
-    assert (row["prompt_tokens"], row["completion_tokens"]) == (6 + 4, -(-delivered // 4))
-    assert row["cost_micros"] == cost(Usage(10, 7), PRICES) and row["status"] == 200
+    assert (row["prompt_tokens"], row["completion_tokens"]) == (prompt_tokens, completion_tokens) == (11, 8)
+    assert row["cost_micros"] == cost(Usage(11, 8), PRICES) and row["status"] == 200
     assert gw.verify() == []
 
 
@@ -154,7 +160,7 @@ def test_non_streaming_without_usage_bills_an_estimate_from_the_answer(gw: Gatew
     raw = gw.client().chat.completions.with_raw_response.create(
         model="acme/nousage", messages=[{"role": "user", "content": "abcdefgh"}])
     row = gw.usage_row(raw.headers["x-request-id"])
-    assert row["estimated"] is True and (row["prompt_tokens"], row["completion_tokens"]) == (2 + 4, 7)
+    assert row["estimated"] is True and (row["prompt_tokens"], row["completion_tokens"]) == (3 + 4, 8)
     assert raw.headers["x-tollway-cost-usd"] == format_usd(row["cost_micros"])
 
 
@@ -216,6 +222,29 @@ def test_key_custody_and_attribution_upstream(gw: Gateway, fake: FakeOpenAI) -> 
         assert meta == {"tenant_id": gw.tenant_id, "key_id": gw.key_id, "request_id": meta["request_id"]}
         assert len(meta) <= 5 and all(isinstance(v, str | int | float | bool) for v in meta.values())
         assert secret_prompt not in headers["cf-aig-metadata"]
+
+
+def test_cloudflare_authenticated_gateway_token(launch: Callable[..., Gateway],
+                                               serve_app: Callable[[Any], ServerThread], fake: FakeOpenAI,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    token = "cfut_Gq7Rk2Wp9Xm4Ty6Bn1Vc8Hd3"
+    monkeypatch.setenv("CF_AIG_TOKEN", token)
+    gw = launch(serve_app(fake.app).url, fake_provider={"cf_aig_token_env": "CF_AIG_TOKEN",
+                                                        "cf_collect_log_payload": True})
+    gw.client().chat.completions.create(model="acme/chat", messages=[{"role": "user", "content": "x"}])
+    headers = dict(fake.requests[-1].headers)
+    assert headers["cf-aig-authorization"] == f"Bearer {token}" and "cf-aig-collect-log-payload" not in headers
+    r = httpx.post(gw.url + "/v1/chat/completions", headers={"authorization": f"Bearer {gw.key}"},
+                   json={"model": "acme/400", "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 400 and "gateway Bearer [redacted]" in r.text  # the fake echoed it; scrubbed
+    assert not any(token[i:i + 8] in r.text for i in range(len(token) - 7))
+
+
+def test_no_attribution_header_unless_configured(launch: Callable[..., Gateway],
+                                                 serve_app: Callable[[Any], ServerThread], fake: FakeOpenAI) -> None:
+    gw = launch(serve_app(fake.app).url, attribution=None)
+    gw.client().chat.completions.create(model="acme/chat", messages=[{"role": "user", "content": "x"}])
+    assert not any(k.startswith("cf-aig-metadata") for k, _ in fake.requests[-1].headers)
 
 
 def test_upstream_response_headers_are_allow_listed(gw: Gateway) -> None:

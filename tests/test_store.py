@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from tests.conftest import REDIS_URL, free_port, fresh_pg_database, need_redis
 from tollway.errors import ServiceUnavailable, render_json
 from tollway.store.cache import Cache, MemoryCache, RedisCache, make_cache
-from tollway.store.db import Store, is_unavailable, retry_while_unavailable
+from tollway.store.db import IDLE_PING_AFTER, Store, is_unavailable, retry_while_unavailable
 from tollway.store.schema import metadata, tenants, wallets
 
 # --- Cache contract ---------------------------------------------------------------------------
@@ -290,6 +290,28 @@ async def test_database_down_is_a_clean_503(tmp_path: Path) -> None:
             await s.close()
 
 
+async def test_sqlite_still_locked_after_busy_timeout_is_a_503(tmp_path: Path) -> None:
+    """Another process holding SQLite's write lock for too long: a 503, not a 500."""
+    path = tmp_path / "locked.db"
+    store = Store(f"sqlite:///{path}")
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        await store.migrate()
+        async with store.read() as conn:  # the pool hands this same connection out next
+            await conn.execute(sa.text("PRAGMA busy_timeout = 50"))
+        other.execute("BEGIN IMMEDIATE")
+        with pytest.raises(ServiceUnavailable) as info:
+            async with store.write() as conn:
+                await conn.execute(tenants.insert().values(id="tn_1", created_at=1))
+        assert getattr(info.value.__cause__, "orig", None).sqlite_errorname == "SQLITE_BUSY"  # type: ignore[union-attr]
+        other.execute("ROLLBACK")
+        async with store.write() as conn:  # and it works again once the lock is gone
+            await conn.execute(tenants.insert().values(id="tn_1", created_at=1))
+    finally:
+        other.close()
+        await store.close()
+
+
 # --- PostgreSQL: killed sessions, as in a restart ---------------------------------------------------
 
 
@@ -318,13 +340,27 @@ async def _pid(conn: AsyncConnection) -> int:
 
 
 async def test_pg_idle_connections_killed_are_replaced_silently(pg_store: Store) -> None:
+    """What a restart does to an idle pool: every pooled connection is dead when the
+    next request comes, at least a second later."""
     async with pg_store.read() as c1, pg_store.read() as c2:
         pids = [await _pid(c1), await _pid(c2)]
     for pid in pids:
         await _terminate(pg_store, pid)
-    for _ in range(3):  # every pooled connection is dead; none of this may fail
+    await asyncio.sleep(IDLE_PING_AFTER + 0.1)
+    for _ in range(3):  # none of this may fail
         async with pg_store.write() as conn:
             assert await _pid(conn) not in pids
+
+
+async def test_pg_connections_in_steady_use_cost_no_ping(pg_store: Store) -> None:
+    for _ in range(20):
+        async with pg_store.read() as conn:
+            await conn.execute(sa.text("SELECT 1"))
+    assert pg_store.pings == 0
+    await asyncio.sleep(IDLE_PING_AFTER + 0.1)
+    async with pg_store.read() as conn:
+        await conn.execute(sa.text("SELECT 1"))
+    assert pg_store.pings == 1  # idle long enough to have slept through a restart
 
 
 async def test_pg_session_killed_mid_transaction_is_503_then_recovers(pg_store: Store) -> None:

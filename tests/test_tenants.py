@@ -182,6 +182,7 @@ def test_delete_erases_the_person_and_keeps_the_books(gateway: tuple[ServerThrea
     assert result["keys_revoked"] == 2 and result["reservations_released"] == 1
     assert result["requested_at"] <= result["completed_at"] and result["already_deleted"] is False
     assert result["balance_usd"] == "4.996298"  # the in-flight hold came back uncharged
+    assert result["files_scrubbed"] is True
 
     # Keys fail at once, the bystander's still works.
     assert [models(server, k["key"]) for k in seeded["keys"]] == [401, 401]
@@ -197,6 +198,9 @@ def test_delete_erases_the_person_and_keeps_the_books(gateway: tuple[ServerThrea
         else:
             assert not occurrences, (s, occurrences)
     assert "Bob Bystander" in text and OTHER_IP in text
+    if cfg.database.url.startswith("sqlite"):  # with the gateway running: the files are clean too
+        raw = file_bytes(Path(cfg.database.url.removeprefix("sqlite:///")))
+        assert not any(s.encode() in raw for s in (NAME, EMAIL, EXTERNAL, IP, "Ada's laptop"))
 
     async def books(svc: Services) -> dict[str, Any]:
         async with svc.store.read() as conn:
@@ -266,8 +270,8 @@ def test_sqlite_file_holds_no_erased_bytes_after_cli_delete(make_config: Callabl
 
 
 def test_postgres_files_hold_no_erased_name_or_email(make_config: Callable[..., Config]) -> None:
-    """The PostgreSQL counterpart of the SQLite byte check: VACUUM FULL rewrites the tables
-    that held names and emails, so the heap files no longer contain them."""
+    """The PostgreSQL counterpart of the SQLite byte check: the tables that held names,
+    emails and IPs are vacuumed, so their heap files no longer contain them."""
 
     async def paths(svc: Services) -> tuple[Path, list[Path]]:
         async with svc.store.engine.connect() as conn:
@@ -275,7 +279,7 @@ def test_postgres_files_hold_no_erased_name_or_email(make_config: Callable[..., 
             await auto.exec_driver_sql("CHECKPOINT")  # dirty pages reach the files
             data = Path((await auto.exec_driver_sql("SHOW data_directory")).scalar_one())
             rels = [(await auto.exec_driver_sql(f"SELECT pg_relation_filepath('{t}')")).scalar_one()
-                    for t in ("tenants", "api_keys")]
+                    for t in ("tenants", "api_keys", "access_log")]
         return data, [data / r for r in rels]
 
     with fresh_pg_database() as url:
@@ -285,10 +289,10 @@ def test_postgres_files_hold_no_erased_name_or_email(make_config: Callable[..., 
         data, before = run(with_svc(cfg, paths))
         if not os.access(before[0], os.R_OK):
             pytest.skip(f"{data} is not readable by the test user; the table-dump check covers PostgreSQL")
-        assert EMAIL.encode() in before[0].read_bytes()  # the check can fail
+        assert EMAIL.encode() in before[0].read_bytes() and IP.encode() in before[2].read_bytes()  # can fail
         run(with_svc(cfg, lambda s: s.tenants.delete(seeded["ada"])))
         _, after = run(with_svc(cfg, paths))
         for f in [*before, *after]:
             raw = f.read_bytes() if f.exists() else b""
-            for s in (NAME, EMAIL, EXTERNAL, "Ada's laptop"):
+            for s in (NAME, EMAIL, EXTERNAL, "Ada's laptop", IP):
                 assert s.encode() not in raw, (f, s)

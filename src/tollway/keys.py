@@ -248,8 +248,10 @@ class Keys:
                 raise Unauthorized()
         else:
             cached = await self.cache.get(f"k:{key_hash}")
-            if cached is not None and self.bus is not None and not self.bus.fresh():
-                cached = None  # this worker may have missed a revocation: ask the database
+            if cached not in (None, _NEGATIVE) and self.bus is not None and not self.bus.fresh():
+                # This worker may have missed a revocation: ask the database. (A negative
+                # entry stays good: no revocation can make an unknown key valid.)
+                cached = None
         if cached is None:
             generation = self.bus.generation if self.bus is not None else 0
             principal = await self._lookup(key_hash)
@@ -290,11 +292,17 @@ class Keys:
         pending, self._last_used = self._last_used, {}
         if not pending:
             return 0
-        async with self.store.write() as conn:
-            await conn.execute(
-                api_keys.update().where(api_keys.c.id == sa.bindparam("kid")).values(last_used_at=sa.bindparam("ts")),
-                [{"kid": k, "ts": v} for k, v in pending.items()],
-            )
+        try:
+            async with self.store.write() as conn:
+                await conn.execute(
+                    api_keys.update().where(api_keys.c.id == sa.bindparam("kid"))
+                    .values(last_used_at=sa.bindparam("ts")),
+                    [{"kid": k, "ts": v} for k, v in pending.items()],
+                )
+        except Exception:
+            for k, v in pending.items():  # kept for the next flush (newer uses win)
+                self._last_used[k] = max(v, self._last_used.get(k, 0))
+            raise
         return len(pending)
 
     async def run_last_used_flusher(self, every: float = 15.0) -> None:

@@ -45,11 +45,33 @@ from tollway.store.schema import key_spend, ledger_entries, reservations, tenant
 CREDIT_KINDS = ("credit", "topup", "refund_credit", "adjust")
 DEBIT_KINDS = ("debit", "refund", "dispute", "adjust_debit")
 
+# The request path's statements, built once with bind parameters (named apart from the
+# columns: SQLAlchemy reserves those in SET clauses). Building each statement per call,
+# and SQLAlchemy deriving its cache key again, cost 30-40% of the ledger's CPU per
+# request (bench/README.md, Findings); the SQL sent is the same.
+_P = sa.bindparam
+_USAGE_COLUMNS = frozenset(usage_events.c.keys())
+_INSERT_ENTRY = ledger_entries.insert()
+_INSERT_RESERVATION = reservations.insert()
+_RESERVE = (wallets.update()
+            .where(wallets.c.tenant_id == _P("tenant"), wallets.c.balance_micros >= _P("amount"))
+            .values(balance_micros=wallets.c.balance_micros - _P("amount"), updated_at=_P("ts"))
+            .returning(wallets.c.balance_micros))
+_TAKE = (wallets.update()
+         .where(wallets.c.tenant_id == _P("tenant"), wallets.c.balance_micros + _P("held") >= _P("charge"))
+         .values(balance_micros=wallets.c.balance_micros + _P("held") - _P("charge"), updated_at=_P("ts"))
+         .returning(wallets.c.balance_micros))
+_UNRESERVE = (reservations.delete().where(reservations.c.request_id == _P("rid"))
+              .returning(reservations.c.tenant_id, reservations.c.amount_micros,
+                         reservations.c.key_id, reservations.c.key_period))
+
 
 class Ledger:
     def __init__(self, store: Store) -> None:
         self.store = store
         self._insert: Any = postgresql.insert if not store.is_sqlite else sqlite.insert
+        # A usage row already there means this request was recorded: keep the first.
+        self._insert_usage = self._insert(usage_events).on_conflict_do_nothing()
 
     # --- credits and manual debits ------------------------------------------------------------
 
@@ -123,12 +145,7 @@ class Ledger:
         limited = key_limit_micros is not None and key_period is not None
         ts = now_ms()
         async with self.store.write() as conn:
-            new = (await conn.execute(
-                wallets.update()
-                .where(wallets.c.tenant_id == tenant_id, wallets.c.balance_micros >= amount_micros)
-                .values(balance_micros=wallets.c.balance_micros - amount_micros, updated_at=ts)
-                .returning(wallets.c.balance_micros)
-            )).scalar()
+            new = (await conn.execute(_RESERVE, {"tenant": tenant_id, "amount": amount_micros, "ts": ts})).scalar()
             if new is None:
                 raise InsufficientFunds(
                     f"Your wallet balance does not cover this request (up to {format_usd(amount_micros)} USD "
@@ -139,9 +156,10 @@ class Ledger:
                 await self._hold_key_spend(conn, key_id or "", key_period, amount_micros, key_limit_micros)
             await self._entry(conn, f"{request_id}:reserve", tenant_id, "reserve", -amount_micros, new, request_id,
                               ts)
-            await conn.execute(reservations.insert().values(
-                request_id=request_id, tenant_id=tenant_id, key_id=key_id, key_period=key_period if limited else None,
-                worker_id=worker_id, amount_micros=amount_micros, created_at=ts))
+            await conn.execute(_INSERT_RESERVATION, {
+                "request_id": request_id, "tenant_id": tenant_id, "key_id": key_id,
+                "key_period": key_period if limited else None, "worker_id": worker_id, "amount_micros": amount_micros,
+                "created_at": ts})
         return int(new)
 
     async def _hold_key_spend(self, conn: AsyncConnection, key_id: str, period: str, amount: int,
@@ -194,11 +212,7 @@ class Ledger:
 
     async def _settle(self, conn: AsyncConnection, request_id: str, charge: int, usage: dict[str, Any] | None,
                       *, swept: bool) -> int | None:
-        res = (await conn.execute(
-            reservations.delete().where(reservations.c.request_id == request_id)
-            .returning(reservations.c.tenant_id, reservations.c.amount_micros,
-                       reservations.c.key_id, reservations.c.key_period)
-        )).first()
+        res = (await conn.execute(_UNRESERVE, {"rid": request_id})).first()
         if res is None:
             return None if swept else await self._settle_late(conn, request_id, charge, usage)
         tenant_id, held = res.tenant_id, int(res.amount_micros)
@@ -209,7 +223,7 @@ class Ledger:
         if charged:
             rows.append(dict(id=f"{request_id}:debit", tenant_id=tenant_id, kind="debit", amount_micros=-charged,
                              balance_after_micros=new, reference=request_id, created_at=ts))
-        await conn.execute(ledger_entries.insert(), rows)
+        await conn.execute(_INSERT_ENTRY, rows)
         if res.key_period is not None and charged != held:
             await conn.execute(
                 key_spend.update()
@@ -221,7 +235,7 @@ class Ledger:
     async def _settle_late(self, conn: AsyncConnection, request_id: str, charge: int,
                            usage: dict[str, Any] | None) -> int | None:
         """Settle a request whose hold the sweep already released (its worker looked dead).
-        The `:debit` entry id keeps this to one charge, written even when it is zero."""
+        The `:debit` entry, written even when the charge is zero, makes it the only settle."""
         swept_id, debit_id = f"{request_id}:swept", f"{request_id}:debit"
         found = dict((await conn.execute(
             sa.select(ledger_entries.c.id, ledger_entries.c.tenant_id)
@@ -229,20 +243,18 @@ class Ledger:
         if swept_id not in found or debit_id in found:
             return None  # never reserved, or already settled
         tenant_id = found[swept_id]
-        charged = 0
         ts = now_ms()
-        if charge:
-            charged, new = await self._take(conn, tenant_id, 0, charge)
-            await self._entry(conn, debit_id, tenant_id, "debit", -charged, new, request_id, ts)
-            key_id = (usage or {}).get("key_id")
-            if charged and key_id:
-                # The hold's period went with the reservation row; count it in the current one.
-                now = datetime.now(UTC)
-                await conn.execute(
-                    key_spend.update()
-                    .where(key_spend.c.key_id == key_id,
-                           key_spend.c.period.in_((now.strftime("%Y-%m-%d"), now.strftime("%Y-%m"))))
-                    .values(spent_micros=key_spend.c.spent_micros + charged))
+        charged, new = await self._take(conn, tenant_id, 0, charge)
+        await self._entry(conn, debit_id, tenant_id, "debit", -charged, new, request_id, ts)
+        key_id = (usage or {}).get("key_id")
+        if charged and key_id:
+            # The hold's period went with the reservation row; count it in the current one.
+            now = datetime.now(UTC)
+            await conn.execute(
+                key_spend.update()
+                .where(key_spend.c.key_id == key_id,
+                       key_spend.c.period.in_((now.strftime("%Y-%m-%d"), now.strftime("%Y-%m"))))
+                .values(spent_micros=key_spend.c.spent_micros + charged))
         await self._usage(conn, request_id, tenant_id, charged, usage, ts)
         return charged
 
@@ -250,11 +262,7 @@ class Ledger:
         """Return `held` to the wallet and take `charge`, capped so the balance stays >= 0.
         Returns (charged, new balance)."""
         new = (await conn.execute(
-            wallets.update()
-            .where(wallets.c.tenant_id == tenant_id, wallets.c.balance_micros + held >= charge)
-            .values(balance_micros=wallets.c.balance_micros + held - charge, updated_at=now_ms())
-            .returning(wallets.c.balance_micros)
-        )).scalar()
+            _TAKE, {"tenant": tenant_id, "held": held, "charge": charge, "ts": now_ms()})).scalar()
         if new is not None:
             return charge, int(new)
         # Rare: the cost exceeds the hold plus the balance. Charge what exists, under the row lock.
@@ -271,8 +279,9 @@ class Ledger:
             return
         row = {**usage, "request_id": request_id, "tenant_id": tenant_id, "cost_micros": charged}
         row.setdefault("created_at", ts)
-        # A usage row already there means this request was recorded: keep the first.
-        await conn.execute(self._insert(usage_events).values(**row).on_conflict_do_nothing())
+        if not row.keys() <= _USAGE_COLUMNS:  # executed with parameters, unknown keys would be dropped silently
+            raise ValueError(f"not usage_events columns: {sorted(row.keys() - _USAGE_COLUMNS)}")
+        await conn.execute(self._insert_usage, row)
 
     # --- reading ----------------------------------------------------------------------------
 
@@ -362,9 +371,9 @@ class Ledger:
 
     async def _entry(self, conn: AsyncConnection, entry_id: str, tenant_id: str, kind: str, amount: int,
                      balance_after: int, reference: str | None, ts: int | None = None) -> None:
-        await conn.execute(ledger_entries.insert().values(
-            id=entry_id, tenant_id=tenant_id, kind=kind, amount_micros=amount,
-            balance_after_micros=balance_after, reference=reference, created_at=ts or now_ms()))
+        await conn.execute(_INSERT_ENTRY, {
+            "id": entry_id, "tenant_id": tenant_id, "kind": kind, "amount_micros": amount,
+            "balance_after_micros": balance_after, "reference": reference, "created_at": ts or now_ms()})
 
     async def open_wallet(self, conn: AsyncConnection, tenant_id: str) -> None:
         await conn.execute(wallets.insert().values(tenant_id=tenant_id, balance_micros=0, updated_at=now_ms()))

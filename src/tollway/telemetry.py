@@ -26,7 +26,7 @@ import traceback
 from collections.abc import Iterable, Mapping, MutableMapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -118,11 +118,19 @@ _SHARED: list[Any] = [
 ]
 
 
+_stream = ["stdout"]  # the serving process logs to stdout; CLI commands to stderr
+
+
+def set_log_stream(name: Literal["stdout", "stderr"]) -> None:
+    """CLI commands print their result on stdout, so their log lines go to stderr."""
+    _stream[0] = name
+
+
 class _Stdout:
-    """Writes to whatever sys.stdout is at the time (pytest swaps it per test)."""
+    """Writes to whatever sys.stdout (or stderr) is at the time (pytest swaps them per test)."""
 
     def msg(self, message: str) -> None:
-        out = sys.stdout
+        out = getattr(sys, _stream[0])
         out.write(message + "\n")
         out.flush()
 
@@ -150,11 +158,12 @@ def _structlog_config(level: int) -> None:
 _structlog_config(logging.INFO)
 
 
-def configure_logging(level: int = logging.INFO) -> None:
+def configure_logging(level: int = logging.INFO, stream: Literal["stdout", "stderr"] = "stdout") -> None:
     """Route structlog and every stdlib logger (uvicorn included) through the allow-list.
 
     Idempotent: called by `serve` and by every worker's app factory.
     """
+    set_log_stream(stream)
     _structlog_config(level)
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=[_foreign_record, *_SHARED],
@@ -260,23 +269,25 @@ def record_request(**fields: Any) -> None:
     """
     model = _bounded(fields.get("model"), _Labels.models)
     provider = _bounded(fields.get("provider"), _Labels.providers)
-    if "model" in fields:
+    if fields.get("model") is not None:
         # The slug a client sent is text it chose: only configured slugs are written down.
         fields["model"] = model
     log.info("request", **fields)
     status = fields.get("status")
     status_label = str(status) if isinstance(status, int) and 100 <= status <= 599 else _OTHER
     error_type = _error_label(fields.get("error_type"))
-    V1_REQUESTS.labels(model, provider, status_label, error_type).inc()
+    _child(V1_REQUESTS, model, provider, status_label, error_type).inc()
     for kind in _TOKEN_KINDS:
         n = _int(fields.get(kind))
         if n:
-            TOKENS.labels(model, kind.removesuffix("_tokens")).inc(n)
+            _child(TOKENS, model, kind.removesuffix("_tokens")).inc(n)
     cost = _int(fields.get("cost_micros"))
     if cost:
-        COST.labels(model).inc(cost)
-    if error_type and (fields.get("upstream_status") is not None or "upstream" in error_type.lower()):
-        UPSTREAM_ERRORS.labels(provider, error_type).inc()
+        _child(COST, model).inc(cost)
+    upstream_status = fields.get("upstream_status")
+    failed_upstream = isinstance(upstream_status, int) and upstream_status >= 400
+    if error_type and (failed_upstream or "upstream" in error_type.lower()):
+        _child(UPSTREAM_ERRORS, provider, error_type).inc()
     tenant = fields.get("tenant_id")
     if _Labels.tenant_labels and isinstance(tenant, str) and tenant:
         TENANT_REQUESTS.labels(tenant).inc()
@@ -284,10 +295,28 @@ def record_request(**fields: Any) -> None:
             TENANT_COST.labels(tenant).inc(cost)
 
 
+_children: dict[tuple[str, tuple[str, ...]], Any] = {}
+_http_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+
+def _child(metric: Any, *labels: str) -> Any:
+    """metric.labels(*labels), cached: the label values are bounded, labels() is slow-ish."""
+    key = (metric._name, labels)
+    child = _children.get(key)
+    if child is None:
+        child = _children[key] = metric.labels(*labels)
+    return child
+
+
 def record_http(route: str, method: str, status: int, seconds: float) -> None:
-    """Called by the access-log middleware for every HTTP request (labels already bounded)."""
-    HTTP_REQUESTS.labels(route, method, str(status)).inc()
-    HTTP_LATENCY.labels(route).observe(seconds)
+    """Called by the access-log middleware for every HTTP request (labels already bounded,
+    so the cache of labelled children is bounded too; labels() costs ~4 us a call)."""
+    children = _http_children.get((route, method, status))
+    if children is None:
+        children = (HTTP_REQUESTS.labels(route, method, str(status)), HTTP_LATENCY.labels(route))
+        _http_children[(route, method, status)] = children
+    children[0].inc()
+    children[1].observe(seconds)
 
 
 def metrics_text() -> bytes:

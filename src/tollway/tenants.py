@@ -23,8 +23,10 @@ What is erased: the tenant row (name, email, external_id), the key rows (their n
 are often personal), the tenant's client IPs everywhere in the access log (including
 unauthenticated rows from the same addresses). SQLite runs with secure_delete, and the
 WAL is checkpointed and truncated afterwards, so the bytes are gone from the database
-files; on PostgreSQL the small tables holding names are rewritten by VACUUM FULL and the
-access log is vacuumed (its WAL, replicas and backups age out by the operator's policy).
+files. On PostgreSQL, once no transaction could still see the deleted row versions (until
+then even VACUUM FULL keeps them), VACUUM FULL rewrites the small tables that held names
+and the access log is vacuumed; its WAL, replicas and backups age out by the operator's
+policy.
 """
 
 from __future__ import annotations
@@ -168,9 +170,14 @@ class Tenants:
             await asyncio.sleep(0.05 * (attempt + 1))  # a request that authenticated just before revocation
         if result is None:
             raise Conflict("requests of this tenant are still starting; retry the deletion in a moment")
-        await self._scrub_files()
+        scrubbed = await self._scrub_files(result.pop("_xid"))
+        if not scrubbed:
+            log.warning("tenant_deleted_files_not_scrubbed", tenant_id=tenant_id,
+                        notice="an older transaction outlived the wait; the erased bytes leave the "
+                               "database files at the next checkpoint (SQLite) or vacuum (PostgreSQL)")
         log.info("tenant_deleted", tenant_id=tenant_id, count=revoked, released=released)
-        return {**result, "keys_revoked": revoked, "reservations_released": released, "already_deleted": False}
+        return {**result, "keys_revoked": revoked, "reservations_released": released, "already_deleted": False,
+                "files_scrubbed": scrubbed}
 
     async def _record_request(self, tenant_id: str) -> tuple[dict[str, Any], bool]:
         async with self.store.write() as conn:
@@ -219,18 +226,23 @@ class Tenants:
                                .values(completed_at=ts))
             req = (await conn.execute(sa.select(deletion_requests)
                                       .where(deletion_requests.c.tenant_id == tenant_id))).mappings().one()
+            xid = None  # PostgreSQL: this transaction's id, to know when its deletes are invisible
+            if not self.store.is_sqlite:
+                xid = int((await conn.exec_driver_sql("SELECT txid_current()")).scalar_one())
         # The remaining balance is reported so the operator can refund it; the pseudonym is not.
-        return {**_request_view(dict(req)), "balance_usd": format_usd(balance)}
+        return {**_request_view(dict(req)), "balance_usd": format_usd(balance), "_xid": xid}
 
-    async def _scrub_files(self) -> None:
+    async def _scrub_files(self, xid: int | None) -> bool:
         """Make the erased bytes leave the database files, not only the tables."""
         if self.store.is_sqlite:
-            await checkpoint_sqlite(self.store)
-            return
+            return await checkpoint_sqlite(self.store)
+        assert xid is not None
         async with self.store.engine.connect() as conn:
             auto = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            clear = await _wait_until_invisible(auto, xid)
             await auto.exec_driver_sql("VACUUM (FULL) tenants, api_keys")
             await auto.exec_driver_sql("VACUUM access_log")
+        return clear
 
 
 async def checkpoint_sqlite(store: Store, attempts: int = 50) -> bool:
@@ -254,6 +266,27 @@ async def _open_reservations(store: Store, tenant_id: str) -> list[str]:
     async with store.read() as conn:
         q = sa.select(reservations.c.request_id).where(reservations.c.tenant_id == tenant_id)
         return list((await conn.execute(q)).scalars().all())
+
+
+async def _wait_until_invisible(conn: AsyncConnection, xid: int, limit: float = 30.0) -> bool:
+    """Wait until no transaction could still see the rows the erasing transaction (xid)
+    deleted. Until then PostgreSQL keeps those row versions and even VACUUM FULL copies
+    them; a snapshot's horizon is cluster-wide (a transaction running in another database
+    holds it back too), so wait for every older transaction, and for every older snapshot
+    in this database. Returns False if one outlived `limit` seconds."""
+    deadline = asyncio.get_running_loop().time() + limit
+    while True:
+        oldest_running = int((await conn.exec_driver_sql(
+            "SELECT txid_snapshot_xmin(txid_current_snapshot())")).scalar_one())
+        older_snapshots = (await conn.exec_driver_sql(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND pid <> pg_backend_pid() AND backend_xmin IS NOT NULL "
+            "AND age(backend_xmin) >= age((($1::bigint) % 4294967296)::text::xid)", (xid,))).scalar_one()
+        if oldest_running > xid and not older_snapshots:
+            return True
+        if asyncio.get_running_loop().time() > deadline:
+            return False
+        await asyncio.sleep(0.05)
 
 
 class _Pseudonyms:

@@ -45,6 +45,7 @@ HEARTBEAT_EVERY = 0.5   # a heartbeat is written at least this often
 FRESH = 1.5             # a worker trusts its cache this long after a committed heartbeat
 STALE = 2.5             # silent this long: revokes stop waiting for it, its reservations are swept
 SWEEP_EVERY = 2.0
+_REVOCATION_LOCK = 0x7265766B  # "revk": any constant, distinct from the migration lock
 
 
 def db_clock(store: Store) -> sa.ColumnElement[int]:
@@ -120,6 +121,13 @@ class WorkerRegistry:
     # --- used by revoke ---------------------------------------------------------------------
 
     async def publish(self, conn: AsyncConnection, key_hash: str) -> int:
+        """Record a revocation inside the caller's transaction; returns its sequence number."""
+        if not self.store.is_sqlite:
+            # Workers read "seq > acked", so revocations must commit in seq order. PostgreSQL
+            # hands out serial values at insert time and two revokes could commit out of
+            # order (a worker would then ack past the slower one); this lock, held until
+            # commit, serialises them. (SQLite writers are serialised already.)
+            await conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_REVOCATION_LOCK)))
         result = await conn.execute(
             revocations.insert().values(key_hash=key_hash, created_at=now_ms()).returning(revocations.c.seq))
         return int(result.scalar_one())
@@ -132,11 +140,12 @@ class WorkerRegistry:
         while True:
             async with self.store.read() as conn:
                 behind = (await conn.execute(
-                    sa.select(sa.func.count()).select_from(workers)
+                    sa.select(workers.c.process)
                     .where(workers.c.acked_seq < seq,
                            workers.c.heartbeat_at > db_clock(self.store) - int(STALE * 1000))
-                )).scalar_one()
-            if not behind:
+                )).scalars().all()
+            # A worker killed moments ago still looks live by its heartbeat; do not wait for it.
+            if all(provably_dead(process, self.identity) for process in behind):
                 return
             if time.monotonic() > deadline:
                 raise ServiceUnavailable("The revocation is recorded, but not every worker has confirmed it yet; "
@@ -213,6 +222,10 @@ class WorkerRegistry:
                 if not failing:
                     log.warning("worker_loop_error", worker_id=self.worker_id, exc_type=type(exc).__name__)
                 failing = True
+                # Every worker went silent with the database: sweep only once the others
+                # have had STALE seconds to heart-beat again, or the first one back would
+                # take them all for dead and release the holds of requests in flight.
+                next_sweep = max(next_sweep, time.monotonic() + STALE)
             await asyncio.sleep(POLL)
 
     async def start(self, ledger: Ledger, max_request_ms: int) -> int:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import openai
@@ -23,8 +23,8 @@ from tollway.store.schema import reservations, usage_events
 
 T = TypeVar("T")
 
-PROVIDER_KEY = "sk-fake-provider-key-0123456789abcdefXYZ"
-ANTHROPIC_KEY = "sk-ant-fake-provider-key-9876543210zyxw"
+PROVIDER_KEY = "sk-fk-9Qz7xW2mLp4Rt8Vn3Bc6Hd1Jf5Kg0YsUe"
+ANTHROPIC_KEY = "sk-ant-api03-Zr4Tq8Wm2Xn6Bv1Cy5Du9Ep3Fa7Gk0"
 PRICES = {"input_usd_per_mtok": "2.50", "output_usd_per_mtok": "10.00",
           "cached_input_usd_per_mtok": "1.25", "reasoning_usd_per_mtok": "12.00"}
 
@@ -47,6 +47,7 @@ class Gateway:
     tenant_id: str
     key_id: str
     key: str
+    clients: list[openai.OpenAI] = field(default_factory=list)
 
     def run(self, fn: Callable[[Services], Awaitable[T]]) -> T:
         async def go() -> T:
@@ -61,7 +62,13 @@ class Gateway:
     def client(self, **kw: Any) -> openai.OpenAI:
         kw.setdefault("max_retries", 0)
         kw.setdefault("timeout", 30)
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=kw.pop("api_key", self.key), **kw)
+        client = openai.OpenAI(base_url=self.url + "/v1", api_key=kw.pop("api_key", self.key), **kw)
+        self.clients.append(client)
+        return client
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()
 
     def balance(self) -> int:
         return self.run(lambda svc: svc.ledger.balance(self.tenant_id))
@@ -94,17 +101,25 @@ class Gateway:
 
 def start_gateway(make_config: Callable[..., Config], serve_app: Callable[[Any], Any], upstream_url: str,
                   *, credit_micros: int = 10_000_000, models: list[dict[str, Any]] | None = None,
-                  anthropic_url: str | None = None, **sections: Any) -> Gateway:
+                  anthropic_url: str | None = None, provider_keys: dict[str, Secret] | None = None,
+                  fake_provider: dict[str, Any] | None = None, **sections: Any) -> Gateway:
+    """sections: make_config sections; attribution=None leaves [attribution] out."""
     providers: dict[str, Any] = {
         "fake": {"type": "openai", "base_url": upstream_url + "/v1", "api_key_env": "FAKE_PROVIDER_KEY",
                  "cf_collect_log_payload": False, "extra_headers": {"x-extra": "configured"}},
         "echo": {"type": "echo"},
     }
+    providers["fake"].update(fake_provider or {})
     keys = {"fake": Secret("FAKE_PROVIDER_KEY", PROVIDER_KEY)}
     if anthropic_url:
         providers["claude"] = {"type": "anthropic", "base_url": anthropic_url, "api_key_env": "FAKE_ANTHROPIC_KEY"}
         keys["claude"] = Secret("FAKE_ANTHROPIC_KEY", ANTHROPIC_KEY)
-    sections.setdefault("attribution", {"header": "cf-aig-metadata"})
+    if "attribution" not in sections:
+        sections["attribution"] = {"header": "cf-aig-metadata"}
+    elif sections["attribution"] is None:
+        del sections["attribution"]
+    if provider_keys is not None:
+        keys = provider_keys
     cfg = make_config(providers=providers, models=models or fake_models(), **sections)
     server = serve_app(create_app(cfg, provider_keys=keys, migrate=True))
 
@@ -117,3 +132,19 @@ def start_gateway(make_config: Callable[..., Config], serve_app: Callable[[Any],
     gw = Gateway(server.url, cfg, "", "", "")
     gw.tenant_id, gw.key_id, gw.key = gw.run(fund)
     return gw
+
+
+def launcher(make_config: Callable[..., Config], serve_app: Callable[[Any], Any]
+             ) -> Iterator[Callable[..., Gateway]]:
+    """Body of a test module's `launch` fixture: start_gateway, closing the SDK clients
+    (their connection pools) at teardown."""
+    made: list[Gateway] = []
+
+    def launch(upstream_url: str, **kw: Any) -> Gateway:
+        gw = start_gateway(make_config, serve_app, upstream_url, **kw)
+        made.append(gw)
+        return gw
+
+    yield launch
+    for gw in made:
+        gw.close()

@@ -13,7 +13,8 @@ gateway sends it (the config's `upstream`):
   fake-cut             two chunks, then the connection closes (no [DONE])
   fake-sleep           a normal non-streaming answer after `stall_seconds`
   fake-400 / fake-401 / fake-429 / fake-500 / fake-503
-                       errors whose body echoes the provider key it was sent
+                       errors whose body echoes the provider key (and any
+                       cf-aig-authorization token) it was sent
 """
 
 from __future__ import annotations
@@ -72,9 +73,10 @@ class FakeOpenAI:
         self.requests.append(Recorded(request.url.path, [(k, v) for k, v in request.headers.items()], body, raw))
         return body
 
-    def _error(self, status: int) -> Response:
+    def _error(self, status: int, request: Request) -> Response:
+        token = request.headers.get("cf-aig-authorization", "none")
         body = {"error": {"message": f"Incorrect API key provided: {self.key}. You can find your key at "
-                                     f"https://example.invalid (fragment {self.key[3:15]}).",
+                                     f"https://example.invalid (fragment {self.key[3:15]}; gateway {token}).",
                           "type": "invalid_request_error", "param": None, "code": f"fake_{status}"}}
         headers = {"retry-after": "7", "set-cookie": "session=upstream-secret", "openai-organization": "org-operator",
                    "x-ratelimit-remaining-requests": "12"}
@@ -85,7 +87,7 @@ class FakeOpenAI:
         model = body.get("model", "")
         status = int(model.split("-")[1]) if model.split("-")[-1].isdigit() else 0
         if status:
-            return self._error(status)
+            return self._error(status, request)
         if model == "fake-sleep":
             await asyncio.sleep(self.stall_seconds)
         chat = request.url.path.endswith("/chat/completions")

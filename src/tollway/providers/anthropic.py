@@ -7,6 +7,7 @@ final message_delta usage is cumulative and wins, message_start fills what it la
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -81,17 +82,23 @@ class AnthropicAdapter:
 class AnthropicStream:
     """Parses only message_start and message_delta events (a handful per stream)."""
 
-    __slots__ = ("_counts", "_seen", "_slug", "done", "text_bytes")
+    __slots__ = ("_counts", "_final", "_seen", "_slug", "done", "text_bytes")
 
     def __init__(self, slug: str) -> None:
         self._slug = slug
         self._counts: dict[str, int] = {}
         self._seen = False
+        self._final = False  # a message_delta arrived: output_tokens is the real total
         self.done = False
         self.text_bytes = 0
 
     def usage(self) -> Usage | None:
-        return to_usage(self._counts) if self._seen else None
+        """None before message_start; flagged estimated until a message_delta gives the
+        output total (the pipeline then estimates output from the text delivered)."""
+        if not self._seen:
+            return None
+        usage = to_usage(self._counts)
+        return usage if self._final else replace(usage, estimated=True)
 
     def feed(self, event: bytes) -> bytes | None:
         if b'"content_block_delta"' in event:
@@ -131,5 +138,6 @@ class AnthropicStream:
 
     def _delta(self, event: bytes) -> None:
         data = self._parse(event)
-        if data is not None:
-            self._take(data.get("usage"))
+        if data is not None and isinstance(data.get("usage"), dict):
+            self._take(data["usage"])
+            self._final = True

@@ -118,23 +118,25 @@ class OpenAIStream:
             self.done = True
             return event
         learned = self._learned
-        if learned is not None and learned in event:
-            event = event.replace(learned, self._slug_field, 1)
-        else:
+        # bytes.replace returns the same object when nothing matched: one scan, not two.
+        out = event.replace(learned, self._slug_field, 1) if learned is not None else event
+        if out is event:
             m = _MODEL.search(event)
             if m is not None:
                 self._learned = m.group(0)
-                event = event[:m.start()] + self._slug_field + event[m.end():]
+                out = event[:m.start()] + self._slug_field + event[m.end():]
+        event = out
         self.text_bytes += escaped_text_bytes(event, _TEXT_MARKERS)
-        if b'"usage"' in event:
-            return self._usage_event(event)
-        return event
-
-    def _usage_event(self, event: bytes) -> bytes | None:
-        if b'"usage":null' in event and b'"x_groq"' not in event:
+        i = event.find(b'"usage":')
+        if i < 0:
+            return event
+        if event.startswith(b"null", i + 8) and b'"x_groq"' not in event:
             # The common case: every chunk but the last says "usage":null once usage was
             # asked for; the client that did not ask gets chunks as it would have.
             return event.replace(b',"usage":null', b"", 1) if self._strip else event
+        return self._usage_event(event)
+
+    def _usage_event(self, event: bytes) -> bytes | None:
         try:
             chunk = orjson.loads(sse_data(event))
         except orjson.JSONDecodeError:

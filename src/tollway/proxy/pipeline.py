@@ -59,9 +59,11 @@ from tollway.proxy.inbound import ClientGone, header_map, model_slug, parse_json
 from tollway.proxy.relay import Relay, StreamEnd, shielded
 from tollway.proxy.upstream import Upstream
 from tollway.services import Services
+from tollway.store.db import retry_while_unavailable
 from tollway.telemetry import log, record_request
 
 ERROR_BODY_CAP = 65_536
+SETTLE_RETRY_SECONDS = 30.0  # rides out a database restart; then the sweep policy applies
 _TEXT_KEYS = frozenset({"content", "text", "arguments", "reasoning_content", "reasoning", "thinking"})
 _ENDPOINT_OF = {"chat": "/v1/chat/completions", "completions": "/v1/completions",
                 "embeddings": "/v1/embeddings", "messages": "/v1/messages"}
@@ -108,10 +110,11 @@ class Call:
 
 def build_routes(cfg: config_mod.Config, provider_keys: dict[str, Any], upstream: Transport,
                  echo: Transport) -> dict[str, Route]:
-    cf_tokens = {
+    used = {m.provider for m in cfg.models}
+    cf_tokens = {  # resolved like provider keys: at start-up, only for providers in use
         name: config_mod.resolve_secret(p.cf_aig_token_env, path=f"providers.{name}.cf_aig_token_env",
                                         source=cfg.source).reveal()
-        for name, p in cfg.providers.items() if p.cf_aig_token_env
+        for name, p in cfg.providers.items() if p.cf_aig_token_env and name in used
     }
     routes: dict[str, Route] = {}
     for m in cfg.models:
@@ -221,7 +224,11 @@ class Pipeline:
                           lambda end: self._stream_ended(call, end))
             await relay(scope, receive, send)
             return
-        raw = await resp.read()
+        try:
+            raw = await resp.read()
+        except BaseException:
+            resp.close()
+            raise
         resp.release()
         try:
             data = orjson.loads(raw)
@@ -309,7 +316,10 @@ class Pipeline:
                "estimated": u.estimated, "status": call.status, "error_type": call.error_type,
                "latency_ms": int((time.perf_counter() - call.started) * 1000)}
         try:
-            settled = await self.svc.ledger.settle(call.request_id, charge, usage=row)
+            # A database restart must not turn an answered request into a free one: settle
+            # is idempotent (the reservation row is the gate), so retry until it is back.
+            settled = await retry_while_unavailable(
+                lambda: self.svc.ledger.settle(call.request_id, charge, usage=row), within=SETTLE_RETRY_SECONDS)
         except Exception:
             # The reservation stays; the sweep releases it in full (ledger.py policy).
             log.error("settle_failed", request_id=call.request_id, exc_info=True)

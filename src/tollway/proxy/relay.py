@@ -28,6 +28,7 @@ from tollway.privacy import scrub
 from tollway.providers.base import StreamMeter, UpstreamResponse
 
 _ERROR_KEY = b'"error":'
+DRAIN_SECONDS = 1.0
 T = TypeVar("T")
 
 
@@ -48,6 +49,8 @@ class Relay:
         self.error_event = error_event
         self.secrets = tuple(secrets)
         self.on_end = on_end
+        self.tail = b""  # the end marker ([DONE], message_stop), held back until settled
+        self.drained = False  # the upstream body was read to its end: the connection is reusable
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         end = StreamEnd(self.meter)
@@ -65,24 +68,29 @@ class Relay:
             end.client_gone = True  # a server that reports a closed socket on send
         finally:
             watcher.cancel()
-            if end.error is None and not end.client_gone:
+            if self.drained:
                 self.resp.release()
             else:
                 self.resp.close()  # the provider stops generating
             await shielded(self.on_end(end))
         if not end.client_gone:
-            # Settled before the last message, so a client that saw the end sees its charge.
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            # The end marker goes out after the settle, so a client that saw the end of its
+            # stream (SDKs stop reading at [DONE]) also sees its charge.
+            await send({"type": "http.response.body", "body": self.tail, "more_body": False})
 
     async def _pump(self, send: Send) -> TollwayError | None:
         meter = self.meter
         buf = b""
         while True:
+            if meter.done:
+                await self._drain()
+                return None
             try:
                 chunk = await self.resp.chunk()
             except UpstreamError as exc:
                 return await self._fail(send, exc)
             if not chunk:
+                self.drained = True
                 break
             buf = buf + chunk if buf else chunk
             if b"\r" in buf:
@@ -96,18 +104,33 @@ class Relay:
         out = self._feed([buf.strip()]) if buf.strip() else b""
         if out:
             await send({"type": "http.response.body", "body": out, "more_body": True})
-        if not meter.done and meter.usage() is None:
+        usage = meter.usage()
+        if not meter.done and (usage is None or usage.estimated):
             return await self._fail(send, UpstreamError(
                 "The model provider closed the stream before it finished.", code="upstream_stream_cut"))
         return None
 
+    async def _drain(self) -> None:
+        """After the end marker only the body's terminator should follow; a provider that
+        keeps the stream open is not waited for (its connection is closed, not reused)."""
+        try:
+            async with asyncio.timeout(DRAIN_SECONDS):
+                while await self.resp.chunk():
+                    pass
+            self.drained = True
+        except (TimeoutError, UpstreamError):
+            pass
+
     def _feed(self, events: list[bytes]) -> bytes:
         out: list[bytes] = []
         for ev in events:
-            if not ev:
+            if not ev or self.tail:
                 continue
             sent = self.meter.feed(ev)
             if sent is None:
+                continue
+            if self.meter.done:
+                self.tail = sent + b"\n\n"
                 continue
             if _ERROR_KEY in sent:
                 # A provider's error event may echo the operator's key.

@@ -92,7 +92,7 @@ class RedisCache:
     shared = True
 
     def __init__(self, url: str, prefix: str = "tollway:", *, max_connections: int = 64,
-                 timeout: float = 1.0) -> None:
+                 timeout: float = 3.0) -> None:
         import redis.asyncio as aioredis
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
@@ -103,7 +103,9 @@ class RedisCache:
             url,
             max_connections=max_connections,  # per worker; a burst waits for a free one...
             timeout=timeout,                  # ...this long, then 503
-            # Commands answer in well under a millisecond; a second of silence is an outage.
+            # Commands answer in well under a millisecond, but the timer runs on this
+            # worker's event loop, which a burst can keep busy for a second or more; only
+            # a Redis that is unreachable without refusing (a dead host) waits this long.
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
             # After a Redis restart every pooled connection is dead: reconnect once and

@@ -1,0 +1,275 @@
+"""Where the gateway's CPU goes: each step of one /v1 request, timed alone, in-process.
+
+    python bench/components.py [-n 2000]
+
+Uses the same config as bench/run.py (nginx upstream, SQLite + memory cache, auth and
+billing on) and the same functions the pipeline calls, each in a loop of N, reporting
+process CPU (utime + stime of every thread, aiosqlite's included) per call. The last
+two lines run the whole ASGI app in-process (no HTTP server, no sockets on the client
+side): bench/run.py's CPU per request minus that is uvicorn, httptools and the kernel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import sqlalchemy as sa
+from gateway import JSON_MODEL, PROVIDER_KEY_ENV, SSE_MODEL, render_config, request_body
+from upstream import Nginx, chat_json, chat_sse, free_port
+
+from tollway import config as config_mod
+from tollway import telemetry
+from tollway.accesslog import AccessLogMiddleware, AccessLogWriter
+from tollway.app import create_app
+from tollway.money import Usage, cost, format_usd
+from tollway.privacy import forwarded_headers
+from tollway.providers.base import CHAT, merge_headers
+from tollway.proxy.inbound import header_map, model_slug, parse_json, shape
+from tollway.proxy.pipeline import Pipeline
+from tollway.services import build
+
+Step = Callable[[int], Awaitable[None]]
+
+
+async def timed(name: str, n: int, step: Step, results: list[tuple[str, float, float]],
+                counter: Callable[[], int] | None = None) -> None:
+    for i in range(min(50, n)):  # warm-up: caches, pools, compiled statements
+        await step(-1 - i)
+    q0 = counter() if counter else 0
+    c0, w0 = time.process_time(), time.perf_counter()
+    for i in range(n):
+        await step(i)
+    c1, w1 = time.process_time(), time.perf_counter()
+    per = 1e6 * (c1 - c0) / n
+    extra = f"  ({(counter() - q0) / n:.1f} SQL statements each)" if counter else ""
+    # sys.__stdout__: sys.stdout is /dev/null meanwhile, swallowing the log lines.
+    print(f"  {name:<58} {per:9.1f} us CPU  {1e6 * (w1 - w0) / n:9.1f} us wall{extra}", file=sys.__stdout__,
+          flush=True)
+    results.append((name, per, 1e6 * (w1 - w0) / n))
+
+
+def asgi_scope(path: str, key: str, body: bytes) -> dict[str, Any]:
+    return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+            "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+            "headers": [(b"host", b"127.0.0.1"), (b"content-type", b"application/json"),
+                        (b"authorization", b"Bearer " + key.encode()),
+                        (b"content-length", str(len(body)).encode()), (b"user-agent", b"bench")],
+            "client": ("127.0.0.1", 40000), "server": ("127.0.0.1", 8080), "state": {}}
+
+
+async def call_app(app: Any, key: str, body: bytes) -> None:
+    """One request through the ASGI app; raises unless it answered 200 and finished."""
+    sent = {"status": 0, "done": False}
+    first = True
+    never = asyncio.Event()
+
+    async def receive() -> dict[str, Any]:
+        nonlocal first
+        if first:
+            first = False
+            return {"type": "http.request", "body": body, "more_body": False}
+        await never.wait()  # the client never goes away
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            sent["status"] = message["status"]
+        elif message["type"] == "http.response.body" and not message.get("more_body", False):
+            sent["done"] = True
+
+    await app(asgi_scope("/v1/chat/completions", key, body), receive, send)
+    if sent["status"] != 200 or not sent["done"]:
+        raise RuntimeError(f"in-process request failed: {sent}")
+
+
+async def lifespan(app: Any) -> Callable[[], Awaitable[None]]:
+    events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    started = asyncio.Event()
+    await events.put({"type": "lifespan.startup"})
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"].startswith("lifespan.startup"):
+            started.set()
+
+    task = asyncio.create_task(app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, events.get, send))
+    await started.wait()
+
+    async def stop() -> None:
+        await events.put({"type": "lifespan.shutdown"})
+        await task
+
+    return stop
+
+
+async def measure(workdir: Path, nginx: Nginx, n: int, app_only: bool) -> list[tuple[str, float, float]]:
+    cfg_path = workdir / "tollway.toml"
+    cfg_path.write_text(render_config(workdir, free_port(), nginx.port))
+    cfg = config_mod.load(cfg_path)
+    svc = build(cfg, worker_id="wk_bench")
+    await svc.store.migrate()
+    tenant = (await svc.tenants.create("bench"))["tenant_id"]
+    key = (await svc.keys.create(tenant, name="bench"))["key"]
+    await svc.ledger.credit_manual(tenant, 10**15, "bench")
+    # As in app.py's lifespan: a registered, heart-beating worker trusts its key cache.
+    max_ms = cfg.server.request_timeout_seconds * 1000 + 60_000
+    await svc.workers.start(svc.ledger, max_ms)
+    registry = asyncio.create_task(svc.workers.run(svc.ledger, max_ms))
+    pipeline = Pipeline(svc, config_mod.provider_secrets(cfg))
+    await pipeline.start()
+    route, sse_route = pipeline.routes[JSON_MODEL], pipeline.routes[SSE_MODEL]
+    req, sse_req = request_body(JSON_MODEL, stream=False), request_body(SSE_MODEL, stream=True)
+    scope = asgi_scope("/v1/chat/completions", key, req)
+    resp_body, sse_body = chat_json(), chat_sse()
+    usage = Usage(prompt_tokens=19, completion_tokens=10)
+    results: list[tuple[str, float, float]] = []
+    counter = lambda: svc.store.queries  # noqa: E731
+
+    async def auth(_: int) -> None:
+        await svc.keys.authenticate(key)
+
+    async def request_json(_: int) -> None:
+        headers = header_map(scope)
+        body = parse_json(req)
+        r = pipeline.routes[model_slug(body)]
+        sh = shape(CHAT, body, r.model)
+        out = merge_headers(forwarded_headers(headers.items()), r.target.headers, {"cf-aig-metadata": orjson.dumps(
+            {"tenant_id": tenant, "key_id": "key_x", "request_id": "req_x"}).decode()})
+        r.adapter.prepare(r.target, CHAT, body, sh.stream, out)
+
+    async def response_json(_: int) -> None:
+        data = orjson.loads(resp_body)
+        u = route.adapter.read_response(route.target, data)
+        assert u is not None
+        format_usd(cost(u, route.prices))
+        orjson.dumps(data)
+
+    async def reserve_settle(i: int) -> None:
+        rid = f"req_bench_{os.getpid()}_{i}_{time.perf_counter_ns()}"
+        await svc.ledger.reserve(tenant, rid, 5000, key_id="key_x", worker_id="wk_bench")
+        await svc.ledger.settle(rid, cost(usage, route.prices), usage={
+            "key_id": "key_x", "model": JSON_MODEL, "provider": "nginx_json", "prompt_tokens": 19,
+            "completion_tokens": 10, "cached_tokens": 0, "reasoning_tokens": 0, "estimated": False, "status": 200,
+            "error_type": None, "latency_ms": 1})
+
+    async def select_one(_: int) -> None:
+        async with svc.store.read() as conn:
+            await conn.execute(sa.text("SELECT 1"))
+
+    async def upstream_json(_: int) -> None:
+        r = route.adapter.prepare(route.target, CHAT, parse_json(req), False, dict(route.target.headers))
+        resp = await pipeline.upstream.send(r)
+        await resp.read()
+        resp.release()
+
+    async def upstream_sse(_: int) -> None:
+        r = sse_route.adapter.prepare(sse_route.target, CHAT, parse_json(sse_req), True,
+                                      dict(sse_route.target.headers))
+        resp = await pipeline.upstream.send(r)
+        while await resp.chunk():
+            pass
+        resp.release()
+
+    async def sse_meter(_: int) -> None:
+        meter = sse_route.adapter.meter(sse_route.target, strip_usage=True)
+        for ev in sse_body.split(b"\n\n"):
+            if ev:
+                meter.feed(ev)
+        assert meter.usage() is not None
+
+    async def log_line(_: int) -> None:
+        telemetry.record_request(
+            request_id="req_x", tenant_id=tenant, key_id="key_x", model=JSON_MODEL, provider="nginx_json",
+            method="POST", path="/v1/chat/completions", stream=False, status=200, error_type=None,
+            error_code=None, upstream_status=200, prompt_tokens=19, completion_tokens=10, cached_tokens=0,
+            reasoning_tokens=0, estimated=False, cost_micros=17, cost_usd="0.000017", latency_ms=1)
+
+    writer = AccessLogWriter(svc.store, batch_rows=10**9)
+    middleware = AccessLogMiddleware(lambda *_: None, writer)  # type: ignore[arg-type]
+    scope_done = {**scope, "state": {"request_id": "req_x", "tenant_id": tenant}}
+
+    async def access_row(i: int) -> None:
+        middleware._record(scope_done, 200, 0, 0.001)
+        if writer.pending >= 500:  # the writer's default batch
+            await writer.flush()
+
+    telemetry.configure_metrics([m.id for m in cfg.models], cfg.providers, cfg.metrics.tenant_labels)
+    print(f"{n} calls each; process CPU (all threads) and wall time per call:", file=sys.__stdout__)
+    if app_only:
+        registry.cancel()
+        await pipeline.close()
+        await svc.close()
+        return await whole_app(cfg, key, req, sse_req, n, results)
+    await timed("auth: cached key (HMAC + memory cache)", n, auth, results)
+    await timed("request: headers, parse JSON, resolve, shape, patch, dumps", n, request_json, results)
+    await timed("response: parse JSON, usage, cost, restore slug, dumps", n, response_json, results)
+    await timed("SSE: split + meter 13 events (usage read, model rewritten)", n, sse_meter, results)
+    await timed("ledger: reserve + settle with usage row (SQLite)", n, reserve_settle, results, counter)
+    await timed("  for scale: one SQLite read transaction, SELECT 1", n, select_one, results, counter)
+    await timed("upstream: aiohttp POST to nginx, read JSON body", n, upstream_json, results)
+    await timed("upstream: aiohttp POST to nginx, read SSE body", n, upstream_sse, results)
+    await timed("log line + metrics (telemetry.record_request)", n, log_line, results)
+    await timed("access log: row + batched insert (500 per flush)", n, access_row, results)
+    await writer.flush()
+    registry.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await registry
+    await svc.workers.unregister()
+    await pipeline.close()
+    await svc.close()
+    return await whole_app(cfg, key, req, sse_req, n, results)
+
+
+async def whole_app(cfg: config_mod.Config, key: str, req: bytes, sse_req: bytes, n: int,
+                    results: list[tuple[str, float, float]]) -> list[tuple[str, float, float]]:
+    app = create_app(cfg)
+    stop = await lifespan(app)
+    try:
+        await timed("WHOLE APP in-process (ASGI, no server): non-streaming", n, lambda _: call_app(app, key, req),
+                    results)
+        await timed("WHOLE APP in-process (ASGI, no server): streaming", n, lambda _: call_app(app, key, sse_req),
+                    results)
+    finally:
+        await stop()
+    return results
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-n", type=int, default=2000, help="calls per step (default 2000)")
+    ap.add_argument("--app-only", action="store_true", help="only the whole-app lines (e.g. under py-spy)")
+    args = ap.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="tollway-components-"))
+    os.environ[PROVIDER_KEY_ENV] = "sk-bench-" + os.urandom(12).hex()
+    for name in [k for k in os.environ if k.startswith("TOLLWAY_")]:
+        del os.environ[name]
+    nginx = Nginx(workdir)
+    try:
+        nginx.start()
+        import uvloop
+
+        # Log lines (one per request, as in production) go to /dev/null, not the terminal.
+        with open(os.devnull, "w") as devnull:
+            sys.stdout = devnull
+            try:
+                uvloop.run(measure(workdir, nginx, args.n, args.app_only))  # the loop `tollway serve` runs on
+            finally:
+                sys.stdout = sys.__stdout__
+    finally:
+        nginx.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
