@@ -283,7 +283,11 @@ class ServerThread:
 
 
 @pytest.fixture
-def serve_app() -> Iterator[Callable[[Any], ServerThread]]:
+def serve_app(request: pytest.FixtureRequest) -> Iterator[Callable[[Any], ServerThread]]:
+    # Servers stop before the test's database is dropped: fixtures are torn down in the
+    # reverse order of set-up, so the backend must be set up first.
+    if "backend" in request.fixturenames:
+        request.getfixturevalue("backend")
     started: list[ServerThread] = []
 
     def serve(app: Any) -> ServerThread:

@@ -29,11 +29,13 @@ operator credits `manual:<tenant>:<reference>`; Stripe `stripe:...`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import sqlalchemy as sa
 import sqlalchemy.exc
+from sqlalchemy import Connection
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -42,6 +44,8 @@ from tollway.money import format_usd
 from tollway.store.db import Store, now_ms
 from tollway.store.schema import key_spend, ledger_entries, reservations, tenants, usage_events, wallets
 
+T = TypeVar("T")
+P = ParamSpec("P")
 CREDIT_KINDS = ("credit", "topup", "refund_credit", "adjust")
 DEBIT_KINDS = ("debit", "refund", "dispute", "adjust_debit")
 
@@ -67,11 +71,23 @@ _UNRESERVE = (reservations.delete().where(reservations.c.request_id == _P("rid")
 
 
 class Ledger:
+    """Money operations. Each write is one sync function on a `Connection` run by
+    `Store.transact` in one write transaction: on SQLite that is a single hand-off to the
+    writer thread instead of one per statement, the largest CPU cost per request before
+    (bench/README.md). Callers already inside a transaction pass `conn` and the same
+    function runs there (`AsyncConnection.run_sync`), so there is one code path for money."""
+
     def __init__(self, store: Store) -> None:
         self.store = store
         self._insert: Any = postgresql.insert if not store.is_sqlite else sqlite.insert
         # A usage row already there means this request was recorded: keep the first.
         self._insert_usage = self._insert(usage_events).on_conflict_do_nothing()
+
+    async def _run(self, conn: AsyncConnection | None, fn: Callable[Concatenate[Connection, P], T],
+                   *args: P.args, **kwargs: P.kwargs) -> T:
+        if conn is not None:
+            return await conn.run_sync(fn, *args, **kwargs)
+        return await self.store.transact(fn, *args, **kwargs)
 
     # --- credits and manual debits ------------------------------------------------------------
 
@@ -82,27 +98,26 @@ class Ledger:
         IntegrityError there, rolling the caller's transaction back whole)."""
         if amount_micros <= 0:
             raise ValueError("credit amount must be positive")
-        if conn is not None:
-            return await self._credit(conn, tenant_id, amount_micros, entry_id, kind, reference)
         try:
-            async with self.store.write() as c:
-                return await self._credit(c, tenant_id, amount_micros, entry_id, kind, reference)
+            return await self._run(conn, self._credit, tenant_id, amount_micros, entry_id, kind, reference)
         except sa.exc.IntegrityError:
+            if conn is not None:
+                raise
             # A concurrent replay of the same entry won the insert; ours rolled back whole.
             return {"applied": False, "entry_id": entry_id, "balance_micros": await self.balance(tenant_id)}
 
-    async def _credit(self, conn: AsyncConnection, tenant_id: str, amount: int, entry_id: str, kind: str,
-                      reference: str | None) -> dict[str, Any]:
-        if await self._exists(conn, entry_id):
-            return {"applied": False, "entry_id": entry_id, "balance_micros": await self._balance(conn, tenant_id)}
-        new = (await conn.execute(
+    def _credit(self, conn: Connection, tenant_id: str, amount: int, entry_id: str, kind: str,
+                reference: str | None) -> dict[str, Any]:
+        if _exists(conn, entry_id):
+            return {"applied": False, "entry_id": entry_id, "balance_micros": self._balance(conn, tenant_id)}
+        new = conn.execute(
             wallets.update().where(wallets.c.tenant_id == tenant_id)
             .values(balance_micros=wallets.c.balance_micros + amount, updated_at=now_ms())
             .returning(wallets.c.balance_micros)
-        )).scalar()
+        ).scalar()
         if new is None:
             raise NotFound(f"no wallet for tenant {tenant_id}")
-        await self._entry(conn, entry_id, tenant_id, kind, amount, new, reference)
+        _entry(conn, entry_id, tenant_id, kind, amount, new, reference)
         return {"applied": True, "entry_id": entry_id, "balance_micros": new}
 
     async def credit_manual(self, tenant_id: str, amount_micros: int, reference: str) -> dict[str, Any]:
@@ -115,22 +130,21 @@ class Ledger:
         balance cannot cover is reported as `shortfall_micros`, not invented."""
         if amount_micros <= 0:
             raise ValueError("debit amount must be positive")
-        if conn is not None:
-            return await self._debit(conn, tenant_id, amount_micros, entry_id, kind, reference)
         try:
-            async with self.store.write() as c:
-                return await self._debit(c, tenant_id, amount_micros, entry_id, kind, reference)
+            return await self._run(conn, self._debit, tenant_id, amount_micros, entry_id, kind, reference)
         except sa.exc.IntegrityError:
+            if conn is not None:
+                raise
             return {"applied": False, "entry_id": entry_id, "balance_micros": await self.balance(tenant_id),
                     "shortfall_micros": 0}
 
-    async def _debit(self, conn: AsyncConnection, tenant_id: str, amount: int, entry_id: str, kind: str,
-                     reference: str | None) -> dict[str, Any]:
-        if await self._exists(conn, entry_id):
-            return {"applied": False, "entry_id": entry_id, "balance_micros": await self._balance(conn, tenant_id),
+    def _debit(self, conn: Connection, tenant_id: str, amount: int, entry_id: str, kind: str,
+               reference: str | None) -> dict[str, Any]:
+        if _exists(conn, entry_id):
+            return {"applied": False, "entry_id": entry_id, "balance_micros": self._balance(conn, tenant_id),
                     "shortfall_micros": 0}
-        taken, new = await self._take(conn, tenant_id, 0, amount)
-        await self._entry(conn, entry_id, tenant_id, kind, -taken, new, reference)
+        taken, new = self._take(conn, tenant_id, 0, amount)
+        _entry(conn, entry_id, tenant_id, kind, -taken, new, reference)
         return {"applied": True, "entry_id": entry_id, "balance_micros": new, "shortfall_micros": amount - taken}
 
     # --- the request path: reserve, then settle -------------------------------------------------
@@ -142,28 +156,29 @@ class Ledger:
         and hold nothing. Returns the balance left. A request id can be reserved once."""
         if amount_micros < 0:
             raise ValueError("a reservation cannot be negative")
-        limited = key_limit_micros is not None and key_period is not None
+        limit = key_limit_micros if key_limit_micros is not None and key_period is not None else None
+        return await self.store.transact(
+            self._reserve, tenant_id, request_id, amount_micros, key_id, limit, key_period, worker_id)
+
+    def _reserve(self, conn: Connection, tenant_id: str, request_id: str, amount: int, key_id: str | None,
+                 key_limit: int | None, key_period: str | None, worker_id: str | None) -> int:
         ts = now_ms()
-        async with self.store.write() as conn:
-            new = (await conn.execute(_RESERVE, {"tenant": tenant_id, "amount": amount_micros, "ts": ts})).scalar()
-            if new is None:
-                raise InsufficientFunds(
-                    f"Your wallet balance does not cover this request (up to {format_usd(amount_micros)} USD "
-                    f"must be reserved). Top up to continue."
-                )
-            if limited:
-                assert key_limit_micros is not None and key_period is not None
-                await self._hold_key_spend(conn, key_id or "", key_period, amount_micros, key_limit_micros)
-            await self._entry(conn, f"{request_id}:reserve", tenant_id, "reserve", -amount_micros, new, request_id,
-                              ts)
-            await conn.execute(_INSERT_RESERVATION, {
-                "request_id": request_id, "tenant_id": tenant_id, "key_id": key_id,
-                "key_period": key_period if limited else None, "worker_id": worker_id, "amount_micros": amount_micros,
-                "created_at": ts})
+        new = conn.execute(_RESERVE, {"tenant": tenant_id, "amount": amount, "ts": ts}).scalar()
+        if new is None:
+            raise InsufficientFunds(
+                f"Your wallet balance does not cover this request (up to {format_usd(amount)} USD "
+                f"must be reserved). Top up to continue."
+            )
+        if key_limit is not None:
+            self._hold_key_spend(conn, key_id or "", key_period or "", amount, key_limit)
+        _entry(conn, f"{request_id}:reserve", tenant_id, "reserve", -amount, new, request_id, ts)
+        conn.execute(_INSERT_RESERVATION, {
+            "request_id": request_id, "tenant_id": tenant_id, "key_id": key_id,
+            "key_period": key_period if key_limit is not None else None, "worker_id": worker_id,
+            "amount_micros": amount, "created_at": ts})
         return int(new)
 
-    async def _hold_key_spend(self, conn: AsyncConnection, key_id: str, period: str, amount: int,
-                              limit: int) -> None:
+    def _hold_key_spend(self, conn: Connection, key_id: str, period: str, amount: int, limit: int) -> None:
         # Same shape as the wallet: one conditional upsert, atomic under concurrency.
         stmt = self._insert(key_spend).values(key_id=key_id, period=period, spent_micros=amount)
         stmt = stmt.on_conflict_do_update(
@@ -171,7 +186,7 @@ class Ledger:
             set_={"spent_micros": key_spend.c.spent_micros + amount},
             where=key_spend.c.spent_micros + amount <= limit,
         ).returning(key_spend.c.spent_micros)
-        spent = (await conn.execute(stmt)).scalar() if amount <= limit else None
+        spent = conn.execute(stmt).scalar() if amount <= limit else None
         if spent is None:
             raise SpendLimitExceeded(
                 f"This API key's spend limit of {format_usd(limit)} USD for this period would be exceeded "
@@ -186,9 +201,11 @@ class Ledger:
 
         The charge is capped at what was reserved plus what the wallet still holds, so
         the balance never goes negative."""
+        if usage is not None and not usage.keys() <= _USAGE_COLUMNS:
+            # Executed with parameters, unknown keys would be dropped silently.
+            raise ValueError(f"not usage_events columns: {sorted(usage.keys() - _USAGE_COLUMNS)}")
         try:
-            async with self.store.write() as conn:
-                return await self._settle(conn, request_id, max(0, charge_micros), usage, swept=False)
+            return await self.store.transact(self._settle, request_id, max(0, charge_micros), usage, False)
         except sa.exc.IntegrityError:
             # Two late settles of the same swept request raced; the other one charged it.
             return None
@@ -203,95 +220,100 @@ class Ledger:
         released = 0
         for request_id in request_ids:
             try:
-                async with self.store.write() as conn:
-                    if await self._settle(conn, request_id, 0, None, swept=True) is not None:
-                        released += 1
+                if await self.store.transact(self._settle, request_id, 0, None, True) is not None:
+                    released += 1
             except sa.exc.IntegrityError:
                 continue  # a settle got there first
         return released
 
-    async def _settle(self, conn: AsyncConnection, request_id: str, charge: int, usage: dict[str, Any] | None,
-                      *, swept: bool) -> int | None:
-        res = (await conn.execute(_UNRESERVE, {"rid": request_id})).first()
+    def _settle(self, conn: Connection, request_id: str, charge: int, usage: dict[str, Any] | None,
+                swept: bool) -> int | None:
+        res = conn.execute(_UNRESERVE, {"rid": request_id}).first()
         if res is None:
-            return None if swept else await self._settle_late(conn, request_id, charge, usage)
+            return None if swept else self._settle_late(conn, request_id, charge, usage)
         tenant_id, held = res.tenant_id, int(res.amount_micros)
-        charged, new = await self._take(conn, tenant_id, held, charge)
+        charged, new = self._take(conn, tenant_id, held, charge)
         ts = now_ms()
         rows = [dict(id=f"{request_id}:{'swept' if swept else 'release'}", tenant_id=tenant_id, kind="release",
                      amount_micros=held, balance_after_micros=new + charged, reference=request_id, created_at=ts)]
         if charged:
             rows.append(dict(id=f"{request_id}:debit", tenant_id=tenant_id, kind="debit", amount_micros=-charged,
                              balance_after_micros=new, reference=request_id, created_at=ts))
-        await conn.execute(_INSERT_ENTRY, rows)
+        conn.execute(_INSERT_ENTRY, rows)
         if res.key_period is not None and charged != held:
-            await conn.execute(
+            conn.execute(
                 key_spend.update()
                 .where(key_spend.c.key_id == res.key_id, key_spend.c.period == res.key_period)
                 .values(spent_micros=key_spend.c.spent_micros - held + charged))
-        await self._usage(conn, request_id, tenant_id, charged, usage, ts)
+        self._usage(conn, request_id, tenant_id, charged, usage, ts)
         return charged
 
-    async def _settle_late(self, conn: AsyncConnection, request_id: str, charge: int,
-                           usage: dict[str, Any] | None) -> int | None:
+    def _settle_late(self, conn: Connection, request_id: str, charge: int,
+                     usage: dict[str, Any] | None) -> int | None:
         """Settle a request whose hold the sweep already released (its worker looked dead).
         The `:debit` entry, written even when the charge is zero, makes it the only settle."""
         swept_id, debit_id = f"{request_id}:swept", f"{request_id}:debit"
-        found = dict((await conn.execute(
+        found = dict(conn.execute(
             sa.select(ledger_entries.c.id, ledger_entries.c.tenant_id)
-            .where(ledger_entries.c.id.in_((swept_id, debit_id))))).all())
+            .where(ledger_entries.c.id.in_((swept_id, debit_id)))).all())
         if swept_id not in found or debit_id in found:
             return None  # never reserved, or already settled
         tenant_id = found[swept_id]
         ts = now_ms()
-        charged, new = await self._take(conn, tenant_id, 0, charge)
-        await self._entry(conn, debit_id, tenant_id, "debit", -charged, new, request_id, ts)
+        charged, new = self._take(conn, tenant_id, 0, charge)
+        _entry(conn, debit_id, tenant_id, "debit", -charged, new, request_id, ts)
         key_id = (usage or {}).get("key_id")
         if charged and key_id:
             # The hold's period went with the reservation row; count it in the current one.
             now = datetime.now(UTC)
-            await conn.execute(
+            conn.execute(
                 key_spend.update()
                 .where(key_spend.c.key_id == key_id,
                        key_spend.c.period.in_((now.strftime("%Y-%m-%d"), now.strftime("%Y-%m"))))
                 .values(spent_micros=key_spend.c.spent_micros + charged))
-        await self._usage(conn, request_id, tenant_id, charged, usage, ts)
+        self._usage(conn, request_id, tenant_id, charged, usage, ts)
         return charged
 
-    async def _take(self, conn: AsyncConnection, tenant_id: str, held: int, charge: int) -> tuple[int, int]:
+    def _take(self, conn: Connection, tenant_id: str, held: int, charge: int) -> tuple[int, int]:
         """Return `held` to the wallet and take `charge`, capped so the balance stays >= 0.
         Returns (charged, new balance)."""
-        new = (await conn.execute(
-            _TAKE, {"tenant": tenant_id, "held": held, "charge": charge, "ts": now_ms()})).scalar()
+        new = conn.execute(_TAKE, {"tenant": tenant_id, "held": held, "charge": charge, "ts": now_ms()}).scalar()
         if new is not None:
             return charge, int(new)
         # Rare: the cost exceeds the hold plus the balance. Charge what exists, under the row lock.
-        balance = await self._balance(conn, tenant_id, lock=True)
+        balance = self._balance(conn, tenant_id, lock=True)
         charged = min(charge, balance + held)
         new = balance + held - charged
-        await conn.execute(wallets.update().where(wallets.c.tenant_id == tenant_id)
-                           .values(balance_micros=new, updated_at=now_ms()))
+        conn.execute(wallets.update().where(wallets.c.tenant_id == tenant_id)
+                     .values(balance_micros=new, updated_at=now_ms()))
         return charged, new
 
-    async def _usage(self, conn: AsyncConnection, request_id: str, tenant_id: str, charged: int,
-                     usage: dict[str, Any] | None, ts: int) -> None:
+    def _usage(self, conn: Connection, request_id: str, tenant_id: str, charged: int,
+               usage: dict[str, Any] | None, ts: int) -> None:
         if usage is None:
             return
         row = {**usage, "request_id": request_id, "tenant_id": tenant_id, "cost_micros": charged}
         row.setdefault("created_at", ts)
-        if not row.keys() <= _USAGE_COLUMNS:  # executed with parameters, unknown keys would be dropped silently
-            raise ValueError(f"not usage_events columns: {sorted(row.keys() - _USAGE_COLUMNS)}")
-        await conn.execute(self._insert_usage, row)
+        conn.execute(self._insert_usage, row)
+
+    def _balance(self, conn: Connection, tenant_id: str, lock: bool = False) -> int:
+        q = sa.select(wallets.c.balance_micros).where(wallets.c.tenant_id == tenant_id)
+        if lock and not self.store.is_sqlite:
+            q = q.with_for_update()
+        bal = conn.execute(q).scalar()
+        if bal is None:
+            raise NotFound(f"no wallet for tenant {tenant_id}")
+        return int(bal)
 
     # --- reading ----------------------------------------------------------------------------
 
     async def balance(self, tenant_id: str) -> int:
         async with self.store.read() as conn:
-            return await self._balance(conn, tenant_id)
+            return await conn.run_sync(self._balance, tenant_id)
 
     async def wallet(self, tenant_id: str) -> dict[str, Any]:
         async with self.store.read() as conn:
-            bal = await self._balance(conn, tenant_id)
+            bal = await conn.run_sync(self._balance, tenant_id)
             held = (await conn.execute(
                 sa.select(sa.func.coalesce(sa.func.sum(reservations.c.amount_micros), 0))
                 .where(reservations.c.tenant_id == tenant_id))).scalar_one()
@@ -354,29 +376,19 @@ class Ledger:
         async with self.store.read() as conn:
             return list((await conn.execute(q)).scalars().all())
 
-    # --- helpers ----------------------------------------------------------------------------
-
-    async def _exists(self, conn: AsyncConnection, entry_id: str) -> bool:
-        found = await conn.execute(sa.select(ledger_entries.c.id).where(ledger_entries.c.id == entry_id))
-        return found.first() is not None
-
-    async def _balance(self, conn: AsyncConnection, tenant_id: str, lock: bool = False) -> int:
-        q = sa.select(wallets.c.balance_micros).where(wallets.c.tenant_id == tenant_id)
-        if lock and not self.store.is_sqlite:
-            q = q.with_for_update()
-        bal = (await conn.execute(q)).scalar()
-        if bal is None:
-            raise NotFound(f"no wallet for tenant {tenant_id}")
-        return int(bal)
-
-    async def _entry(self, conn: AsyncConnection, entry_id: str, tenant_id: str, kind: str, amount: int,
-                     balance_after: int, reference: str | None, ts: int | None = None) -> None:
-        await conn.execute(_INSERT_ENTRY, {
-            "id": entry_id, "tenant_id": tenant_id, "kind": kind, "amount_micros": amount,
-            "balance_after_micros": balance_after, "reference": reference, "created_at": ts or now_ms()})
-
     async def open_wallet(self, conn: AsyncConnection, tenant_id: str) -> None:
         await conn.execute(wallets.insert().values(tenant_id=tenant_id, balance_micros=0, updated_at=now_ms()))
+
+
+def _exists(conn: Connection, entry_id: str) -> bool:
+    return conn.execute(sa.select(ledger_entries.c.id).where(ledger_entries.c.id == entry_id)).first() is not None
+
+
+def _entry(conn: Connection, entry_id: str, tenant_id: str, kind: str, amount: int, balance_after: int,
+           reference: str | None, ts: int | None = None) -> None:
+    conn.execute(_INSERT_ENTRY, {
+        "id": entry_id, "tenant_id": tenant_id, "kind": kind, "amount_micros": amount,
+        "balance_after_micros": balance_after, "reference": reference, "created_at": ts or now_ms()})
 
 
 async def tenant_exists(conn: AsyncConnection, tenant_id: str) -> bool:

@@ -16,6 +16,7 @@ Money rules kept here:
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from dataclasses import dataclass
@@ -173,10 +174,15 @@ class Pipeline:
         if route.transport is None:
             raise ServiceUnavailable(f"The model '{route.target.slug}' is not available right now: its provider "
                                      f"has no key configured on this gateway.")
-        await self.svc.ledger.reserve(
-            principal.tenant_id, call.request_id, max_cost(len(raw), sh.completion_bound, route.prices),
-            key_id=principal.key_id, key_limit_micros=principal.spend_limit_micros,
-            key_period=principal.spend_period(), worker_id=self.svc.workers.worker_id)
+        try:
+            await self.svc.ledger.reserve(
+                principal.tenant_id, call.request_id, max_cost(len(raw), sh.completion_bound, route.prices),
+                key_id=principal.key_id, key_limit_micros=principal.spend_limit_micros,
+                key_period=principal.spend_period(), worker_id=self.svc.workers.worker_id)
+        except asyncio.CancelledError:
+            # The hold may have been committed after all (transact waits for its end).
+            await shielded(self.svc.ledger.release(call.request_id))
+            raise
         try:
             await self._forward(call, route, headers, sh.stream, sh.wants_usage, scope, receive, send)
         except BaseException as exc:
