@@ -42,6 +42,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from tollway.errors import InsufficientFunds, NotFound, SpendLimitExceeded
 from tollway.money import format_usd
 from tollway.store.db import Store, now_ms
+from tollway.store.prepared import Prepared
 from tollway.store.schema import key_spend, ledger_entries, reservations, tenants, usage_events, wallets
 
 T = TypeVar("T")
@@ -55,17 +56,17 @@ DEBIT_KINDS = ("debit", "refund", "dispute", "adjust_debit")
 # request (bench/README.md, Findings); the SQL sent is the same.
 _P = sa.bindparam
 _USAGE_COLUMNS = frozenset(usage_events.c.keys())
-_INSERT_ENTRY = ledger_entries.insert()
-_INSERT_RESERVATION = reservations.insert()
-_RESERVE = (wallets.update()
+_INSERT_ENTRY = Prepared(ledger_entries.insert())
+_INSERT_RESERVATION = Prepared(reservations.insert())
+_RESERVE = Prepared(wallets.update()
             .where(wallets.c.tenant_id == _P("tenant"), wallets.c.balance_micros >= _P("amount"))
             .values(balance_micros=wallets.c.balance_micros - _P("amount"), updated_at=_P("ts"))
             .returning(wallets.c.balance_micros))
-_TAKE = (wallets.update()
+_TAKE = Prepared(wallets.update()
          .where(wallets.c.tenant_id == _P("tenant"), wallets.c.balance_micros + _P("held") >= _P("charge"))
          .values(balance_micros=wallets.c.balance_micros + _P("held") - _P("charge"), updated_at=_P("ts"))
          .returning(wallets.c.balance_micros))
-_UNRESERVE = (reservations.delete().where(reservations.c.request_id == _P("rid"))
+_UNRESERVE = Prepared(reservations.delete().where(reservations.c.request_id == _P("rid"))
               .returning(reservations.c.tenant_id, reservations.c.amount_micros,
                          reservations.c.key_id, reservations.c.key_period))
 
@@ -81,7 +82,7 @@ class Ledger:
         self.store = store
         self._insert: Any = postgresql.insert if not store.is_sqlite else sqlite.insert
         # A usage row already there means this request was recorded: keep the first.
-        self._insert_usage = self._insert(usage_events).on_conflict_do_nothing()
+        self._insert_usage = Prepared(self._insert(usage_events).on_conflict_do_nothing())
 
     async def _run(self, conn: AsyncConnection | None, fn: Callable[Concatenate[Connection, P], T],
                    *args: P.args, **kwargs: P.kwargs) -> T:
@@ -163,16 +164,17 @@ class Ledger:
     def _reserve(self, conn: Connection, tenant_id: str, request_id: str, amount: int, key_id: str | None,
                  key_limit: int | None, key_period: str | None, worker_id: str | None) -> int:
         ts = now_ms()
-        new = conn.execute(_RESERVE, {"tenant": tenant_id, "amount": amount, "ts": ts}).scalar()
-        if new is None:
+        row = _RESERVE.first(conn, {"tenant": tenant_id, "amount": amount, "ts": ts})
+        if row is None:
             raise InsufficientFunds(
                 f"Your wallet balance does not cover this request (up to {format_usd(amount)} USD "
                 f"must be reserved). Top up to continue."
             )
         if key_limit is not None:
             self._hold_key_spend(conn, key_id or "", key_period or "", amount, key_limit)
+        new = row[0]
         _entry(conn, f"{request_id}:reserve", tenant_id, "reserve", -amount, new, request_id, ts)
-        conn.execute(_INSERT_RESERVATION, {
+        _INSERT_RESERVATION.rows(conn, {
             "request_id": request_id, "tenant_id": tenant_id, "key_id": key_id,
             "key_period": key_period if key_limit is not None else None, "worker_id": worker_id,
             "amount_micros": amount, "created_at": ts})
@@ -228,10 +230,10 @@ class Ledger:
 
     def _settle(self, conn: Connection, request_id: str, charge: int, usage: dict[str, Any] | None,
                 swept: bool) -> int | None:
-        res = conn.execute(_UNRESERVE, {"rid": request_id}).first()
+        res = _UNRESERVE.first(conn, {"rid": request_id})
         if res is None:
             return None if swept else self._settle_late(conn, request_id, charge, usage)
-        tenant_id, held = res.tenant_id, int(res.amount_micros)
+        tenant_id, held, key_id, key_period = res[0], int(res[1]), res[2], res[3]
         charged, new = self._take(conn, tenant_id, held, charge)
         ts = now_ms()
         rows = [dict(id=f"{request_id}:{'swept' if swept else 'release'}", tenant_id=tenant_id, kind="release",
@@ -239,11 +241,11 @@ class Ledger:
         if charged:
             rows.append(dict(id=f"{request_id}:debit", tenant_id=tenant_id, kind="debit", amount_micros=-charged,
                              balance_after_micros=new, reference=request_id, created_at=ts))
-        conn.execute(_INSERT_ENTRY, rows)
-        if res.key_period is not None and charged != held:
+        _INSERT_ENTRY.many(conn, rows)
+        if key_period is not None and charged != held:
             conn.execute(
                 key_spend.update()
-                .where(key_spend.c.key_id == res.key_id, key_spend.c.period == res.key_period)
+                .where(key_spend.c.key_id == key_id, key_spend.c.period == key_period)
                 .values(spent_micros=key_spend.c.spent_micros - held + charged))
         self._usage(conn, request_id, tenant_id, charged, usage, ts)
         return charged
@@ -277,9 +279,9 @@ class Ledger:
     def _take(self, conn: Connection, tenant_id: str, held: int, charge: int) -> tuple[int, int]:
         """Return `held` to the wallet and take `charge`, capped so the balance stays >= 0.
         Returns (charged, new balance)."""
-        new = conn.execute(_TAKE, {"tenant": tenant_id, "held": held, "charge": charge, "ts": now_ms()}).scalar()
-        if new is not None:
-            return charge, int(new)
+        row = _TAKE.first(conn, {"tenant": tenant_id, "held": held, "charge": charge, "ts": now_ms()})
+        if row is not None:
+            return charge, int(row[0])
         # Rare: the cost exceeds the hold plus the balance. Charge what exists, under the row lock.
         balance = self._balance(conn, tenant_id, lock=True)
         charged = min(charge, balance + held)
@@ -294,7 +296,7 @@ class Ledger:
             return
         row = {**usage, "request_id": request_id, "tenant_id": tenant_id, "cost_micros": charged}
         row.setdefault("created_at", ts)
-        conn.execute(self._insert_usage, row)
+        self._insert_usage.rows(conn, row)
 
     def _balance(self, conn: Connection, tenant_id: str, lock: bool = False) -> int:
         q = sa.select(wallets.c.balance_micros).where(wallets.c.tenant_id == tenant_id)
@@ -386,7 +388,7 @@ def _exists(conn: Connection, entry_id: str) -> bool:
 
 def _entry(conn: Connection, entry_id: str, tenant_id: str, kind: str, amount: int, balance_after: int,
            reference: str | None, ts: int | None = None) -> None:
-    conn.execute(_INSERT_ENTRY, {
+    _INSERT_ENTRY.rows(conn, {
         "id": entry_id, "tenant_id": tenant_id, "kind": kind, "amount_micros": amount,
         "balance_after_micros": balance_after, "reference": reference, "created_at": ts or now_ms()})
 

@@ -190,6 +190,8 @@ def configure_logging(level: int = logging.INFO, stream: Literal["stdout", "stde
     # Uvicorn's access log would print request lines with query strings; the access log
     # lives in the database (accesslog.py) with the route template only.
     logging.getLogger("uvicorn.access").disabled = True
+    # Alembic narrates every start-up at INFO in templates whose arguments we never print.
+    logging.getLogger("alembic").setLevel(max(level, logging.WARNING))
     logging.captureWarnings(True)
 
 

@@ -1,0 +1,81 @@
+"""Core statements compiled once and, on SQLite, run straight on the DBAPI cursor.
+
+Why: the ledger runs two write transactions per request. On SQLite, SQLAlchemy's work
+around each execution (execution context, events, result object) cost about ten times
+what SQLite itself spends, and it runs in the writer thread, which shares the GIL with
+the event loop, so the loop paid for it too (bench/README.md, Findings). The statement
+is still written once, in Core, against the schema; only its execution takes the short
+path. Elsewhere (PostgreSQL, where the round trip dominates, and the async SQLite
+engine a caller's own transaction may be on) it is executed normally.
+
+Results come back as plain tuples in the statement's column order on both paths.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import sqlalchemy.exc
+from sqlalchemy import Connection
+from sqlalchemy.sql.expression import Executable
+
+
+class Prepared:
+    def __init__(self, stmt: Executable) -> None:
+        self.stmt = stmt
+        # SQL text and parameter order, per set of parameter names (an INSERT's columns
+        # are the names it is given).
+        self._compiled: dict[tuple[str, ...], tuple[str, tuple[str, ...]]] = {}
+
+    def rows(self, conn: Connection, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
+        """Execute once; the rows it returns (RETURNING), or [] if none."""
+        if conn.dialect.driver != "pysqlite":
+            result = conn.execute(self.stmt, dict(params))
+            return [tuple(r) for r in result] if result.returns_rows else []
+        sql, order = self._sql(conn, tuple(params))
+        cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        try:
+            cursor.execute(sql, [params[k] for k in order])
+            found: list[tuple[Any, ...]] = cursor.fetchall()
+            return found
+        except sqlite3.Error as exc:
+            raise _wrapped(sql, exc) from exc
+        finally:
+            cursor.close()
+
+    def first(self, conn: Connection, params: Mapping[str, Any]) -> tuple[Any, ...] | None:
+        found = self.rows(conn, params)
+        return found[0] if found else None
+
+    def many(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Execute once per row (same keys in every row); nothing returned."""
+        if conn.dialect.driver != "pysqlite":
+            conn.execute(self.stmt, [dict(r) for r in rows])
+            return
+        sql, order = self._sql(conn, tuple(rows[0]))
+        cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        try:
+            cursor.executemany(sql, [[r[k] for k in order] for r in rows])
+        except sqlite3.Error as exc:
+            raise _wrapped(sql, exc) from exc
+        finally:
+            cursor.close()
+
+    def _sql(self, conn: Connection, keys: tuple[str, ...]) -> tuple[str, tuple[str, ...]]:
+        found = self._compiled.get(keys)
+        if found is None:
+            compiled = self.stmt.compile(dialect=conn.dialect, column_keys=list(keys))  # type: ignore[attr-defined]
+            order = tuple(compiled.positiontup or ())
+            if set(order) - set(keys):
+                raise ValueError(f"missing parameters: {sorted(set(order) - set(keys))}")
+            found = self._compiled[keys] = (str(compiled), order)
+        return found
+
+
+def _wrapped(sql: str, exc: sqlite3.Error) -> sqlalchemy.exc.StatementError:
+    # The same exception classes SQLAlchemy raises (IntegrityError for a duplicate id,
+    # OperationalError for a locked database), so callers and Store's error translation
+    # need not know which path ran; parameters are never included.
+    return sqlalchemy.exc.DBAPIError.instance(sql, None, exc, sqlite3.Error, hide_parameters=True)
