@@ -230,6 +230,34 @@ async def test_write_commits_and_rolls_back(store: Store) -> None:
     assert store.queries >= 3
 
 
+async def test_transact_commits_each_callers_work_alone(store: Store) -> None:
+    """Concurrent transact() calls: on SQLite they share COMMITs (group commit), yet each
+    caller's work commits or rolls back on its own, and each gets its own outcome."""
+
+    def insert(conn: sa.Connection, i: int) -> str:
+        conn.execute(tenants.insert().values(id=f"tn_{i}", created_at=i))
+        if i % 5 == 0:
+            raise RuntimeError(f"boom {i}")  # after writing: the write must vanish
+        if i % 7 == 0:
+            conn.execute(tenants.insert().values(id="tn_1", created_at=i))  # duplicate id
+        return f"tn_{i}"
+
+    outcomes = await asyncio.gather(*(store.transact(insert, i) for i in range(1, 61)), return_exceptions=True)
+    for i, outcome in enumerate(outcomes, start=1):
+        if i % 5 == 0:
+            assert isinstance(outcome, RuntimeError) and str(outcome) == f"boom {i}"
+        elif i % 7 == 0:
+            assert isinstance(outcome, sa.exc.IntegrityError)
+        else:
+            assert outcome == f"tn_{i}"
+    async with store.read() as conn:
+        ids = set((await conn.execute(sa.select(tenants.c.id))).scalars().all())
+    assert ids == {f"tn_{i}" for i in range(1, 61) if i % 5 and i % 7}
+    if store.writer is not None:
+        assert store.writer.transactions == 60
+        assert store.writer.batches < 60  # they did share commits
+
+
 async def test_errors_that_are_not_outages_pass_through(store: Store) -> None:
     async with store.write() as conn:
         await conn.execute(tenants.insert().values(id="tn_1", created_at=1))

@@ -3,9 +3,9 @@
 SQLite (embedded) runs in WAL mode with one writer at a time: in-process writers queue
 on an asyncio lock and each write transaction starts with BEGIN IMMEDIATE, so writers in
 other processes wait on SQLite's lock (busy_timeout) instead of failing half-way.
-`transact(fn)` runs a whole write transaction as one sync function: on SQLite in one
-hand-off to a dedicated writer thread with its own connection (aiosqlite hands off once
-per DBAPI call, ~17 per money transaction), on PostgreSQL through `run_sync`.
+`transact(fn)` runs a whole write transaction as one sync function: on SQLite in the
+group-committing writer thread (sqlite_writer.py; aiosqlite would hand off to its thread
+once per DBAPI call, ~17 times per money transaction), on PostgreSQL through `run_sync`.
 PostgreSQL needs neither: wallet writes are conditional UPDATEs, atomic on their own.
 
 Driver errors that mean "the database is not there right now" (refused, restarted,
@@ -18,20 +18,19 @@ closed before handing them out (see Store._pg_checkout), so the service recovers
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import sqlalchemy as sa
 import sqlalchemy.exc
-from sqlalchemy import Connection, Engine, event
+from sqlalchemy import Connection, event
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from tollway.errors import ServiceUnavailable
+from tollway.store.sqlite_writer import SQLiteWriter
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 T = TypeVar("T")
@@ -132,15 +131,10 @@ class Store:
         self.engine: AsyncEngine = create_async_engine(async_url(url, base_dir), **kwargs)
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
         sync = self.engine.sync_engine
-        # transact()'s SQLite writer: one thread, one connection, so a transaction is one hand-off.
-        self._writer: ThreadPoolExecutor | None = None
-        self._writer_engine: Engine | None = None
+        # transact()'s SQLite writer: one thread, one connection, group commit.
         path = sqlite_path(url, base_dir)
-        if path is not None and str(path) != ":memory:":
-            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tollway-sqlite-writer")
-            self._writer_engine = sa.create_engine(f"sqlite:///{path}", pool_size=1, max_overflow=0,
-                                                   connect_args={"check_same_thread": False})
-        engines = [sync] if self._writer_engine is None else [sync, self._writer_engine]
+        self.writer = SQLiteWriter(path) if path is not None and str(path) != ":memory:" else None
+        engines = [sync] if self.writer is None else [sync, self.writer.engine]
         for engine in engines:
             if self.is_sqlite:
                 event.listen(engine, "connect", _sqlite_on_connect)
@@ -189,32 +183,15 @@ class Store:
                 yield conn
 
     async def transact(self, fn: Callable[Concatenate[Connection, P], T], *args: P.args, **kwargs: P.kwargs) -> T:
-        """Run `fn(conn, *args, **kwargs)` as one write transaction: committed if it returns, rolled back if
-        it raises (the exception propagates). Same idempotency contract as `write()`.
-
-        A caller cancelled while the transaction runs in the writer thread still waits for
-        its end before the CancelledError goes on, so that its clean-up (releasing a hold)
-        sees the outcome and the write lock is not released early."""
-        if self._writer is None:
+        """Run `fn(conn, *args, **kwargs)` as one write transaction: committed if it
+        returns, rolled back if it raises (the exception propagates). Same idempotency
+        contract as `write()`. `fn` must not await: on SQLite it runs in the writer thread
+        (sqlite_writer.py), on PostgreSQL through `run_sync`."""
+        if self.writer is None:
             async with self.write() as conn:
                 return await conn.run_sync(fn, *args, **kwargs)
-        assert self._write_lock is not None
-        async with self._write_lock, self._translate():
-            done = asyncio.get_running_loop().run_in_executor(
-                self._writer, lambda: self._transact_in_writer(lambda conn: fn(conn, *args, **kwargs)))
-            try:
-                return await asyncio.shield(done)
-            except asyncio.CancelledError:
-                with contextlib.suppress(Exception):
-                    await done
-                raise
-
-    def _transact_in_writer(self, fn: Callable[[Connection], T]) -> T:
-        assert self._writer_engine is not None
-        with self._writer_engine.connect() as conn:
-            conn.execution_options(tollway_write=True)
-            with conn.begin():
-                return fn(conn)
+        async with self._translate():
+            return await self.writer.run(lambda conn: fn(conn, *args, **kwargs))
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:
@@ -252,10 +229,9 @@ class Store:
 
     async def close(self) -> None:
         await self.engine.dispose()
-        if self._writer is not None and self._writer_engine is not None:
-            engine, self._writer_engine = self._writer_engine, None
-            await asyncio.get_running_loop().run_in_executor(self._writer, engine.dispose)
-            self._writer.shutdown(wait=True)
+        if self.writer is not None:
+            writer, self.writer = self.writer, None
+            await asyncio.get_running_loop().run_in_executor(None, writer.close)
 
 
 async def retry_while_unavailable(op: Callable[[], Awaitable[T]], *, within: float,
