@@ -298,3 +298,12 @@ def serve_app(request: pytest.FixtureRequest) -> Iterator[Callable[[Any], Server
     yield serve
     for s in reversed(started):
         s.stop()
+
+
+@pytest.fixture
+def launch(make_config: Callable[..., config_mod.Config], serve_app: Callable[[Any], ServerThread]
+           ) -> Iterator[Callable[..., Any]]:
+    """launch(upstream_url, **config sections) -> a Gateway (tests/fakes/harness.py) serving on loopback."""
+    from tests.fakes.harness import launcher  # the harness imports the app; most tests need neither
+
+    yield from launcher(make_config, serve_app)

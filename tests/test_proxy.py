@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import base64
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
@@ -15,9 +15,8 @@ import orjson
 import pytest
 
 from tests.conftest import ServerThread
-from tests.fakes.harness import PROVIDER_KEY, Gateway, launcher
+from tests.fakes.harness import PROVIDER_KEY, Gateway
 from tests.fakes.openai_upstream import CACHED_TOKENS, PROMPT_TOKENS, REASONING_TOKENS, REPLY_WORDS, FakeOpenAI
-from tollway.config import Config
 from tollway.money import Prices, Usage, cost, format_usd
 
 PRICES = Prices(Decimal("2.50"), Decimal("10.00"), Decimal("1.25"), Decimal("12.00"))
@@ -26,12 +25,6 @@ PRICES = Prices(Decimal("2.50"), Decimal("10.00"), Decimal("1.25"), Decimal("12.
 @pytest.fixture
 def fake() -> FakeOpenAI:
     return FakeOpenAI(PROVIDER_KEY)
-
-
-@pytest.fixture
-def launch(make_config: Callable[..., Config], serve_app: Callable[[Any], ServerThread]
-           ) -> Iterator[Callable[..., Gateway]]:
-    yield from launcher(make_config, serve_app)
 
 
 @pytest.fixture

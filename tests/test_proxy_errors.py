@@ -4,7 +4,7 @@ once a stream started), and the reservation is released or settled, never left o
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
@@ -14,9 +14,8 @@ import orjson
 import pytest
 
 from tests.conftest import ServerThread, free_port
-from tests.fakes.harness import PROVIDER_KEY, Gateway, launcher
+from tests.fakes.harness import PROVIDER_KEY, Gateway
 from tests.fakes.openai_upstream import FakeOpenAI
-from tollway.config import Config
 from tollway.money import Prices, Usage, cost
 
 PRICES = Prices(Decimal("2.50"), Decimal("10.00"), Decimal("1.25"), Decimal("12.00"))
@@ -26,12 +25,6 @@ MSG = [{"role": "user", "content": "hello"}]
 @pytest.fixture
 def fake() -> FakeOpenAI:
     return FakeOpenAI(PROVIDER_KEY)
-
-
-@pytest.fixture
-def launch(make_config: Callable[..., Config], serve_app: Callable[[Any], ServerThread]
-           ) -> Iterator[Callable[..., Gateway]]:
-    yield from launcher(make_config, serve_app)
 
 
 @pytest.fixture

@@ -54,7 +54,13 @@ class SQLiteWriter:
             start = not self._draining
             self._draining = True
         if start:
-            self._thread.submit(self._drain, loop)
+            try:
+                self._thread.submit(self._drain, loop)
+            except RuntimeError:  # closed: fail this call, and let a later one try again
+                with self._lock:
+                    self._pending.remove((fn, done))
+                    self._draining = False
+                raise
         try:
             return await asyncio.shield(done)
         except asyncio.CancelledError:
