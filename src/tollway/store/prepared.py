@@ -36,8 +36,11 @@ class Prepared:
             return [tuple(r) for r in result] if result.returns_rows else []
         sql, order = self._sql(conn, tuple(params))
         cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        args = [params[k] for k in order]
+        # Listeners still see every statement (Store counts them; tests and bench read the count).
+        conn.dispatch.before_cursor_execute(conn, cursor, sql, args, None, False)
         try:
-            cursor.execute(sql, [params[k] for k in order])
+            cursor.execute(sql, args)
             found: list[tuple[Any, ...]] = cursor.fetchall()
             return found
         except sqlite3.Error as exc:
@@ -56,8 +59,10 @@ class Prepared:
             return
         sql, order = self._sql(conn, tuple(rows[0]))
         cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        args = [[r[k] for k in order] for r in rows]
+        conn.dispatch.before_cursor_execute(conn, cursor, sql, args, None, True)
         try:
-            cursor.executemany(sql, [[r[k] for k in order] for r in rows])
+            cursor.executemany(sql, args)
         except sqlite3.Error as exc:
             raise _wrapped(sql, exc) from exc
         finally:
