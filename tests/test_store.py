@@ -258,6 +258,67 @@ async def test_transact_commits_each_callers_work_alone(store: Store) -> None:
         assert store.writer.batches < 60  # they did share commits
 
 
+async def test_sqlite_checkpoints_run_off_the_writers_commits(tmp_path: Path) -> None:
+    """The writer's COMMITs never run a checkpoint (its fsync would land on one request in
+    ~100); the checkpoint thread copies the WAL into the database file instead."""
+    from tollway.store import sqlite_writer
+
+    store = Store(f"sqlite:///{tmp_path / 'ck.db'}")
+    await store.migrate()
+    try:
+        assert store.writer is not None
+
+        def insert(conn: sa.Connection, i: int) -> None:
+            conn.execute(tenants.insert().values(id=f"tn_{i}", name="x" * 500, created_at=i))
+
+        await store.transact(insert, 0)
+        size_before = (tmp_path / "ck.db").stat().st_size
+        with store.writer.engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == 0
+        for i in range(1, 400):
+            await store.transact(insert, i)
+        await asyncio.sleep(sqlite_writer.CHECKPOINT_EVERY * 2.5)
+        assert store.writer.checkpoints >= 1
+        assert (tmp_path / "ck.db").stat().st_size > size_before + 100_000  # the rows reached the file
+    finally:
+        await store.close()
+
+
+async def test_sqlite_writer_waits_for_a_held_write_lock_then_gives_up_with_503(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another connection (here: another process's, in effect) holds the write lock: the
+    writer gets it within milliseconds of its release; held past BUSY_WAIT, a clean 503."""
+    from tollway.store import sqlite_writer
+
+    path = tmp_path / "lock.db"
+    store = Store(f"sqlite:///{path}")
+    await store.migrate()
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        def insert(conn: sa.Connection, i: int) -> int:
+            conn.execute(tenants.insert().values(id=f"tn_{i}", created_at=i))
+            return i
+
+        other.execute("BEGIN IMMEDIATE")
+        pending = asyncio.ensure_future(store.transact(insert, 1))
+        await asyncio.sleep(0.3)
+        assert not pending.done()
+        other.execute("COMMIT")
+        released = time.monotonic()
+        assert await pending == 1
+        assert time.monotonic() - released < 0.05
+
+        monkeypatch.setattr(sqlite_writer, "BUSY_WAIT", 0.2)
+        other.execute("BEGIN IMMEDIATE")
+        with pytest.raises(ServiceUnavailable):
+            await store.transact(insert, 2)
+        other.execute("ROLLBACK")
+        assert await store.transact(insert, 3) == 3  # and it recovers at once
+    finally:
+        other.close()
+        await store.close()
+
+
 async def test_errors_that_are_not_outages_pass_through(store: Store) -> None:
     async with store.write() as conn:
         await conn.execute(tenants.insert().values(id="tn_1", created_at=1))

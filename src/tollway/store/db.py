@@ -133,16 +133,16 @@ class Store:
         sync = self.engine.sync_engine
         # transact()'s SQLite writer: one thread, one connection, group commit.
         path = sqlite_path(url, base_dir)
-        self.writer = SQLiteWriter(path) if path is not None and str(path) != ":memory:" else None
-        engines = [sync] if self.writer is None else [sync, self.writer.engine]
-        for engine in engines:
-            if self.is_sqlite:
-                event.listen(engine, "connect", _sqlite_on_connect)
-                event.listen(engine, "begin", _sqlite_on_begin)
-            else:
-                event.listen(engine, "checkout", self._pg_checkout)
-                event.listen(engine, "checkin", _pg_checkin)
-            event.listen(engine, "before_cursor_execute", self._count)
+        self.writer = None
+        if path is not None and str(path) != ":memory:":
+            self.writer = SQLiteWriter(path, on_connect=_sqlite_on_connect, on_statement=self._count)
+        if self.is_sqlite:
+            event.listen(sync, "connect", _sqlite_on_connect)
+            event.listen(sync, "begin", _sqlite_on_begin)
+        else:
+            event.listen(sync, "checkout", self._pg_checkout)
+            event.listen(sync, "checkin", _pg_checkin)
+        event.listen(sync, "before_cursor_execute", self._count)
 
     def _count(self, *_: Any) -> None:
         self.queries += 1

@@ -44,7 +44,7 @@ class Prepared:
             found: list[tuple[Any, ...]] = cursor.fetchall()
             return found
         except sqlite3.Error as exc:
-            raise _wrapped(sql, exc) from exc
+            raise as_sqlalchemy_error(sql, exc) from exc
         finally:
             cursor.close()
 
@@ -64,7 +64,7 @@ class Prepared:
         try:
             cursor.executemany(sql, args)
         except sqlite3.Error as exc:
-            raise _wrapped(sql, exc) from exc
+            raise as_sqlalchemy_error(sql, exc) from exc
         finally:
             cursor.close()
 
@@ -79,7 +79,7 @@ class Prepared:
         return found
 
 
-def _wrapped(sql: str, exc: sqlite3.Error) -> sqlalchemy.exc.StatementError:
+def as_sqlalchemy_error(sql: str, exc: sqlite3.Error) -> sqlalchemy.exc.StatementError:
     # The same exception classes SQLAlchemy raises (IntegrityError for a duplicate id,
     # OperationalError for a locked database), so callers and Store's error translation
     # need not know which path ran; parameters are never included.
