@@ -258,28 +258,19 @@ async def test_transact_commits_each_callers_work_alone(store: Store) -> None:
         assert store.writer.batches < 60  # they did share commits
 
 
-async def test_sqlite_checkpoints_run_off_the_writers_commits(tmp_path: Path) -> None:
-    """The writer's COMMITs never run a checkpoint (its fsync would land on one request in
-    ~100); the checkpoint thread copies the WAL into the database file instead."""
-    from tollway.store import sqlite_writer
-
-    store = Store(f"sqlite:///{tmp_path / 'ck.db'}")
+async def test_sqlite_wal_stays_bounded_under_steady_writes(tmp_path: Path) -> None:
+    """SQLite restarts the WAL only after a checkpoint that caught up with the last frame;
+    a design whose checkpoints never catch up (one tried here) grows it without end."""
+    store = Store(f"sqlite:///{tmp_path / 'wal.db'}")
     await store.migrate()
     try:
-        assert store.writer is not None
-
         def insert(conn: sa.Connection, i: int) -> None:
-            conn.execute(tenants.insert().values(id=f"tn_{i}", name="x" * 500, created_at=i))
+            conn.execute(tenants.insert().values(id=f"tn_{i}", name="x" * 2000, created_at=i))
 
-        await store.transact(insert, 0)
-        size_before = (tmp_path / "ck.db").stat().st_size
-        with store.writer.engine.connect() as conn:
-            assert conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == 0
-        for i in range(1, 400):
+        for i in range(2000):  # one COMMIT each: ~24 MB of WAL frames if the WAL never restarted
             await store.transact(insert, i)
-        await asyncio.sleep(sqlite_writer.CHECKPOINT_EVERY * 2.5)
-        assert store.writer.checkpoints >= 1
-        assert (tmp_path / "ck.db").stat().st_size > size_before + 100_000  # the rows reached the file
+        wal = tmp_path / "wal.db-wal"
+        assert wal.stat().st_size < 8_000_000, wal.stat().st_size
     finally:
         await store.close()
 

@@ -11,11 +11,11 @@ process, a checkpoint, a slow disk). Why batches: a hand-off between the loop an
 thread costs more CPU than the transaction itself on small machines (bench/README.md),
 and under load one hand-off and one COMMIT then serve many requests.
 
-Checkpoints (copying the WAL back into the database file, with an fsync) do not run on
-this connection's COMMITs, as SQLite would by default every 1,000 pages: the request
-whose COMMIT crossed the line waited for them, about 1 request in 100 at 14 pages per
-request. A thread of their own runs a PASSIVE checkpoint every CHECKPOINT_EVERY seconds;
-PASSIVE never blocks writers or readers.
+Checkpoints (copying the WAL back into the database file) stay where SQLite puts them,
+on the COMMIT that takes the WAL past 1,000 pages. Tried and reverted: a checkpoint
+thread of its own. Under steady writes its checkpoints never caught up with the latest
+frame, so SQLite never restarted the WAL, which grew by ~20 MB/s under load
+(tests/test_store.py keeps it bounded now).
 
 Waiting for the write lock: another connection (this process's access-log flush or
 heartbeat, another process) may hold it. SQLite's busy_timeout sleeps 1, 2, then 5 ms
@@ -45,7 +45,6 @@ _Op = tuple[Callable[[Connection], Any], asyncio.Future[Any]]
 
 # Bounds one COMMIT's size so a burst cannot make the first caller of a batch wait long.
 MAX_BATCH = 64
-CHECKPOINT_EVERY = 1.0  # seconds
 BUSY_POLL = 0.0005      # seconds between tries for the write lock
 BUSY_WAIT = 10.0        # then SQLITE_BUSY, which the store turns into a 503
 
@@ -59,13 +58,10 @@ class SQLiteWriter:
         self.engine: Engine = sa.create_engine(f"sqlite:///{path}", pool_size=1, max_overflow=0,
                                                connect_args={"check_same_thread": False})
         event.listen(self.engine, "connect", on_connect)
-        event.listen(self.engine, "connect", _writer_settings)  # after on_connect: these win
+        event.listen(self.engine, "connect", _remember_busy_timeout)  # after on_connect sets it
         event.listen(self.engine, "begin", _begin_immediate)
         event.listen(self.engine, "before_cursor_execute", on_statement)
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tollway-sqlite-writer")
-        self._stop = threading.Event()
-        self._checkpointer: threading.Thread | None = None  # started with the first transaction
-        self.checkpoints = 0
         self._lock = threading.Lock()  # guards _pending and _draining, shared with the thread
         self._pending: list[_Op] = []
         self._draining = False
@@ -83,10 +79,6 @@ class SQLiteWriter:
             start = not self._draining
             self._draining = True
         if start:
-            if self._checkpointer is None and not self._stop.is_set():
-                self._checkpointer = threading.Thread(target=self._checkpoint_loop, daemon=True,
-                                                      name="tollway-sqlite-checkpoint")
-                self._checkpointer.start()
             try:
                 self._thread.submit(self._drain, loop)
             except RuntimeError:  # closed: fail this call, and let a later one try again
@@ -141,28 +133,12 @@ class SQLiteWriter:
         self.transactions += len(batch)
         return outcomes
 
-    def _checkpoint_loop(self) -> None:
-        conn = sqlite3.connect(self.path, check_same_thread=False)
-        try:
-            while not self._stop.wait(CHECKPOINT_EVERY):
-                try:
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-                    self.checkpoints += 1
-                except sqlite3.Error:
-                    continue  # the next round tries again; SQLite also checkpoints on the last close
-        finally:
-            conn.close()
-
     def close(self) -> None:
-        self._stop.set()
         self._thread.shutdown(wait=True)
-        if self._checkpointer is not None:
-            self._checkpointer.join()
         self.engine.dispose()
 
 
-def _writer_settings(dbapi_conn: Any, record: Any) -> None:
-    dbapi_conn.execute("PRAGMA wal_autocheckpoint=0")
+def _remember_busy_timeout(dbapi_conn: Any, record: Any) -> None:
     record.info["busy_timeout"] = int(dbapi_conn.execute("PRAGMA busy_timeout").fetchone()[0])
 
 
