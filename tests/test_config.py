@@ -73,6 +73,12 @@ BROKEN = [
     ("provider without key env", GOOD.replace('api_key_env = "DEEPSEEK_API_KEY"\n', ""),
      "providers.deepseek.api_key_env", "env var"),
     ("non-positive ttl", GOOD + "\n[cache]\nkey_ttl_seconds = 0\n", "cache.key_ttl_seconds", "positive"),
+    ("database password inline", GOOD + '\n[database]\nurl = "postgresql://app:hunter2@db:5432/t"\n',
+     "database.url", "database.password_env"),
+    ("redis password inline", GOOD + '\n[cache]\nurl = "redis://:hunter2@127.0.0.1:6379/0"\n', "cache.url",
+     "cache.password_env"),
+    ("password for sqlite", GOOD + '\n[database]\npassword_env = "PW"\n', "database.password_env",
+     "only PostgreSQL"),
     ("not TOML", "[server\nport=1", "", "not valid TOML"),
 ]
 
@@ -144,3 +150,20 @@ def test_every_config_key_is_documented_and_in_the_starter() -> None:
     starter = resources.files("tollway").joinpath("tollway.example.toml").read_text("utf-8")
     for section in ("[server]", "[database]", "[cache]", "[retention]", "[providers.echo]", "[[models]]"):
         assert section in starter
+
+
+def test_inline_password_is_not_echoed_in_the_error(tmp_path: Path) -> None:
+    p = write(tmp_path, GOOD + '\n[database]\nurl = "postgresql://app:hunter2@db:5432/t"\n')
+    with pytest.raises(ConfigError) as info:
+        config_mod.load(p)
+    assert "hunter2" not in str(info.value)
+
+
+def test_password_envs_are_listed_with_the_other_secrets(tmp_path: Path) -> None:
+    cfg = config_mod.load(write(tmp_path, GOOD + '\n[database]\nurl = "postgresql://app@db:5432/t"\n'
+                                                 'password_env = "TOLLWAY_DB_PASSWORD"\n'
+                                                 '[cache]\nurl = "redis://127.0.0.1:6379/0"\n'
+                                                 'password_env = "TOLLWAY_REDIS_PASSWORD"\n'))
+    refs = dict(cfg.env_references())
+    assert refs["database password"] == "TOLLWAY_DB_PASSWORD"
+    assert refs["Redis password"] == "TOLLWAY_REDIS_PASSWORD"

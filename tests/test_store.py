@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
+import shutil
 import sqlite3
+import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -15,7 +18,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from tests.conftest import REDIS_URL, free_port, fresh_pg_database, need_redis
+from tests.conftest import REDIS_URL, _reachable, free_port, fresh_pg_database, need_redis
 from tollway.errors import ServiceUnavailable, render_json
 from tollway.store.cache import Cache, MemoryCache, RedisCache, make_cache
 from tollway.store.db import IDLE_PING_AFTER, Store, is_unavailable, retry_while_unavailable
@@ -34,6 +37,64 @@ async def cache(request: pytest.FixtureRequest) -> AsyncIterator[Cache]:
         c = RedisCache(REDIS_URL, prefix=f"t{time.monotonic_ns()}:")
     yield c
     await c.close()
+
+
+@pytest.fixture
+def redis_with_password(tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """A Redis of the test's own that requires AUTH: (url, password)."""
+    need_redis()  # the binary comes with the server the suite needs anyway
+    exe = shutil.which("redis-server")
+    assert exe is not None, "redis-server is not on PATH"
+    port, password = free_port(), "pw-" + os.urandom(8).hex()
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--requirepass", password, "--dir", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not _reachable("127.0.0.1", port):
+            assert proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0", password
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+async def test_redis_password_comes_from_the_environment(redis_with_password: tuple[str, str], tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from tollway.config import load
+    from tollway.services import build
+
+    url, password = redis_with_password
+    monkeypatch.setenv("TEST_REDIS_PASSWORD", password)
+    cfg_path = tmp_path / "tollway.toml"
+    cfg_path.write_text(f'[database]\nurl = "sqlite:///{tmp_path / "t.db"}"\n'
+                        f'[cache]\nurl = "{url}"\npassword_env = "TEST_REDIS_PASSWORD"\n', encoding="utf-8")
+    svc = build(load(cfg_path))
+    try:
+        await svc.cache.set("k", "v", 30)
+        assert await svc.cache.get("k") == "v"
+    finally:
+        await svc.close()
+    wrong = make_cache(url, password="not-it")
+    try:
+        with pytest.raises(ServiceUnavailable) as info:
+            await wrong.get("k")  # refused: a clean 503
+        assert "not-it" not in repr(info.value) and password not in repr(info.value)
+    finally:
+        await wrong.close()
+
+
+async def test_postgres_password_is_handed_to_the_driver() -> None:
+    with fresh_pg_database(migrated=False) as url:
+        store = Store(url, password="pw-from-env")
+        try:
+            async with store.read() as conn:
+                assert (await conn.execute(sa.text("SELECT 1"))).scalar() == 1  # trust auth here ignores it
+                raw = await conn.get_raw_connection()
+                assert raw.driver_connection._params.password == "pw-from-env"  # type: ignore[union-attr]
+        finally:
+            await store.close()
 
 
 async def test_cache_get_set_delete(cache: Cache) -> None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from urllib.parse import urlsplit
 
 CONFIG_ENV = "TOLLWAY_CONFIG"
 DEFAULT_CONFIG_NAME = "tollway.toml"
@@ -79,12 +80,16 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class DatabaseConfig:
-    url: str = doc("sqlite:///PATH (embedded) or postgresql://user@host:port/db.", "sqlite:///tollway.db")
+    url: str = doc("sqlite:///PATH (embedded) or postgresql://user@host:port/db (no password in it).",
+                   "sqlite:///tollway.db")
+    password_env: str = doc("Env var holding the PostgreSQL password; empty: none (trust, peer, .pgpass).", "")
 
 
 @dataclass(frozen=True)
 class CacheConfig:
-    url: str = doc("memory:// (one process) or redis://host:port/db (shared by workers).", "memory://")
+    url: str = doc("memory:// (one process) or redis://host:port/db (shared by workers; no password in it).",
+                   "memory://")
+    password_env: str = doc("Env var holding the Redis password (AUTH); empty: none.", "")
     key_ttl_seconds: int = doc("How long a verified key stays cached.", 60)
     negative_ttl_seconds: int = doc("How long an unknown key stays cached as unknown.", 5)
 
@@ -188,6 +193,10 @@ class Config:
                 refs.append((f"provider {p.name} key", p.api_key_env))
             if p.cf_aig_token_env:
                 refs.append((f"provider {p.name} cf-aig-authorization", p.cf_aig_token_env))
+        if self.database.password_env:
+            refs.append(("database password", self.database.password_env))
+        if self.cache.password_env:
+            refs.append(("Redis password", self.cache.password_env))
         if self.stripe:
             refs.append(("Stripe secret key", self.stripe.secret_key_env))
             refs.append(("Stripe webhook secret", self.stripe.webhook_secret_env))
@@ -295,6 +304,15 @@ class _Loader:
         curl = cfg.cache.url
         if not (curl == "memory://" or curl.startswith(("redis://", "rediss://"))):
             raise self.fail("cache.url", f"unsupported URL {curl!r}; expected memory:// or redis://host:port/db")
+        # Secrets live in the environment, never in this file.
+        for section, u in (("database", url), ("cache", curl)):
+            if urlsplit(u).password is not None:
+                raise self.fail(f"{section}.url", f"holds a password; put it in an environment variable and name "
+                                                  f"that in {section}.password_env")
+        if cfg.database.password_env and not url.startswith(("postgresql://", "postgres://")):
+            raise self.fail("database.password_env", "only PostgreSQL takes a password")
+        if cfg.cache.password_env and curl == "memory://":
+            raise self.fail("cache.password_env", "only Redis takes a password")
         for path, value in (
             ("server.port", cfg.server.port),
             ("server.max_body_bytes", cfg.server.max_body_bytes),

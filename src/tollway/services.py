@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tollway.config import Config
+from tollway.config import Config, resolve_secret
 from tollway.keys import Keys, load_key_secret
 from tollway.ledger import Ledger
 from tollway.store.cache import Cache, make_cache
@@ -45,8 +45,12 @@ def config_dir(cfg: Config) -> Path | None:
 def build(cfg: Config, *, worker_id: str | None = None) -> Services:
     """worker_id None: a client process (CLI) that serves no requests."""
     base = config_dir(cfg)
-    store = Store(cfg.database.url, base_dir=base)
-    cache = make_cache(cfg.cache.url)
+    db_password, cache_password = (
+        resolve_secret(env, path=path, source=cfg.source).reveal() if env else None
+        for env, path in ((cfg.database.password_env, "database.password_env"),
+                          (cfg.cache.password_env, "cache.password_env")))
+    store = Store(cfg.database.url, base_dir=base, password=db_password)
+    cache = make_cache(cfg.cache.url, password=cache_password)
     secret, notice = load_key_secret(cfg.server.key_secret_env, sqlite_path(cfg.database.url, base))
     registry = WorkerRegistry(store, cache if not cache.shared else None, worker_id)
     keys = Keys(store, cache, secret, ttl=cfg.cache.key_ttl_seconds, negative_ttl=cfg.cache.negative_ttl_seconds,

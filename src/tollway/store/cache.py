@@ -92,7 +92,7 @@ class RedisCache:
     shared = True
 
     def __init__(self, url: str, prefix: str = "tollway:", *, max_connections: int = 64,
-                 timeout: float = 3.0) -> None:
+                 timeout: float = 3.0, password: str | None = None) -> None:
         import redis.asyncio as aioredis
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
@@ -101,6 +101,7 @@ class RedisCache:
         self.prefix = prefix
         pool = aioredis.BlockingConnectionPool.from_url(
             url,
+            password=password,
             max_connections=max_connections,  # per worker; a burst waits for a free one...
             timeout=timeout,                  # ...this long, then 503
             # Commands answer in well under a millisecond, but the timer runs on this
@@ -163,7 +164,7 @@ def _ms(ttl: float) -> int:
     return max(1, int(ttl * 1000))
 
 
-def make_cache(url: str) -> Cache:
+def make_cache(url: str, *, password: str | None = None) -> Cache:
     if url == "memory://":
         return MemoryCache()
-    return RedisCache(url)
+    return RedisCache(url, password=password)

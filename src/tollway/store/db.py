@@ -112,7 +112,8 @@ class Store:
     """One engine per process. `write()` for a serialised write transaction, `read()` for reads."""
 
     def __init__(self, url: str, *, base_dir: Path | None = None, pool_size: int = 10,
-                 pool_timeout: float = 10.0) -> None:
+                 pool_timeout: float = 10.0, password: str | None = None) -> None:
+        """`password`: PostgreSQL's, from the environment (config: database.password_env)."""
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
         self.queries = 0  # statements sent; tests assert cache hits cost none
@@ -126,7 +127,8 @@ class Store:
                 pool_timeout=pool_timeout,
                 pool_recycle=300,
                 connect_args={"timeout": 5, "command_timeout": 30,
-                              "server_settings": {"application_name": "tollway"}},
+                              "server_settings": {"application_name": "tollway"},
+                              **({"password": password} if password else {})},
             )
         self.engine: AsyncEngine = create_async_engine(async_url(url, base_dir), **kwargs)
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
