@@ -79,6 +79,7 @@ BROKEN = [
      "cache.password_env"),
     ("password for sqlite", GOOD + '\n[database]\npassword_env = "PW"\n', "database.password_env",
      "only PostgreSQL"),
+    ("empty pool", GOOD + "\n[database]\npool_size = 0\n", "database.pool_size", "positive"),
     ("not TOML", "[server\nport=1", "", "not valid TOML"),
 ]
 
@@ -167,3 +168,13 @@ def test_password_envs_are_listed_with_the_other_secrets(tmp_path: Path) -> None
     refs = dict(cfg.env_references())
     assert refs["database password"] == "TOLLWAY_DB_PASSWORD"
     assert refs["Redis password"] == "TOLLWAY_REDIS_PASSWORD"
+
+
+def test_database_pool_settings_reach_the_store(tmp_path: Path) -> None:
+    from tollway.services import build
+
+    cfg = config_mod.load(write(tmp_path, GOOD + '\n[database]\nurl = "postgresql://app@127.0.0.1:1/t"\n'
+                                                 'pool_size = 3\npool_timeout_seconds = 2\n'))
+    svc = build(cfg)  # builds engines only: nothing connects to port 1
+    pool = svc.store.engine.sync_engine.pool
+    assert (pool.size(), pool._max_overflow, pool._timeout) == (3, 3, 2)  # type: ignore[attr-defined]

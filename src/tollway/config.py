@@ -83,6 +83,8 @@ class DatabaseConfig:
     url: str = doc("sqlite:///PATH (embedded) or postgresql://user@host:port/db (no password in it).",
                    "sqlite:///tollway.db")
     password_env: str = doc("Env var holding the PostgreSQL password; empty: none (trust, peer, .pgpass).", "")
+    pool_size: int = doc("PostgreSQL connections each worker process keeps; as many again open under a burst.", 10)
+    pool_timeout_seconds: int = doc("Longest a request waits for a free PostgreSQL connection before a 503.", 10)
 
 
 @dataclass(frozen=True)
@@ -320,6 +322,8 @@ class _Loader:
             ("server.stream_idle_timeout_seconds", cfg.server.stream_idle_timeout_seconds),
             ("cache.key_ttl_seconds", cfg.cache.key_ttl_seconds),
             ("retention.access_log_days", cfg.retention.access_log_days),
+            ("database.pool_size", cfg.database.pool_size),
+            ("database.pool_timeout_seconds", cfg.database.pool_timeout_seconds),
         ):
             if value <= 0:
                 raise self.fail(path, f"expected a positive integer, got {value}")

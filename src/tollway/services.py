@@ -49,7 +49,8 @@ def build(cfg: Config, *, worker_id: str | None = None) -> Services:
         resolve_secret(env, path=path, source=cfg.source).reveal() if env else None
         for env, path in ((cfg.database.password_env, "database.password_env"),
                           (cfg.cache.password_env, "cache.password_env")))
-    store = Store(cfg.database.url, base_dir=base, password=db_password)
+    store = Store(cfg.database.url, base_dir=base, password=db_password, pool_size=cfg.database.pool_size,
+                  pool_timeout=cfg.database.pool_timeout_seconds)
     cache = make_cache(cfg.cache.url, password=cache_password)
     secret, notice = load_key_secret(cfg.server.key_secret_env, sqlite_path(cfg.database.url, base))
     registry = WorkerRegistry(store, cache if not cache.shared else None, worker_id)
