@@ -50,6 +50,13 @@ async def worker(cfg: Config) -> Services:
     return s
 
 
+async def stop(w: Services, *others: Services) -> None:
+    await w.workers.unregister()
+    await w.close()
+    for other in others:
+        await other.close()
+
+
 async def tenant_key(svc: Services) -> dict[str, Any]:
     tid = (await svc.tenants.create("Ada"))["tenant_id"]
     return await svc.keys.create(tid)
@@ -80,9 +87,7 @@ async def test_revoke_waits_until_every_live_worker_has_evicted(memory_stack: Co
         with pytest.raises(Unauthorized):
             await w.keys.authenticate(created["key"])
     finally:
-        await w.workers.unregister()
-        await w.close()
-        await admin.close()
+        await stop(w, admin)
 
 
 async def test_a_silent_worker_is_not_waited_for_and_stops_trusting_its_cache(memory_stack: Config) -> None:
@@ -167,9 +172,7 @@ async def test_a_lookup_racing_a_revocation_is_not_cached(memory_stack: Config) 
         with pytest.raises(Unauthorized):
             await w.keys.authenticate(created["key"])
     finally:
-        await w.workers.unregister()
-        await w.close()
-        await admin.close()
+        await stop(w, admin)
 
 
 async def test_a_worker_taken_for_dead_registers_again(memory_stack: Config) -> None:
@@ -184,8 +187,7 @@ async def test_a_worker_taken_for_dead_registers_again(memory_stack: Config) -> 
         assert ids == [w.workers.worker_id]
         assert w.workers.fresh()
     finally:
-        await w.workers.unregister()
-        await w.close()
+        await stop(w)
 
 
 # --- who is dead ------------------------------------------------------------------------------------

@@ -42,16 +42,18 @@ def config_dir(cfg: Config) -> Path | None:
     return Path(cfg.source).resolve().parent if cfg.source and not cfg.source.startswith("<") else None
 
 
+def _password(cfg: Config, env: str, section: str) -> str | None:
+    if not env:
+        return None
+    return resolve_secret(env, path=f"{section}.password_env", source=cfg.source).reveal()
+
+
 def build(cfg: Config, *, worker_id: str | None = None) -> Services:
     """worker_id None: a client process (CLI) that serves no requests."""
     base = config_dir(cfg)
-    db_password, cache_password = (
-        resolve_secret(env, path=path, source=cfg.source).reveal() if env else None
-        for env, path in ((cfg.database.password_env, "database.password_env"),
-                          (cfg.cache.password_env, "cache.password_env")))
-    store = Store(cfg.database.url, base_dir=base, password=db_password, pool_size=cfg.database.pool_size,
-                  pool_timeout=cfg.database.pool_timeout_seconds)
-    cache = make_cache(cfg.cache.url, password=cache_password)
+    store = Store(cfg.database.url, base_dir=base, password=_password(cfg, cfg.database.password_env, "database"),
+                  pool_size=cfg.database.pool_size, pool_timeout=cfg.database.pool_timeout_seconds)
+    cache = make_cache(cfg.cache.url, password=_password(cfg, cfg.cache.password_env, "cache"))
     secret, notice = load_key_secret(cfg.server.key_secret_env, sqlite_path(cfg.database.url, base))
     registry = WorkerRegistry(store, cache if not cache.shared else None, worker_id)
     keys = Keys(store, cache, secret, ttl=cfg.cache.key_ttl_seconds, negative_ttl=cfg.cache.negative_ttl_seconds,

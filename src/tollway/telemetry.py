@@ -297,13 +297,13 @@ def record_request(**fields: Any) -> None:
             TENANT_COST.labels(tenant).inc(cost)
 
 
-_children: dict[tuple[str, tuple[str, ...]], Any] = {}
-_http_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+_children: dict[tuple[Any, tuple[str, ...]], Any] = {}
 
 
 def _child(metric: Any, *labels: str) -> Any:
-    """metric.labels(*labels), cached: the label values are bounded, labels() is slow-ish."""
-    key = (metric._name, labels)
+    """metric.labels(*labels), cached: labels() costs ~4 us a call, and every label set
+    passed here is bounded, so the cache is too."""
+    key = (metric, labels)
     child = _children.get(key)
     if child is None:
         child = _children[key] = metric.labels(*labels)
@@ -311,14 +311,9 @@ def _child(metric: Any, *labels: str) -> Any:
 
 
 def record_http(route: str, method: str, status: int, seconds: float) -> None:
-    """Called by the access-log middleware for every HTTP request (labels already bounded,
-    so the cache of labelled children is bounded too; labels() costs ~4 us a call)."""
-    children = _http_children.get((route, method, status))
-    if children is None:
-        children = (HTTP_REQUESTS.labels(route, method, str(status)), HTTP_LATENCY.labels(route))
-        _http_children[(route, method, status)] = children
-    children[0].inc()
-    children[1].observe(seconds)
+    """Called by the access-log middleware for every HTTP request (labels already bounded)."""
+    _child(HTTP_REQUESTS, route, method, str(status)).inc()
+    _child(HTTP_LATENCY, route).observe(seconds)
 
 
 def metrics_text() -> bytes:

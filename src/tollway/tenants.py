@@ -159,18 +159,19 @@ class Tenants:
             return {**record, "already_deleted": True}
         revoked = await self.keys.revoke_tenant(tenant_id)
         released = 0
-        result: dict[str, Any] | None = None
+        erased: tuple[dict[str, Any], int | None] | None = None
         for attempt in range(_ATTEMPTS):
             for rid in await _open_reservations(self.store, tenant_id):
                 if await self.ledger.release(rid) is not None:
                     released += 1
-            result = await self._erase(tenant_id)
-            if result is not None:
+            erased = await self._erase(tenant_id)
+            if erased is not None:
                 break
             await asyncio.sleep(0.05 * (attempt + 1))  # a request that authenticated just before revocation
-        if result is None:
+        if erased is None:
             raise Conflict("requests of this tenant are still starting; retry the deletion in a moment")
-        scrubbed = await self._scrub_files(result.pop("_xid"))
+        result, xid = erased
+        scrubbed = await self._scrub_files(xid)
         if not scrubbed:
             log.warning("tenant_deleted_files_not_scrubbed", tenant_id=tenant_id,
                         notice="an older transaction outlived the wait; the erased bytes leave the "
@@ -195,8 +196,9 @@ class Tenants:
             await conn.execute(tenants.update().where(tenants.c.id == tenant_id).values(deletion_requested_at=ts))
         return _request_view({"tenant_id": tenant_id, "requested_at": ts, "completed_at": None}), False
 
-    async def _erase(self, tenant_id: str) -> dict[str, Any] | None:
-        """One transaction; None (and nothing changed) if a reservation appeared meanwhile."""
+    async def _erase(self, tenant_id: str) -> tuple[dict[str, Any], int | None] | None:
+        """One transaction; None (and nothing changed) if a reservation appeared meanwhile.
+        Returns the deletion request's view and, on PostgreSQL, the transaction's id."""
         async with self.store.write() as conn:
             held = (await conn.execute(sa.select(sa.func.count()).select_from(reservations)
                                        .where(reservations.c.tenant_id == tenant_id))).scalar_one()
@@ -230,7 +232,7 @@ class Tenants:
             if not self.store.is_sqlite:
                 xid = int((await conn.exec_driver_sql("SELECT txid_current()")).scalar_one())
         # The remaining balance is reported so the operator can refund it; the pseudonym is not.
-        return {**_request_view(dict(req)), "balance_usd": format_usd(balance), "_xid": xid}
+        return {**_request_view(dict(req)), "balance_usd": format_usd(balance)}, xid
 
     async def _scrub_files(self, xid: int | None) -> bool:
         """Make the erased bytes leave the database files, not only the tables."""

@@ -34,19 +34,7 @@ class Prepared:
         if conn.dialect.driver != "pysqlite":
             result = conn.execute(self.stmt, dict(params))
             return [tuple(r) for r in result] if result.returns_rows else []
-        sql, order = self._sql(conn, tuple(params))
-        cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-        args = [params[k] for k in order]
-        # Listeners still see every statement (Store counts them; tests and bench read the count).
-        conn.dispatch.before_cursor_execute(conn, cursor, sql, args, None, False)
-        try:
-            cursor.execute(sql, args)
-            found: list[tuple[Any, ...]] = cursor.fetchall()
-            return found
-        except sqlite3.Error as exc:
-            raise as_sqlalchemy_error(sql, exc) from exc
-        finally:
-            cursor.close()
+        return self._on_cursor(conn, [params], many=False)
 
     def first(self, conn: Connection, params: Mapping[str, Any]) -> tuple[Any, ...] | None:
         found = self.rows(conn, params)
@@ -57,12 +45,22 @@ class Prepared:
         if conn.dialect.driver != "pysqlite":
             conn.execute(self.stmt, [dict(r) for r in rows])
             return
+        self._on_cursor(conn, rows, many=True)
+
+    def _on_cursor(self, conn: Connection, rows: Sequence[Mapping[str, Any]], *, many: bool
+                   ) -> list[tuple[Any, ...]]:
         sql, order = self._sql(conn, tuple(rows[0]))
-        cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
         args = [[r[k] for k in order] for r in rows]
-        conn.dispatch.before_cursor_execute(conn, cursor, sql, args, None, True)
+        cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        # Listeners still see every statement (Store counts them; tests and bench read the count).
+        conn.dispatch.before_cursor_execute(conn, cursor, sql, args if many else args[0], None, many)
         try:
-            cursor.executemany(sql, args)
+            if many:
+                cursor.executemany(sql, args)
+                return []
+            cursor.execute(sql, args[0])
+            found: list[tuple[Any, ...]] = cursor.fetchall()
+            return found
         except sqlite3.Error as exc:
             raise as_sqlalchemy_error(sql, exc) from exc
         finally:
