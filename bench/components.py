@@ -30,8 +30,9 @@ from upstream import Nginx, chat_json, chat_sse, free_port
 
 from tollway import config as config_mod
 from tollway import telemetry
-from tollway.accesslog import AccessLogMiddleware, AccessLogWriter
+from tollway.accesslog import AccessLogWriter
 from tollway.app import create_app
+from tollway.edge import Edge
 from tollway.money import Usage, cost, format_usd
 from tollway.privacy import forwarded_headers
 from tollway.providers.base import CHAT, merge_headers
@@ -195,11 +196,11 @@ async def measure(workdir: Path, nginx: Nginx, n: int, app_only: bool) -> list[t
             reasoning_tokens=0, estimated=False, cost_micros=17, cost_usd="0.000017", latency_ms=1)
 
     writer = AccessLogWriter(svc.store, batch_rows=10**9)
-    middleware = AccessLogMiddleware(lambda *_: None, writer)  # type: ignore[arg-type]
+    edge = Edge(lambda *_: None, writer)  # type: ignore[arg-type]
     scope_done = {**scope, "state": {"request_id": "req_x", "tenant_id": tenant}}
 
     async def access_row(i: int) -> None:
-        middleware._record(scope_done, 200, 0, 0.001)
+        edge._record(scope_done, "/v1/chat/completions", 200, 0, 0.001)
         if writer.pending >= 500:  # the writer's default batch
             await writer.flush()
 

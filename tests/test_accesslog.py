@@ -19,9 +19,10 @@ from starlette.routing import Route
 
 from tests.conftest import ServerThread
 from tollway import telemetry
-from tollway.accesslog import AccessLogMiddleware, AccessLogWriter
-from tollway.app import RequestIdMiddleware, create_app
+from tollway.accesslog import AccessLogWriter
+from tollway.app import create_app
 from tollway.config import Config
+from tollway.edge import Edge
 from tollway.errors import ServiceUnavailable
 from tollway.store.db import Store, now_ms
 from tollway.store.schema import access_log, deletion_requests
@@ -61,8 +62,7 @@ def make_app(store: Store, writer: AccessLogWriter) -> Starlette:
 
     app = Starlette(routes=[Route("/items/{item_id}", item), Route("/boom", boom, methods=["POST"]),
                             Route("/stream", stream)], lifespan=lifespan)
-    app.add_middleware(AccessLogMiddleware, writer=writer)
-    app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(Edge, writer=writer)
     return app
 
 

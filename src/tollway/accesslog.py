@@ -6,7 +6,7 @@ status, client IP, latency and tenant. The path column holds the route *template
 the client chose and may carry anything, and templates keep the set of values bounded
 (the same value labels the request metrics).
 
-The middleware only appends a dict to a list; a background task inserts the list with
+The edge (edge.py) only appends a dict to a list; a background task inserts the list with
 one executemany every `flush_every` seconds, or sooner once `batch_rows` are waiting, and
 once more at shutdown. If the database is down the rows wait (up to `max_buffer`, then
 the oldest are dropped and counted in tollway_access_log_dropped_rows_total): the access
@@ -21,20 +21,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from typing import Any
 
 import sqlalchemy as sa
 from starlette.routing import Mount
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Scope
 
 from tollway import telemetry
-from tollway.store.db import Store, now_ms
+from tollway.store.db import Store
 from tollway.store.schema import access_log, deletion_requests
 
 UNMATCHED = "unmatched"
-_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
-_CLIENT_CLOSED = 499  # nginx's code for "the client closed the connection first"
 
 
 def route_template(scope: Scope) -> str:
@@ -129,69 +126,3 @@ class AccessLogWriter:
             telemetry.ACCESS_LOG_DROPPED.inc(len(self._rows))
             telemetry.log.warning("access_log_lost_at_shutdown", count=len(self._rows), exc_info=True)
             self._rows = []
-
-
-class AccessLogMiddleware:
-    """Times each HTTP request and hands one row to the writer; also feeds HTTP metrics.
-
-    Must sit inside RequestIdMiddleware (it reads scope["state"]["request_id"]). The
-    proxy's authentication step puts the tenant in scope["state"]["tenant_id"].
-    """
-
-    def __init__(self, app: ASGIApp, writer: AccessLogWriter) -> None:
-        self.app = app
-        self.writer = writer
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started_wall = now_ms()
-        started = time.perf_counter()
-        status = 0
-        completed = False
-        disconnected = False
-
-        async def send_and_watch(message: Message) -> None:
-            nonlocal status, completed
-            if message["type"] == "http.response.start":
-                status = int(message["status"])
-            elif message["type"] == "http.response.body" and not message.get("more_body", False):
-                completed = True
-            await send(message)
-
-        async def receive_and_watch() -> Message:
-            nonlocal disconnected
-            message = await receive()
-            if message["type"] == "http.disconnect" and not completed:
-                disconnected = True
-            return message
-
-        try:
-            await self.app(scope, receive_and_watch, send_and_watch)
-        except BaseException:
-            status = _CLIENT_CLOSED if status and not completed else 500
-            raise
-        finally:
-            if disconnected and not completed:
-                status = _CLIENT_CLOSED
-            self._record(scope, status or 500, started_wall, time.perf_counter() - started)
-
-    def _record(self, scope: Scope, status: int, started_wall: int, seconds: float) -> None:
-        state = scope.get("state") or {}
-        route = route_template(scope)
-        method = scope.get("method", "")
-        method = method if method in _METHODS else "OTHER"
-        client = scope.get("client")
-        tenant = state.get("tenant_id")
-        self.writer.add({
-            "created_at": started_wall,
-            "request_id": str(state.get("request_id", ""))[:64],
-            "method": method,
-            "path": route,
-            "status": status,
-            "client_ip": str(client[0])[:64] if client else None,
-            "latency_ms": int(seconds * 1000),
-            "tenant_id": tenant[:40] if isinstance(tenant, str) else None,
-        })
-        telemetry.record_http(route, method, status, seconds)

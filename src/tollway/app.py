@@ -10,19 +10,20 @@ import asyncio
 import contextlib
 import os
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp
 
 from tollway import config as config_mod
 from tollway import retention, telemetry
-from tollway.accesslog import AccessLogMiddleware, AccessLogWriter
+from tollway.accesslog import AccessLogWriter
 from tollway.config import Config
+from tollway.edge import Edge
 from tollway.errors import TollwayError, render_json
 from tollway.services import Services, build
 
@@ -40,35 +41,6 @@ ROUTE_TABLE: list[tuple[str, str, str, str]] = [
     ("/metrics", "GET", "anyone on the listener", "Prometheus metrics (no tenant or content labels)"),
     ("/webhooks/stripe", "POST", "Stripe signature", "wallet top-ups from Stripe Checkout"),
 ]
-
-
-def new_request_id() -> str:
-    return "req_" + secrets.token_hex(12)
-
-
-class RequestIdMiddleware:
-    """Gives every request an id (scope["state"]["request_id"]) and echoes it as x-request-id."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        rid = new_request_id()
-        scope.setdefault("state", {})["request_id"] = rid
-        header = (b"x-request-id", rid.encode())
-
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                headers = list(message.get("headers", []))
-                if not any(k == b"x-request-id" for k, _ in headers):
-                    headers.append(header)
-                message["headers"] = headers
-            await send(message)
-
-        await self.app(scope, receive, send_with_id)
 
 
 async def healthz(_: Request) -> Response:
@@ -153,12 +125,21 @@ def create_app(cfg: Config, *, services: Services | None = None, migrate: bool |
             await svc.workers.unregister()
             await svc.close()
 
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={TollwayError: _tollway_error})
+    app = _Gateway(routes=routes, lifespan=lifespan, exception_handlers={TollwayError: _tollway_error})
+    app.edge = lambda inner: Edge(inner, access, proxy.shortcuts())
     app.state.services = svc
     app.state.config = cfg
-    app.add_middleware(AccessLogMiddleware, writer=access)  # inside RequestIdMiddleware: reads the id
-    app.add_middleware(RequestIdMiddleware)
     return app
+
+
+class _Gateway(Starlette):
+    """Starlette with the edge (edge.py) outside its own error middleware, so that
+    the /v1 POST endpoints can be reached without passing through it."""
+
+    edge: Callable[[ASGIApp], ASGIApp]
+
+    def build_middleware_stack(self) -> ASGIApp:
+        return self.edge(super().build_middleware_stack())
 
 
 def app_from_env() -> Starlette:

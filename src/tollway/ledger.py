@@ -73,9 +73,9 @@ _UNRESERVE = Prepared(reservations.delete().where(reservations.c.request_id == _
 
 class Ledger:
     """Money operations. Each write is one sync function on a `Connection` run by
-    `Store.transact` in one write transaction: on SQLite that is a single hand-off to the
-    writer thread instead of one per statement, the largest CPU cost per request before
-    (bench/README.md). Callers already inside a transaction pass `conn` and the same
+    `Store.transact` in one write transaction: on SQLite that is one step of the group-
+    committing writer instead of a thread hand-off per statement, the largest CPU cost per
+    request before (bench/README.md). Callers already inside a transaction pass `conn` and the same
     function runs there (`AsyncConnection.run_sync`), so there is one code path for money."""
 
     def __init__(self, store: Store) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tollway.config import ModelConfig
 from tollway.errors import ModelNotFound
@@ -39,16 +39,22 @@ class Proxy:
     def __init__(self, svc: Services, provider_keys: dict[str, Any]) -> None:
         self.svc = svc
         self.pipeline = Pipeline(svc, provider_keys)
+        p = self.pipeline
+        self._posts: dict[str, ASGIApp] = {
+            "/v1/chat/completions": _Endpoint(p, CHAT), "/v1/completions": _Endpoint(p, COMPLETIONS),
+            "/v1/embeddings": _Endpoint(p, EMBEDDINGS), "/v1/messages": _Endpoint(p, MESSAGES)}
+
+    def shortcuts(self) -> dict[str, ASGIApp]:
+        """The POST endpoints by exact path, for the edge to call directly (edge.py)."""
+        return dict(self._posts)
 
     def routes(self) -> list[BaseRoute]:
-        p = self.pipeline
+        # The POST endpoints are routes too (a request the edge does not shortcut, e.g. with a
+        # trailing slash redirect or a wrong method, gets Starlette's usual answer).
         return [
             Route("/v1/models", self.models, methods=["GET"]),
             Route("/v1/models/{model:path}", self.model, methods=["GET"]),
-            Route("/v1/chat/completions", _Endpoint(p, CHAT), methods=["POST"]),
-            Route("/v1/completions", _Endpoint(p, COMPLETIONS), methods=["POST"]),
-            Route("/v1/embeddings", _Endpoint(p, EMBEDDINGS), methods=["POST"]),
-            Route("/v1/messages", _Endpoint(p, MESSAGES), methods=["POST"]),
+            *(Route(path, endpoint, methods=["POST"]) for path, endpoint in self.shortcuts().items()),
         ]
 
     async def start(self) -> None:

@@ -3,9 +3,10 @@
 SQLite (embedded) runs in WAL mode with one writer at a time: in-process writers queue
 on an asyncio lock and each write transaction starts with BEGIN IMMEDIATE, so writers in
 other processes wait on SQLite's lock (busy_timeout) instead of failing half-way.
-`transact(fn)` runs a whole write transaction as one sync function: on SQLite in the
-group-committing writer thread (sqlite_writer.py; aiosqlite would hand off to its thread
-once per DBAPI call, ~17 times per money transaction), on PostgreSQL through `run_sync`.
+`transact(fn)` runs a whole write transaction as one sync function: on SQLite through the
+group-committing writer (sqlite_writer.py: on the loop, never waiting on a lock or a
+checkpoint there; aiosqlite would hand off to its thread once per DBAPI call, ~17 times
+per money transaction), on PostgreSQL through `run_sync`.
 PostgreSQL needs neither: wallet writes are conditional UPDATEs, atomic on their own.
 
 Driver errors that mean "the database is not there right now" (refused, restarted,
@@ -133,7 +134,7 @@ class Store:
         self.engine: AsyncEngine = create_async_engine(async_url(url, base_dir), **kwargs)
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
         sync = self.engine.sync_engine
-        # transact()'s SQLite writer: one thread, one connection, group commit.
+        # transact()'s SQLite writer: one connection, group commit, checkpoints in a thread.
         path = sqlite_path(url, base_dir)
         self.writer = None
         if path is not None and str(path) != ":memory:":
@@ -187,7 +188,7 @@ class Store:
     async def transact(self, fn: Callable[Concatenate[Connection, P], T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run `fn(conn, *args, **kwargs)` as one write transaction: committed if it
         returns, rolled back if it raises (the exception propagates). Same idempotency
-        contract as `write()`. `fn` must not await: on SQLite it runs in the writer thread
+        contract as `write()`. `fn` must not await: on SQLite it runs in the writer
         (sqlite_writer.py), on PostgreSQL through `run_sync`."""
         if self.writer is None:
             async with self.write() as conn:
@@ -233,7 +234,7 @@ class Store:
         await self.engine.dispose()
         if self.writer is not None:
             writer, self.writer = self.writer, None
-            await asyncio.get_running_loop().run_in_executor(None, writer.close)
+            writer.close()
 
 
 async def retry_while_unavailable(op: Callable[[], Awaitable[T]], *, within: float,

@@ -1,26 +1,32 @@
-"""The embedded database's money writer: one thread, one connection, group commit.
+"""The embedded database's money writer: one connection, run on the event loop, with
+group commit; checkpoints in a thread of their own.
 
 Each `run(fn)` is one logical write transaction (`fn(conn)` commits if it returns, rolls
-back if it raises). Transactions submitted while the thread is busy are run together in
-one SQLite transaction, each inside its own SAVEPOINT, and committed once; each caller
-gets its own result or exception only after that COMMIT, so nothing is acknowledged
-before it is durable, and one transaction's failure rolls back only its own savepoint.
+back if it raises). Transactions submitted in the same turn of the event loop are run
+together in one SQLite transaction, each inside its own SAVEPOINT, and committed once;
+each caller gets its own result or exception only after that COMMIT, so nothing is
+acknowledged before it is durable, and one transaction's failure rolls back only its
+own savepoint.
 
-Why a thread and not the event loop: SQLite calls block (a lock held by another
-process, a checkpoint, a slow disk). Why batches: a hand-off between the loop and the
-thread costs more CPU than the transaction itself on small machines (bench/README.md),
-and under load one hand-off and one COMMIT then serve many requests.
-
-Checkpoints (copying the WAL back into the database file) stay where SQLite puts them,
-on the COMMIT that takes the WAL past 1,000 pages. Tried and reverted: a checkpoint
-thread of its own. Under steady writes its checkpoints never caught up with the latest
-frame, so SQLite never restarted the WAL, which grew by ~20 MB/s under load
-(tests/test_store.py keeps it bounded now).
-
-Waiting for the write lock: another connection (this process's access-log flush or
-heartbeat, another process) may hold it. SQLite's busy_timeout sleeps 1, 2, then 5 ms
-between tries, so a flush of a few milliseconds cost the requests behind it ~8 ms; the
-writer instead tries BEGIN IMMEDIATE every BUSY_POLL seconds, for up to BUSY_WAIT.
+Why on the loop, and why that does not block it (bench/README.md has the numbers):
+a money transaction is a few statements on pages SQLite already holds in memory, and a
+COMMIT appends the changed pages to the WAL without fsync (synchronous=NORMAL). Handing
+each transaction to a thread cost more CPU than the transaction, mostly in waking
+threads and passing the GIL. What can make SQLite wait is kept off the loop:
+* the write lock, held by another connection (this process's access-log flush, another
+  worker process, the CLI): the writer never waits on SQLite's busy handler (busy_timeout
+  is 0 on its connection); it tries BEGIN IMMEDIATE and, if the lock is taken, tries again
+  BUSY_POLL seconds later from a loop timer, for up to BUSY_WAIT, then answers 503;
+* checkpoints (copying the WAL into the database file, with fsync): never run on the
+  writer's connection (wal_autocheckpoint=0); a checkpoint thread copies what is there
+  without blocking anyone (PASSIVE) and, once the WAL holds RESTART_FRAMES frames,
+  checkpoints in RESTART mode so SQLite starts the WAL over. That needs the write lock,
+  and SQLite's busy handler (a sleep-and-retry) would never catch it between the
+  writer's back-to-back batches, so the writer stands aside (waits on its timer, as for
+  any other holder) while the checkpoint thread says it wants the lock. (A checkpoint
+  thread that only ever ran PASSIVE checkpoints was tried before: they never caught up
+  with the last frame under steady writes, so SQLite never restarted the WAL, which grew
+  by ~20 MB/s; tests/test_store.py keeps it bounded.)
 """
 
 from __future__ import annotations
@@ -31,7 +37,6 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -42,11 +47,17 @@ from tollway.store.prepared import as_sqlalchemy_error
 
 T = TypeVar("T")
 _Op = tuple[Callable[[Connection], Any], asyncio.Future[Any]]
+_Outcome = tuple[asyncio.Future[Any], Any, BaseException | None]
 
 # Bounds one COMMIT's size so a burst cannot make the first caller of a batch wait long.
 MAX_BATCH = 64
 BUSY_POLL = 0.0005      # seconds between tries for the write lock
 BUSY_WAIT = 10.0        # then SQLITE_BUSY, which the store turns into a 503
+# The checkpoint thread wakes this often, and sooner after CHECKPOINT_NUDGE commits.
+CHECKPOINT_INTERVAL = 0.5
+CHECKPOINT_NUDGE = 64
+RESTART_FRAMES = 1000   # SQLite's own autocheckpoint threshold (~4 MB of WAL)
+RESTART_WAIT_MS = 2000  # how long a RESTART checkpoint waits for readers before trying later
 
 
 class SQLiteWriter:
@@ -58,34 +69,26 @@ class SQLiteWriter:
         self.engine: Engine = sa.create_engine(f"sqlite:///{path}", pool_size=1, max_overflow=0,
                                                connect_args={"check_same_thread": False})
         event.listen(self.engine, "connect", on_connect)
-        event.listen(self.engine, "connect", _remember_busy_timeout)  # after on_connect sets it
-        event.listen(self.engine, "begin", _begin_immediate)
+        event.listen(self.engine, "connect", _writer_pragmas)  # after on_connect: overrides it
         event.listen(self.engine, "before_cursor_execute", on_statement)
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tollway-sqlite-writer")
-        self._lock = threading.Lock()  # guards _pending and _draining, shared with the thread
+        self._conn: Connection | None = None
         self._pending: list[_Op] = []
-        self._draining = False
+        self._scheduled: asyncio.AbstractEventLoop | None = None  # the loop a _drain is due on
+        self._busy_since: float | None = None
+        self._checkpointer = _Checkpointer(path)
         self.batches = 0  # COMMITs issued; with `transactions`, shows how much group commit saves
         self.transactions = 0
 
     async def run(self, fn: Callable[[Connection], T]) -> T:
-        """Run `fn(conn)` as one transaction in the writer thread. A caller cancelled
-        meanwhile still waits for the outcome before the CancelledError goes on, so that
-        its clean-up (releasing a hold) sees it."""
+        """Run `fn(conn)` as one transaction. A caller cancelled meanwhile still waits
+        for the outcome before the CancelledError goes on, so that its clean-up
+        (releasing a hold) sees it."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[T] = loop.create_future()
-        with self._lock:
-            self._pending.append((fn, done))
-            start = not self._draining
-            self._draining = True
-        if start:
-            try:
-                self._thread.submit(self._drain, loop)
-            except RuntimeError:  # closed: fail this call, and let a later one try again
-                with self._lock:
-                    self._pending.remove((fn, done))
-                    self._draining = False
-                raise
+        self._pending.append((fn, done))
+        if self._scheduled is not loop:  # (a store may outlive an event loop: tests, the CLI)
+            self._scheduled = loop
+            loop.call_soon(self._drain, loop)
         try:
             return await asyncio.shield(done)
         except asyncio.CancelledError:
@@ -94,78 +97,177 @@ class SQLiteWriter:
             raise
 
     def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
-        while True:
-            with self._lock:
-                batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
-                if not batch:
-                    self._draining = False
-                    return
-            outcomes = self._commit(batch)
-            try:
-                loop.call_soon_threadsafe(_deliver, outcomes)
-            except RuntimeError:
-                return  # the loop is closed: nobody is waiting any more
-
-    def _commit(self, batch: list[_Op]) -> list[tuple[asyncio.Future[Any], Any, BaseException | None]]:
-        outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        """Commit one batch of what is pending; schedule itself again while more is."""
+        self._scheduled = None
+        if not self._pending:
+            return
         try:
-            with self.engine.connect() as conn:
-                conn.execution_options(tollway_write=True)
-                with conn.begin():
-                    if len(batch) == 1:
-                        fn, done = batch[0]
-                        outcomes.append((done, fn(conn), None))
-                    else:
-                        raw = conn.connection.driver_connection
-                        assert raw is not None
-                        for fn, done in batch:
-                            raw.execute("SAVEPOINT op")
-                            try:
-                                outcomes.append((done, fn(conn), None))
-                            except Exception as exc:
-                                raw.execute("ROLLBACK TO op")
-                                outcomes.append((done, None, exc))
-                            raw.execute("RELEASE op")
+            conn = self._connection()
+            # Stand aside while the checkpoint thread waits for the lock to restart the WAL:
+            # SQLite's busy handler polls, and would never catch the lock between our batches.
+            locked = not self._checkpointer.wants_lock.is_set() and _try_begin_immediate(conn)
         except Exception as exc:
-            # BEGIN or COMMIT failed (or a lone transaction raised): nothing here was committed.
+            self._fail(self._take(len(self._pending)), exc)
+            return
+        if not locked:
+            now = time.monotonic()
+            if self._busy_since is None:
+                self._busy_since = now
+            if now - self._busy_since > BUSY_WAIT:
+                self._busy_since = None
+                self._fail(self._take(len(self._pending)), _busy_error())
+                return
+            self._scheduled = loop
+            loop.call_later(BUSY_POLL, self._drain, loop)
+            return
+        self._busy_since = None
+        batch = self._take(MAX_BATCH)
+        _deliver(self._commit(conn, batch))
+        if self._pending and self._scheduled is None:
+            self._scheduled = loop
+            loop.call_soon(self._drain, loop)  # let the loop run between batches
+
+    def _take(self, n: int) -> list[_Op]:
+        batch, self._pending = self._pending[:n], self._pending[n:]
+        return batch
+
+    def _connection(self) -> Connection:
+        if self._conn is None or self._conn.invalidated or self._conn.closed:
+            if self._conn is not None:
+                with contextlib.suppress(Exception):
+                    self._conn.close()
+            self._conn = self.engine.connect()
+            self._checkpointer.ensure_started()
+        return self._conn
+
+    def _commit(self, conn: Connection, batch: list[_Op]) -> list[_Outcome]:
+        """Runs inside the BEGIN IMMEDIATE that `_drain` issued; ends it."""
+        outcomes: list[_Outcome] = []
+        try:
+            with conn.begin():  # no SQL (pysqlite's BEGIN is ours); COMMIT or ROLLBACK at the end
+                if len(batch) == 1:
+                    fn, done = batch[0]
+                    outcomes.append((done, fn(conn), None))
+                else:
+                    raw = conn.connection.driver_connection
+                    assert raw is not None
+                    for fn, done in batch:
+                        raw.execute("SAVEPOINT op")
+                        try:
+                            outcomes.append((done, fn(conn), None))
+                        except Exception as exc:
+                            raw.execute("ROLLBACK TO op")
+                            outcomes.append((done, None, exc))
+                        raw.execute("RELEASE op")
+        except Exception as exc:
+            # COMMIT failed (or a lone transaction raised): nothing here was committed.
             outcomes = [(done, None, exc) for _, done in batch]
+            _end_transaction(conn)
         self.batches += 1
         self.transactions += len(batch)
+        if self.batches % CHECKPOINT_NUDGE == 0:
+            self._checkpointer.nudge()
         return outcomes
 
+    def _fail(self, batch: list[_Op], exc: BaseException) -> None:
+        _deliver([(done, None, exc) for _, done in batch])
+
     def close(self) -> None:
-        self._thread.shutdown(wait=True)
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.close()
+            self._conn = None
+        self._fail(self._take(len(self._pending)), RuntimeError("the store is closed"))
+        self._checkpointer.stop()
         self.engine.dispose()
 
 
-def _remember_busy_timeout(dbapi_conn: Any, record: Any) -> None:
-    record.info["busy_timeout"] = int(dbapi_conn.execute("PRAGMA busy_timeout").fetchone()[0])
+class _Checkpointer:
+    """The thread that checkpoints the WAL (see the module's docstring)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._wake = threading.Event()
+        self.wants_lock = threading.Event()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    def ensure_started(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="tollway-sqlite-checkpoint", daemon=True)
+            self._thread.start()
+
+    def nudge(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _run(self) -> None:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            conn.execute(f"PRAGMA busy_timeout={RESTART_WAIT_MS}")
+            while not self._stopping:
+                self._wake.wait(CHECKPOINT_INTERVAL)
+                self._wake.clear()
+                if self._stopping:
+                    break
+                try:
+                    self.checkpoint(conn)
+                except sqlite3.Error:
+                    # Busy or failed: the WAL keeps its frames, the next round tries again.
+                    from tollway.telemetry import log
+
+                    log.warning("sqlite_checkpoint_failed", exc_info=True)
+        finally:
+            conn.close()
+
+    def checkpoint(self, conn: sqlite3.Connection) -> None:
+        _, frames, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        if frames >= RESTART_FRAMES:
+            self.wants_lock.set()
+            try:
+                conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+            finally:
+                self.wants_lock.clear()
 
 
-def _begin_immediate(conn: Connection) -> None:
-    """BEGIN IMMEDIATE, polling for the write lock instead of SQLite's coarse sleeps.
-    Inside the transaction the connection's busy_timeout applies again (WAL readers and
-    checkpoints can make a statement wait briefly)."""
+def _writer_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    dbapi_conn.execute("PRAGMA busy_timeout=0")        # never sleep on the loop
+    dbapi_conn.execute("PRAGMA wal_autocheckpoint=0")  # the checkpoint thread does it
+
+
+def _try_begin_immediate(conn: Connection) -> bool:
+    """Take the write lock now or say it is taken."""
     raw = conn.connection.driver_connection
     assert raw is not None
-    timeout = int(conn.connection.info["busy_timeout"])
-    raw.execute("PRAGMA busy_timeout=0")
-    deadline = time.monotonic() + BUSY_WAIT
     try:
-        while True:
-            try:
-                raw.execute("BEGIN IMMEDIATE")
-                return
-            except sqlite3.OperationalError as exc:
-                busy = getattr(exc, "sqlite_errorname", "").startswith("SQLITE_BUSY")
-                if not busy or time.monotonic() > deadline:
-                    raise as_sqlalchemy_error("BEGIN IMMEDIATE", exc) from exc
-            time.sleep(BUSY_POLL)
-    finally:
-        raw.execute(f"PRAGMA busy_timeout={timeout}")
+        raw.execute("BEGIN IMMEDIATE")
+        return True
+    except sqlite3.OperationalError as exc:
+        if getattr(exc, "sqlite_errorname", "").startswith("SQLITE_BUSY"):
+            return False
+        raise as_sqlalchemy_error("BEGIN IMMEDIATE", exc) from exc
 
 
-def _deliver(outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+def _end_transaction(conn: Connection) -> None:
+    raw = conn.connection.driver_connection
+    if raw is not None and raw.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            raw.execute("ROLLBACK")
+
+
+def _busy_error() -> Exception:
+    exc = sqlite3.OperationalError("database is locked")
+    exc.sqlite_errorname = "SQLITE_BUSY"
+    return as_sqlalchemy_error("BEGIN IMMEDIATE", exc)
+
+
+def _deliver(outcomes: list[_Outcome]) -> None:
     for done, result, exc in outcomes:
         if done.done():
             continue

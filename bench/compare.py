@@ -1,0 +1,98 @@
+"""Compare the gateway's cost at two commits, side by side, in one run.
+
+    python bench/compare.py --base HEAD~1              # this checkout vs HEAD~1
+    python bench/compare.py --base main --rounds 7 --conns 1,32
+
+On a shared machine the same code measures 30% apart from one run to the next, so
+a before/after taken in two runs says little. This starts one nginx (upstream.py) and
+two gateways, this checkout's and the one at --base (a temporary `git worktree`, run
+with its own source first on PYTHONPATH, same interpreter and dependencies), each on
+its own SQLite database with auth and billing on, and alternates wrk runs between them
+(the order flips every round) so whatever else loads the machine hits both alike.
+Prints the median CPU per request and requests/s of each, and their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from gateway import JSON_MODEL, SSE_MODEL, Gateway, request_body
+from run import WRK_HINT, Bench
+from upstream import Nginx
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base", required=True, help="git revision to compare against (e.g. HEAD~1, main)")
+    ap.add_argument("--rounds", type=int, default=5, help="runs per configuration and side; medians are reported")
+    ap.add_argument("--duration", type=int, default=3, help="seconds per wrk run")
+    ap.add_argument("--conns", default="1,32", help="connection counts, comma-separated")
+    ap.add_argument("--kinds", default="json,sse", help="json, sse or both")
+    args = ap.parse_args()
+    if shutil.which("wrk") is None:
+        print(WRK_HINT, file=sys.stderr)
+        return 2
+    workdir = Path(tempfile.mkdtemp(prefix="tollway-compare-"))
+    tree = workdir / "base-tree"
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(tree), args.base], check=True)
+    nginx = Nginx(workdir)
+    gateways: dict[str, Gateway] = {}
+    try:
+        nginx.start()
+        benches: dict[str, Bench] = {}
+        for side in ("base", "this"):
+            side_dir = workdir / side
+            side_dir.mkdir()
+            gw = gateways[side] = Gateway(side_dir, nginx.port)
+            if side == "base":
+                gw.env["PYTHONPATH"] = os.pathsep.join([str(tree / "src"), gw.env.get("PYTHONPATH", "")])
+            setup = gw.setup()
+            gw.start()
+            bodies = {"json": side_dir / "body-json.json", "sse": side_dir / "body-sse.json"}
+            bodies["json"].write_bytes(request_body(JSON_MODEL, stream=False))
+            bodies["sse"].write_bytes(request_body(SSE_MODEL, stream=True))
+            benches[side] = Bench(nginx, gw, setup.key, bodies)
+        kinds = args.kinds.split(",")
+        conns_list = [int(c) for c in args.conns.split(",")]
+        for bench in benches.values():  # warm-up: key cache, SQLite pages, connection pools
+            for kind in kinds:
+                bench.wrk("gateway", kind, 4, 2, record=False)
+        print(f"base = {args.base}, this = the working tree; {args.rounds} x {args.duration} s per side and "
+              f"configuration\n")
+        print(f"  {'body':<5}{'conns':>5}  {'CPU ms/req base':>16}{'this':>8}{'ratio':>8}"
+              f"  {'req/s base':>11}{'this':>8}{'ratio':>8}")
+        for conns in conns_list:
+            for kind in kinds:
+                cpu: dict[str, list[float]] = {"base": [], "this": []}
+                rps: dict[str, list[float]] = {"base": [], "this": []}
+                for r in range(args.rounds):
+                    for side in (("base", "this") if r % 2 == 0 else ("this", "base")):
+                        run = benches[side].wrk("gateway", kind, conns, args.duration, record=False)
+                        if run.errors or run.cpu_ms_per_req is None:
+                            raise RuntimeError(f"{side}: {run.errors} errors at {kind}/c{conns}")
+                        cpu[side].append(run.cpu_ms_per_req)
+                        rps[side].append(run.rps)
+                c = {s: statistics.median(v) for s, v in cpu.items()}
+                q = {s: statistics.median(v) for s, v in rps.items()}
+                print(f"  {kind:<5}{conns:>5}  {c['base']:>16.3f}{c['this']:>8.3f}{c['this'] / c['base']:>8.2f}"
+                      f"  {q['base']:>11.0f}{q['this']:>8.0f}{q['this'] / q['base']:>8.2f}", flush=True)
+        return 0
+    finally:
+        for gw in gateways.values():
+            gw.stop()
+        nginx.stop()
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
