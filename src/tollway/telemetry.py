@@ -28,6 +28,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
+import orjson
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client import multiprocess as prom_multiprocess
@@ -145,9 +146,18 @@ class _StdoutHandler(logging.Handler):
             self.handleError(record)
 
 
+def _orjson_text(obj: Any, **_: Any) -> str:
+    # orjson writes the same JSON as json.dumps at a fraction of its cost per line; values
+    # it has no encoding for (none of the allow-listed fields) become their str().
+    return orjson.dumps(obj, default=str).decode()
+
+
+_JSON = structlog.processors.JSONRenderer(serializer=_orjson_text)
+
+
 def _structlog_config(level: int) -> None:
     structlog.configure(
-        processors=[*_SHARED, _own_event_name, _allow_listed, structlog.processors.JSONRenderer()],
+        processors=[*_SHARED, _own_event_name, _allow_listed, _JSON],
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=lambda *_: _Stdout(),
         cache_logger_on_first_use=True,
@@ -170,7 +180,7 @@ def configure_logging(level: int = logging.INFO, stream: Literal["stdout", "stde
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             _allow_listed,
-            structlog.processors.JSONRenderer(),
+            _JSON,
         ],
         pass_foreign_args=False,
         use_get_message=False,  # never interpolate a foreign record's arguments

@@ -80,21 +80,20 @@ class SQLiteWriter:
         self.transactions = 0
 
     async def run(self, fn: Callable[[Connection], T]) -> T:
-        """Run `fn(conn)` as one transaction. A caller cancelled meanwhile still waits
-        for the outcome before the CancelledError goes on, so that its clean-up
-        (releasing a hold) sees it."""
+        """Run `fn(conn)` as one transaction.
+
+        Cancellation: a caller cancelled before its turn cancels its future, and a
+        cancelled future's transaction is skipped, never run. Once run, it is committed
+        and its outcome delivered in the same step of the loop; a cancellation that
+        reaches the caller after that (the result is then lost to it) is one after the
+        COMMIT, which callers already handle (the pipeline releases such a hold)."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[T] = loop.create_future()
         self._pending.append((fn, done))
         if self._scheduled is not loop:  # (a store may outlive an event loop: tests, the CLI)
             self._scheduled = loop
             loop.call_soon(self._drain, loop)
-        try:
-            return await asyncio.shield(done)
-        except asyncio.CancelledError:
-            with contextlib.suppress(Exception):
-                await done
-            raise
+        return await done
 
     def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
         """Commit one batch of what is pending; schedule itself again while more is."""
@@ -121,8 +120,11 @@ class SQLiteWriter:
             loop.call_later(BUSY_POLL, self._drain, loop)
             return
         self._busy_since = None
-        batch = self._take(MAX_BATCH)
-        _deliver(self._commit(conn, batch))
+        batch = [op for op in self._take(MAX_BATCH) if not op[1].cancelled()]
+        if batch:
+            _deliver(self._commit(conn, batch))
+        else:
+            _end_transaction(conn)
         if self._pending and self._scheduled is None:
             self._scheduled = loop
             loop.call_soon(self._drain, loop)  # let the loop run between batches
