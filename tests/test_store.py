@@ -371,6 +371,50 @@ async def test_sqlite_writer_waits_for_a_held_write_lock_then_gives_up_with_503(
         await store.close()
 
 
+async def test_sqlite_writer_keeps_the_loop_running_while_the_lock_is_held(tmp_path: Path) -> None:
+    """The writer runs on the event loop but never waits there: while another connection
+    holds the write lock for 300 ms, a 5 ms ticker on the same loop keeps ticking, and a
+    caller cancelled while waiting for its turn leaves nothing behind."""
+    path = tmp_path / "loop.db"
+    store = Store(f"sqlite:///{path}")
+    await store.migrate()
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        def insert(conn: sa.Connection, i: int) -> int:
+            conn.execute(tenants.insert().values(id=f"tn_{i}", created_at=i))
+            return i
+
+        gaps: list[float] = []
+
+        async def ticker() -> None:
+            last = time.monotonic()
+            while True:
+                await asyncio.sleep(0.005)
+                now = time.monotonic()
+                gaps.append(now - last)
+                last = now
+
+        ticking = asyncio.ensure_future(ticker())
+        other.execute("BEGIN IMMEDIATE")
+        waiting = asyncio.ensure_future(store.transact(insert, 1))
+        abandoned = asyncio.ensure_future(store.transact(insert, 2))
+        await asyncio.sleep(0.15)
+        abandoned.cancel()
+        await asyncio.sleep(0.15)
+        other.execute("COMMIT")
+        assert await waiting == 1
+        ticking.cancel()
+        assert len(gaps) > 30 and max(gaps) < 0.1, (len(gaps), max(gaps))
+        with pytest.raises(asyncio.CancelledError):
+            await abandoned
+        async with store.read() as conn:
+            ids = set((await conn.execute(sa.select(tenants.c.id))).scalars().all())
+        assert ids == {"tn_1"}  # the cancelled caller's transaction never ran
+    finally:
+        other.close()
+        await store.close()
+
+
 async def test_errors_that_are_not_outages_pass_through(store: Store) -> None:
     async with store.write() as conn:
         await conn.execute(tenants.insert().values(id="tn_1", created_at=1))

@@ -27,7 +27,13 @@ _CLIENT_CLOSED = 499  # nginx's code for "the client closed the connection first
 
 
 def new_request_id() -> str:
-    return "req_" + secrets.token_hex(12)
+    """req_ + milliseconds since the epoch (12 hex digits) + 64 random bits (16 hex digits).
+
+    The id keys the reservation, ledger and usage rows; ids that grow with time are
+    inserted at the right edge of those indexes instead of at a random leaf, which cost
+    SQLite 12-20% more CPU per request (bench/README.md). Unique without coordination
+    between workers; it tells the client nothing it did not know (when it called)."""
+    return f"req_{time.time_ns() // 1_000_000:012x}{secrets.token_hex(8)}"
 
 
 class Edge:

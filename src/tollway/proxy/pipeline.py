@@ -17,7 +17,6 @@ Money rules kept here:
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +26,7 @@ from starlette.types import Receive, Scope, Send
 
 from tollway import config as config_mod
 from tollway.config import ModelConfig
+from tollway.edge import new_request_id
 from tollway.errors import (
     BadRequest,
     ModelNotFound,
@@ -150,7 +150,7 @@ class Pipeline:
 
     async def __call__(self, endpoint: str, scope: Scope, receive: Receive, send: Send) -> None:
         state = scope.setdefault("state", {})
-        call = Call(str(state.get("request_id") or "req_" + os.urandom(12).hex()), endpoint)
+        call = Call(str(state.get("request_id") or new_request_id()), endpoint)
         try:
             await self._serve(call, state, scope, receive, send)
         except ClientGone:
