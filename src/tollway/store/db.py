@@ -193,8 +193,14 @@ class Store:
         if self.writer is None:
             async with self.write() as conn:
                 return await conn.run_sync(fn, *args, **kwargs)
-        async with self._translate():
+        try:  # what _translate() does, without a context manager's cost (twice per request)
             return await self.writer.run(lambda conn: fn(conn, *args, **kwargs))
+        except ServiceUnavailable:
+            raise
+        except Exception as exc:
+            if is_unavailable(exc):
+                raise _unavailable() from exc
+            raise
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:
