@@ -9,7 +9,7 @@ two gateways, this checkout's and the one at --base (a temporary `git worktree`,
 with its own source first on PYTHONPATH, same interpreter and dependencies), each on
 its own SQLite database with auth and billing on, and alternates wrk runs between them
 (the order flips every round) so whatever else loads the machine hits both alike.
-Prints the median CPU per request and requests/s of each, and their ratio.
+Prints the median CPU per request, requests/s and p99 latency of each, and the ratios.
 """
 
 from __future__ import annotations
@@ -69,11 +69,12 @@ def main() -> int:
         print(f"base = {args.base}, this = the working tree; {args.rounds} x {args.duration} s per side and "
               f"configuration\n")
         print(f"  {'body':<5}{'conns':>5}  {'CPU ms/req base':>16}{'this':>8}{'ratio':>8}"
-              f"  {'req/s base':>11}{'this':>8}{'ratio':>8}")
+              f"  {'req/s base':>11}{'this':>8}{'ratio':>8}  {'p99 ms base':>12}{'this':>8}")
         for conns in conns_list:
             for kind in kinds:
                 cpu: dict[str, list[float]] = {"base": [], "this": []}
                 rps: dict[str, list[float]] = {"base": [], "this": []}
+                p99: dict[str, list[float]] = {"base": [], "this": []}
                 for r in range(args.rounds):
                     for side in (("base", "this") if r % 2 == 0 else ("this", "base")):
                         run = benches[side].wrk("gateway", kind, conns, args.duration, record=False)
@@ -81,10 +82,13 @@ def main() -> int:
                             raise RuntimeError(f"{side}: {run.errors} errors at {kind}/c{conns}")
                         cpu[side].append(run.cpu_ms_per_req)
                         rps[side].append(run.rps)
+                        p99[side].append(run.p99_ms)
                 c = {s: statistics.median(v) for s, v in cpu.items()}
                 q = {s: statistics.median(v) for s, v in rps.items()}
+                t = {s: statistics.median(v) for s, v in p99.items()}
                 print(f"  {kind:<5}{conns:>5}  {c['base']:>16.3f}{c['this']:>8.3f}{c['this'] / c['base']:>8.2f}"
-                      f"  {q['base']:>11.0f}{q['this']:>8.0f}{q['this'] / q['base']:>8.2f}", flush=True)
+                      f"  {q['base']:>11.0f}{q['this']:>8.0f}{q['this'] / q['base']:>8.2f}"
+                      f"  {t['base']:>12.2f}{t['this']:>8.2f}", flush=True)
         return 0
     finally:
         for gw in gateways.values():

@@ -72,6 +72,8 @@ class Counted:
     def __init__(self, store: Store) -> None:
         self.inserts = 0
         event.listen(store.engine.sync_engine, "before_cursor_execute", self._seen)
+        if store.writer is not None:  # SQLite: writes go through the store's writer (sqlite_writer.py)
+            event.listen(store.writer.engine, "before_cursor_execute", self._seen)
 
     def _seen(self, _conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
         if statement.lstrip().upper().startswith("INSERT INTO ACCESS_LOG"):
