@@ -406,9 +406,10 @@ CHAT_BODY = {"model": "acme/sleep", "messages": [{"role": "user", "content": "Ho
 @pytest.mark.slow
 def test_200_concurrent_chat_requests_against_a_wallet_covering_20(
         make_config: Callable[..., Config], serve_app: Callable[[Any], ServerThread], backend: dict[str, Any]) -> None:
-    """All 200 arrive while the first holds are still open (the upstream answers after 3 s):
-    exactly the 20 the wallet covers are forwarded, the rest get 402 at once."""
-    fake = FakeOpenAI(PROVIDER_KEY, stall_seconds=3.0)
+    """All 200 arrive while the first holds are still open (the upstream answers after 6 s;
+    this test's client shares the process with the gateway and needs ~4 s for 200 requests
+    on a slow machine): exactly the 20 the wallet covers are forwarded, the rest get 402."""
+    fake = FakeOpenAI(PROVIDER_KEY, stall_seconds=6.0)
     gw = start_gateway(make_config, serve_app, serve_app(fake.app).url, **backend)
     probe = httpx.post(gw.url + "/v1/chat/completions", json=CHAT_BODY, timeout=30,
                        headers={"authorization": f"Bearer {gw.key}"})

@@ -30,11 +30,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
+from sqlalchemy import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from tollway.errors import ServiceUnavailable
 from tollway.store.cache import Cache
 from tollway.store.db import Store, now_ms
+from tollway.store.prepared import Prepared
 from tollway.store.schema import reservations, revocations, workers
 
 if TYPE_CHECKING:
@@ -54,6 +56,28 @@ def db_clock(store: Store) -> sa.ColumnElement[int]:
         return sa.literal(now_ms(), sa.BigInteger)
     epoch = sa.extract("epoch", sa.func.clock_timestamp())
     return sa.cast(sa.func.floor(epoch * 1000), sa.BigInteger)
+
+
+# The poll's two statements, ten times a second per worker, go through Store.transact: on
+# SQLite that is the loop's writer connection, where aiosqlite would hand each DBAPI call
+# to its thread and back (~4% of a core for an idle gateway, and GIL contention under load).
+
+_REVOCATIONS_AFTER = Prepared(sa.select(revocations.c.seq, revocations.c.key_hash)
+                              .where(revocations.c.seq > sa.bindparam("acked")).order_by(revocations.c.seq))
+
+
+def _revocations_after(conn: Connection, acked: int) -> list[tuple[int, str]]:
+    return [(int(seq), str(key_hash)) for seq, key_hash in _REVOCATIONS_AFTER.rows(conn, {"acked": acked})]
+
+
+def _heartbeat(conn: Connection, worker_id: str, acked: int, identity: str | None,
+               clock: sa.ColumnElement[int]) -> None:
+    done = conn.execute(workers.update().where(workers.c.id == worker_id)
+                        .values(acked_seq=acked, heartbeat_at=clock))
+    if done.rowcount == 0:
+        # A sweep took us for dead after a long stall (and released our open
+        # reservations: settle charges those late, see Ledger.settle). Come back.
+        conn.execute(workers.insert().values(id=worker_id, acked_seq=acked, heartbeat_at=clock, process=identity))
 
 
 # --- telling for certain that a process is gone ------------------------------------------------
@@ -182,10 +206,7 @@ class WorkerRegistry:
             if time.monotonic() - self._last_beat >= HEARTBEAT_EVERY:
                 await self._beat()
             if self.cache is not None:
-                async with self.store.read() as conn:
-                    rows = (await conn.execute(
-                        sa.select(revocations.c.seq, revocations.c.key_hash)
-                        .where(revocations.c.seq > self.acked).order_by(revocations.c.seq))).all()
+                rows = await self.store.transact(_revocations_after, self.acked)
                 if rows:
                     await self.cache.delete(*[f"k:{h}" for _, h in rows])
                     self.generation += 1
@@ -195,15 +216,8 @@ class WorkerRegistry:
 
     async def _beat(self) -> None:
         started = time.monotonic()
-        async with self.store.write() as conn:
-            done = await conn.execute(workers.update().where(workers.c.id == self.worker_id)
-                                      .values(acked_seq=self.acked, heartbeat_at=db_clock(self.store)))
-            if done.rowcount == 0:
-                # A sweep took us for dead after a long stall (and released our open
-                # reservations: settle charges those late, see Ledger.settle). Come back.
-                await conn.execute(workers.insert().values(
-                    id=self.worker_id, acked_seq=self.acked, heartbeat_at=db_clock(self.store),
-                    process=self.identity))
+        assert self.worker_id is not None
+        await self.store.transact(_heartbeat, self.worker_id, self.acked, self.identity, db_clock(self.store))
         self._beat_started = self._last_beat = started
 
     async def run(self, ledger: Ledger, max_request_ms: int, sweep_every: float = SWEEP_EVERY) -> None:

@@ -57,7 +57,7 @@ BUSY_WAIT = 10.0        # then SQLITE_BUSY, which the store turns into a 503
 CHECKPOINT_INTERVAL = 0.5
 CHECKPOINT_NUDGE = 64
 RESTART_FRAMES = 1000   # SQLite's own autocheckpoint threshold (~4 MB of WAL)
-RESTART_WAIT_MS = 2000  # how long a RESTART checkpoint waits for readers before trying later
+RESTART_WAIT_MS = 100   # the most a RESTART checkpoint (and so the writer) waits for readers; then later
 
 
 class SQLiteWriter:
