@@ -9,9 +9,8 @@ conditional wallet UPDATE, so ledger.py's concurrency argument holds for all of 
 nothing is batched.
 
 SQLite (default):
-  current   Ledger.reserve + Ledger.settle: SQLAlchemy async over aiosqlite, where every
-            DBAPI call (cursor, execute, fetch, close, BEGIN, COMMIT, the pool's reset)
-            is one round trip to aiosqlite's thread: ~34 thread hops per request.
+  current   Ledger.reserve + Ledger.settle as the gateway runs them: Store.transact, the
+            writer of store/sqlite_writer.py on the event loop, prepared statements.
   one-hop   the same Core statements, built once, on a sync pysqlite connection; each
             whole transaction is one call on a dedicated thread: 2 hops per request.
   raw       the same SQL as literal strings on sqlite3, one hop per transaction.
