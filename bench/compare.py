@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from gateway import JSON_MODEL, SSE_MODEL, Gateway, request_body
+from gateway import JSON_MODEL, SSE_MODEL, Gateway, ScaleOut, request_body
 from run import WRK_HINT, Bench
 from upstream import Nginx
 
@@ -37,6 +37,8 @@ def main() -> int:
     ap.add_argument("--duration", type=int, default=3, help="seconds per wrk run")
     ap.add_argument("--conns", default="1,32", help="connection counts, comma-separated")
     ap.add_argument("--kinds", default="json,sse", help="json, sse or both")
+    ap.add_argument("--scale-out", action="store_true",
+                    help="each side on a throw-away PostgreSQL database (127.0.0.1:5432) + Redis (db 14)")
     args = ap.parse_args()
     if shutil.which("wrk") is None:
         print(WRK_HINT, file=sys.stderr)
@@ -46,13 +48,19 @@ def main() -> int:
     subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(tree), args.base], check=True)
     nginx = Nginx(workdir)
     gateways: dict[str, Gateway] = {}
+    databases: list[ScaleOut] = []
     try:
         nginx.start()
         benches: dict[str, Bench] = {}
         for side in ("base", "this"):
             side_dir = workdir / side
             side_dir.mkdir()
-            gw = gateways[side] = Gateway(side_dir, nginx.port)
+            scale_out = None
+            if args.scale_out:
+                scale_out = ScaleOut()
+                scale_out.create()
+                databases.append(scale_out)
+            gw = gateways[side] = Gateway(side_dir, nginx.port, scale_out)
             if side == "base":
                 gw.env["PYTHONPATH"] = os.pathsep.join([str(tree / "src"), gw.env.get("PYTHONPATH", "")])
             setup = gw.setup()
@@ -67,7 +75,7 @@ def main() -> int:
             for kind in kinds:
                 bench.wrk("gateway", kind, 4, 2, record=False)
         print(f"base = {args.base}, this = the working tree; {args.rounds} x {args.duration} s per side and "
-              f"configuration\n")
+              f"configuration; {'PostgreSQL + Redis' if args.scale_out else 'SQLite + memory'}\n")
         print(f"  {'body':<5}{'conns':>5}  {'CPU ms/req base':>16}{'this':>8}{'ratio':>8}"
               f"  {'req/s base':>11}{'this':>8}{'ratio':>8}  {'p99 ms base':>12}{'this':>8}")
         for conns in conns_list:
@@ -94,6 +102,8 @@ def main() -> int:
         for gw in gateways.values():
             gw.stop()
         nginx.stop()
+        for db in databases:
+            db.drop()
         subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
         shutil.rmtree(workdir, ignore_errors=True)
 
