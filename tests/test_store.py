@@ -337,83 +337,82 @@ async def test_sqlite_wal_stays_bounded_under_steady_writes(tmp_path: Path) -> N
         await store.close()
 
 
-async def test_sqlite_writer_waits_for_a_held_write_lock_then_gives_up_with_503(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Another connection (here: another process's, in effect) holds the write lock: the
-    writer gets it within milliseconds of its release; held past BUSY_WAIT, a clean 503."""
-    from tollway.store import sqlite_writer
-
+@pytest.fixture
+async def sqlite_and_other(tmp_path: Path) -> AsyncIterator[tuple[Store, sqlite3.Connection]]:
+    """A migrated SQLite store, and a second plain connection to its file (in effect
+    another process's) to hold the write lock with."""
     path = tmp_path / "lock.db"
     store = Store(f"sqlite:///{path}")
     await store.migrate()
     other = sqlite3.connect(path, isolation_level=None)
     try:
-        def insert(conn: sa.Connection, i: int) -> int:
-            conn.execute(tenants.insert().values(id=f"tn_{i}", created_at=i))
-            return i
-
-        other.execute("BEGIN IMMEDIATE")
-        pending = asyncio.ensure_future(store.transact(insert, 1))
-        await asyncio.sleep(0.3)
-        assert not pending.done()
-        other.execute("COMMIT")
-        released = time.monotonic()
-        assert await pending == 1
-        assert time.monotonic() - released < 0.05
-
-        monkeypatch.setattr(sqlite_writer, "BUSY_WAIT", 0.2)
-        other.execute("BEGIN IMMEDIATE")
-        with pytest.raises(ServiceUnavailable):
-            await store.transact(insert, 2)
-        other.execute("ROLLBACK")
-        assert await store.transact(insert, 3) == 3  # and it recovers at once
+        yield store, other
     finally:
         other.close()
         await store.close()
 
 
-async def test_sqlite_writer_keeps_the_loop_running_while_the_lock_is_held(tmp_path: Path) -> None:
+def _insert_tenant(conn: sa.Connection, i: int) -> int:
+    conn.execute(tenants.insert().values(id=f"tn_{i}", created_at=i))
+    return i
+
+
+async def test_sqlite_writer_waits_for_a_held_write_lock_then_gives_up_with_503(
+        sqlite_and_other: tuple[Store, sqlite3.Connection], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another connection (here: another process's, in effect) holds the write lock: the
+    writer gets it within milliseconds of its release; held past BUSY_WAIT, a clean 503."""
+    from tollway.store import sqlite_writer
+
+    store, other = sqlite_and_other
+    other.execute("BEGIN IMMEDIATE")
+    pending = asyncio.ensure_future(store.transact(_insert_tenant, 1))
+    await asyncio.sleep(0.3)
+    assert not pending.done()
+    other.execute("COMMIT")
+    released = time.monotonic()
+    assert await pending == 1
+    assert time.monotonic() - released < 0.05
+
+    monkeypatch.setattr(sqlite_writer, "BUSY_WAIT", 0.2)
+    other.execute("BEGIN IMMEDIATE")
+    with pytest.raises(ServiceUnavailable):
+        await store.transact(_insert_tenant, 2)
+    other.execute("ROLLBACK")
+    assert await store.transact(_insert_tenant, 3) == 3  # and it recovers at once
+
+
+async def test_sqlite_writer_keeps_the_loop_running_while_the_lock_is_held(
+        sqlite_and_other: tuple[Store, sqlite3.Connection]) -> None:
     """The writer runs on the event loop but never waits there: while another connection
     holds the write lock for 300 ms, a 5 ms ticker on the same loop keeps ticking, and a
     caller cancelled while waiting for its turn leaves nothing behind."""
-    path = tmp_path / "loop.db"
-    store = Store(f"sqlite:///{path}")
-    await store.migrate()
-    other = sqlite3.connect(path, isolation_level=None)
-    try:
-        def insert(conn: sa.Connection, i: int) -> int:
-            conn.execute(tenants.insert().values(id=f"tn_{i}", created_at=i))
-            return i
+    store, other = sqlite_and_other
+    gaps: list[float] = []
 
-        gaps: list[float] = []
+    async def ticker() -> None:
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(0.005)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
 
-        async def ticker() -> None:
-            last = time.monotonic()
-            while True:
-                await asyncio.sleep(0.005)
-                now = time.monotonic()
-                gaps.append(now - last)
-                last = now
-
-        ticking = asyncio.ensure_future(ticker())
-        other.execute("BEGIN IMMEDIATE")
-        waiting = asyncio.ensure_future(store.transact(insert, 1))
-        abandoned = asyncio.ensure_future(store.transact(insert, 2))
-        await asyncio.sleep(0.15)
-        abandoned.cancel()
-        await asyncio.sleep(0.15)
-        other.execute("COMMIT")
-        assert await waiting == 1
-        ticking.cancel()
-        assert len(gaps) > 30 and max(gaps) < 0.1, (len(gaps), max(gaps))
-        with pytest.raises(asyncio.CancelledError):
-            await abandoned
-        async with store.read() as conn:
-            ids = set((await conn.execute(sa.select(tenants.c.id))).scalars().all())
-        assert ids == {"tn_1"}  # the cancelled caller's transaction never ran
-    finally:
-        other.close()
-        await store.close()
+    ticking = asyncio.ensure_future(ticker())
+    other.execute("BEGIN IMMEDIATE")
+    waiting = asyncio.ensure_future(store.transact(_insert_tenant, 1))
+    abandoned = asyncio.ensure_future(store.transact(_insert_tenant, 2))
+    await asyncio.sleep(0.15)
+    abandoned.cancel()
+    await asyncio.sleep(0.15)
+    other.execute("COMMIT")
+    assert await waiting == 1
+    ticking.cancel()
+    assert len(gaps) > 30 and max(gaps) < 0.1, (len(gaps), max(gaps))
+    with pytest.raises(asyncio.CancelledError):
+        await abandoned
+    async with store.read() as conn:
+        ids = set((await conn.execute(sa.select(tenants.c.id))).scalars().all())
+    assert ids == {"tn_1"}  # the cancelled caller's transaction never ran
 
 
 async def test_errors_that_are_not_outages_pass_through(store: Store) -> None:

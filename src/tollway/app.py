@@ -125,8 +125,8 @@ def create_app(cfg: Config, *, services: Services | None = None, migrate: bool |
             await svc.workers.unregister()
             await svc.close()
 
-    app = _Gateway(routes=routes, lifespan=lifespan, exception_handlers={TollwayError: _tollway_error})
-    app.edge = lambda inner: Edge(inner, access, proxy.shortcuts())
+    app = _Gateway(lambda inner: Edge(inner, access, proxy.shortcuts()),
+                   routes=routes, lifespan=lifespan, exception_handlers={TollwayError: _tollway_error})
     app.state.services = svc
     app.state.config = cfg
     return app
@@ -136,7 +136,9 @@ class _Gateway(Starlette):
     """Starlette with the edge (edge.py) outside its own error middleware, so that
     the /v1 POST endpoints can be reached without passing through it."""
 
-    edge: Callable[[ASGIApp], ASGIApp]
+    def __init__(self, edge: Callable[[ASGIApp], ASGIApp], **kwargs: Any) -> None:
+        self.edge = edge  # before Starlette's __init__, which may build the stack
+        super().__init__(**kwargs)
 
     def build_middleware_stack(self) -> ASGIApp:
         return self.edge(super().build_middleware_stack())

@@ -195,8 +195,6 @@ class Store:
                 return await conn.run_sync(fn, *args, **kwargs)
         try:  # what _translate() does, without a context manager's cost (twice per request)
             return await self.writer.run(lambda conn: fn(conn, *args, **kwargs))
-        except ServiceUnavailable:
-            raise
         except Exception as exc:
             if is_unavailable(exc):
                 raise _unavailable() from exc
@@ -211,9 +209,7 @@ class Store:
     async def _translate(self) -> AsyncIterator[None]:
         try:
             yield
-        except ServiceUnavailable:
-            raise
-        except Exception as exc:
+        except Exception as exc:  # (a ServiceUnavailable is not "unavailable": it passes as is)
             if is_unavailable(exc):
                 raise _unavailable() from exc
             raise

@@ -44,6 +44,7 @@ import sqlalchemy as sa
 from sqlalchemy import Connection, Engine, event
 
 from tollway.store.prepared import as_sqlalchemy_error
+from tollway.telemetry import log
 
 T = TypeVar("T")
 _Op = tuple[Callable[[Connection], Any], asyncio.Future[Any]]
@@ -65,7 +66,6 @@ class SQLiteWriter:
                  on_statement: Callable[..., None]) -> None:
         """`on_connect` sets up a connection like every other one of the store (pragmas);
         `on_statement` sees each statement (the store counts them)."""
-        self.path = path
         self.engine: Engine = sa.create_engine(f"sqlite:///{path}", pool_size=1, max_overflow=0,
                                                connect_args={"check_same_thread": False})
         event.listen(self.engine, "connect", on_connect)
@@ -222,8 +222,6 @@ class _Checkpointer:
                     self.checkpoint(conn)
                 except sqlite3.Error:
                     # Busy or failed: the WAL keeps its frames, the next round tries again.
-                    from tollway.telemetry import log
-
                     log.warning("sqlite_checkpoint_failed", exc_info=True)
         finally:
             conn.close()
