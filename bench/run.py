@@ -6,7 +6,7 @@
 Starts nginx (fixed JSON and SSE bodies) and `tollway serve` (one worker, SQLite +
 memory cache, auth and billing on) on free 127.0.0.1 ports in a temp dir, then drives
 POST /v1/chat/completions at 1 and 32 connections, non-streaming and streaming, through
-the gateway and directly against nginx; at 32 connections also through the floor (a bare
+the gateway and directly against nginx; also through the floor (a bare
 uvicorn + aiohttp forwarder, floor.py). Every measurement is repeated and the median is
 reported. CPU per request = (utime + stime of the server's process, from /proc/<pid>/stat,
 after - before) / requests completed. The gateway's RSS is sampled after every run until
@@ -142,7 +142,7 @@ def measure(bench: Bench, args: argparse.Namespace) -> None:
         for kind in ("json", "sse"):
             for _ in range(args.repeat):
                 # Interleaved, so load from other processes hits each target alike.
-                for target in ("direct", "gateway", *(("floor",) if conns == 32 and bench.floor else ())):
+                for target in ("direct", "gateway", *(("floor",) if bench.floor else ())):
                     bench.wrk(target, kind, conns, args.duration)
     soak_end = time.monotonic() + args.soak_limit
     while bench.gateway_requests < args.soak_requests and time.monotonic() < soak_end:

@@ -177,4 +177,4 @@ def test_database_pool_settings_reach_the_store(tmp_path: Path) -> None:
                                                  'pool_size = 3\npool_timeout_seconds = 2\n'))
     svc = build(cfg)  # builds engines only: nothing connects to port 1
     pool = svc.store.engine.sync_engine.pool
-    assert (pool.size(), pool._max_overflow, pool._timeout) == (3, 3, 2)  # type: ignore[attr-defined]
+    assert (pool.size(), pool._max_overflow, pool._timeout) == (3, 0, 2)  # type: ignore[attr-defined]

@@ -113,6 +113,25 @@ async def test_ten_replays_of_a_settle_charge_once(svc: Services) -> None:
     assert await svc.ledger.verify(HOUR_MS) == []
 
 
+async def test_reserve_and_settle_are_one_transaction_each(svc: Services) -> None:
+    tid = await new_tenant(svc, 1_000_000)
+    r = rid()
+    statements, writer = svc.store.queries, svc.store.writer
+    transactions = writer.transactions if writer else 0
+    assert await svc.ledger.reserve(tid, r, 400_000, key_id="key_x", worker_id="wk_x") == 600_000
+    assert await svc.ledger.settle(r, 1_234, usage("key_x")) == 1_234
+    if writer is not None:
+        assert writer.transactions - transactions == 2
+    else:
+        # PostgreSQL: one statement each, no BEGIN/COMMIT round trips (ledger_onestep.py)
+        assert svc.store.queries - statements == 2
+    assert await svc.ledger.balance(tid) == 1_000_000 - 1_234
+    assert sorted(e["kind"] for e in await svc.ledger.entries(tid)) == ["credit", "debit", "release", "reserve"]
+    assert await count(svc, usage_events, usage_events.c.request_id == r) == 1
+    assert await count(svc, reservations) == 0
+    assert await svc.ledger.verify(HOUR_MS) == []
+
+
 async def test_a_request_id_is_reserved_once(svc: Services) -> None:
     tid = await new_tenant(svc, 1_000_000)
     r = rid()

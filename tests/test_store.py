@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -23,6 +24,7 @@ from tests.conftest import REDIS_URL, _reachable, free_port, fresh_pg_database, 
 from tollway.errors import ServiceUnavailable, render_json
 from tollway.store.cache import Cache, MemoryCache, RedisCache, make_cache
 from tollway.store.db import IDLE_PING_AFTER, Store, is_unavailable, retry_while_unavailable
+from tollway.store.prepared import Prepared
 from tollway.store.schema import metadata, tenants, wallets
 
 # --- Cache contract ---------------------------------------------------------------------------
@@ -566,12 +568,36 @@ async def test_pg_session_killed_mid_transaction_is_503_then_recovers(pg_store: 
 
 
 async def test_pg_pool_exhausted_is_503_not_a_hang(pg_store: Store) -> None:
-    async with pg_store.read(), pg_store.read(), pg_store.read(), pg_store.read():  # pool 2 + overflow 2
+    one = Prepared(sa.select(sa.literal_column("1")))
+    assert await pg_store.statement(one, {}) == [(1,)]
+    async with pg_store.read(), pg_store.read():  # pool 2, no overflow
         started = time.monotonic()
         with pytest.raises(ServiceUnavailable):
             async with pg_store.read():
                 pass
+        with pytest.raises(ServiceUnavailable):
+            await pg_store.statement(one, {})
         assert time.monotonic() - started < 2
+    assert await pg_store.statement(one, {}) == [(1,)]
+
+
+async def test_pg_statement_on_a_killed_connection_is_503_then_recovers(pg_store: Store) -> None:
+    one = Prepared(sa.select(sa.literal_column("1")))
+    pid = (await pg_store.statement(Prepared(sa.select(sa.func.pg_backend_pid())), {}))[0][0]
+    admin = await asyncpg.connect(pg_store.url)  # not one of the store's connections
+    try:
+        assert await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
+    finally:
+        await admin.close()
+    outcomes = []
+    for _ in range(4):
+        try:
+            outcomes.append(await pg_store.statement(one, {}))
+        except ServiceUnavailable:
+            outcomes.append("503")
+    # A connection the server killed fails at most the statement on it, as a 503; the
+    # pool replaces it and does not hand it out again.
+    assert outcomes.count("503") <= 1 and outcomes[-2:] == [[(1,)], [(1,)]], outcomes
 
 
 def test_transient_sqlstates_are_unavailable() -> None:

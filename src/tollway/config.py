@@ -83,7 +83,8 @@ class DatabaseConfig:
     url: str = doc("sqlite:///PATH (embedded) or postgresql://user@host:port/db (no password in it).",
                    "sqlite:///tollway.db")
     password_env: str = doc("Env var holding the PostgreSQL password; empty: none (trust, peer, .pgpass).", "")
-    pool_size: int = doc("PostgreSQL connections each worker process keeps; as many again open under a burst.", 10)
+    pool_size: int = doc("PostgreSQL connections each worker process keeps, and no more: a burst waits for a "
+                         "free one.", 10)
     pool_timeout_seconds: int = doc("Longest a request waits for a free PostgreSQL connection before a 503.", 10)
 
 

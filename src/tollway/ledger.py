@@ -16,8 +16,10 @@ balance >= 0 even against a bug here.
 
 One request costs two short write transactions, reserve (before forwarding) and settle
 (after; it also writes the usage row); nothing is batched in memory, so a crash loses
-no spend. The reservation row is settle's idempotency gate: settle deletes it and only
-the transaction that deleted it moves money. An open reservation whose worker died is
+no spend. On PostgreSQL each is one statement in the common case (ledger_onestep.py:
+the same writes, atomic the same way, in one round trip). The reservation row is
+settle's idempotency gate: settle deletes it and only the transaction that deleted it
+moves money. An open reservation whose worker died is
 released in full by the sweep (workers.py), recorded as `<request>:swept`: a customer
 is never charged for a request whose outcome Tollway never saw. If the worker was in
 fact alive (a long stall made it look dead), its settle arrives later and charges the
@@ -39,6 +41,7 @@ from sqlalchemy import Connection
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from tollway import ledger_onestep
 from tollway.errors import InsufficientFunds, NotFound, SpendLimitExceeded
 from tollway.money import format_usd
 from tollway.store.db import Store, now_ms
@@ -158,6 +161,13 @@ class Ledger:
         if amount_micros < 0:
             raise ValueError("a reservation cannot be negative")
         limit = key_limit_micros if key_limit_micros is not None and key_period is not None else None
+        if limit is None and not self.store.is_sqlite:
+            found = await self.store.statement(ledger_onestep.RESERVE, {
+                "tenant": tenant_id, "amount": amount_micros, "ts": now_ms(), "rid": request_id,
+                "entry_id": f"{request_id}:reserve", "key_id": key_id, "worker_id": worker_id})
+            if not found:
+                raise _insufficient(amount_micros)
+            return int(found[0][0])
         return await self.store.transact(
             self._reserve, tenant_id, request_id, amount_micros, key_id, limit, key_period, worker_id)
 
@@ -166,10 +176,7 @@ class Ledger:
         ts = now_ms()
         row = _RESERVE.first(conn, {"tenant": tenant_id, "amount": amount, "ts": ts})
         if row is None:
-            raise InsufficientFunds(
-                f"Your wallet balance does not cover this request (up to {format_usd(amount)} USD "
-                f"must be reserved). Top up to continue."
-            )
+            raise _insufficient(amount)
         if key_limit is not None:
             self._hold_key_spend(conn, key_id or "", key_period or "", amount, key_limit)
         new = row[0]
@@ -207,10 +214,29 @@ class Ledger:
             # Executed with parameters, unknown keys would be dropped silently.
             raise ValueError(f"not usage_events columns: {sorted(usage.keys() - _USAGE_COLUMNS)}")
         try:
+            if not self.store.is_sqlite:
+                charged = await self._settle_in_one_statement(request_id, max(0, charge_micros), usage)
+                if charged is not None:
+                    return charged
             return await self.store.transact(self._settle, request_id, max(0, charge_micros), usage, False)
         except sa.exc.IntegrityError:
             # Two late settles of the same swept request raced; the other one charged it.
             return None
+
+    async def _settle_in_one_statement(self, request_id: str, charge: int,
+                                       usage: dict[str, Any] | None) -> int | None:
+        """PostgreSQL's common case (ledger_onestep.py). None: not settled here, because no
+        reservation was open or the charge exceeds the hold plus the balance; `_settle`
+        then decides, in a transaction."""
+        params = {"rid": request_id, "charge": charge, "ts": now_ms(), "release_id": f"{request_id}:release",
+                  "debit_id": f"{request_id}:debit"}
+        if usage is not None:
+            params.update({f"usage_{k}": v for k, v in usage.items()})
+        try:
+            found = await self.store.statement(ledger_onestep.settle_statement(usage), params)
+        except sa.exc.IntegrityError:
+            return None  # the wallet's CHECK: the statement wrote nothing
+        return charge if found else None
 
     async def release(self, request_id: str, usage: dict[str, Any] | None = None) -> int | None:
         """Release a hold without charging (the request failed before any cost arose)."""
@@ -380,6 +406,11 @@ class Ledger:
 
     async def open_wallet(self, conn: AsyncConnection, tenant_id: str) -> None:
         await conn.execute(wallets.insert().values(tenant_id=tenant_id, balance_micros=0, updated_at=now_ms()))
+
+
+def _insufficient(amount: int) -> InsufficientFunds:
+    return InsufficientFunds(f"Your wallet balance does not cover this request (up to {format_usd(amount)} USD "
+                             f"must be reserved). Top up to continue.")
 
 
 def _exists(conn: Connection, entry_id: str) -> bool:

@@ -6,7 +6,8 @@ what SQLite itself spends, and the writer runs on the event loop (sqlite_writer.
 every request paid for it (bench/README.md, Findings). The statement
 is still written once, in Core, against the schema; only its execution takes the short
 path. Elsewhere (PostgreSQL, where the round trip dominates, and the async SQLite
-engine a caller's own transaction may be on) it is executed normally.
+engine a caller's own transaction may be on) it is executed normally, except by
+`fetch`: one statement straight on an asyncpg connection (Store.statement).
 
 Results come back as plain tuples in the statement's column order on both paths.
 """
@@ -19,6 +20,7 @@ from typing import Any
 
 import sqlalchemy.exc
 from sqlalchemy import Connection
+from sqlalchemy.engine import Dialect
 from sqlalchemy.sql.expression import Executable
 
 
@@ -49,7 +51,7 @@ class Prepared:
 
     def _on_cursor(self, conn: Connection, rows: Sequence[Mapping[str, Any]], *, many: bool
                    ) -> list[tuple[Any, ...]]:
-        sql, order = self._sql(conn, tuple(rows[0]))
+        sql, order = self._sql(conn.dialect, tuple(rows[0]))
         args = [[r[k] for k in order] for r in rows]
         cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
         # Listeners still see every statement (Store counts them; tests and bench read the count).
@@ -66,14 +68,21 @@ class Prepared:
         finally:
             cursor.close()
 
-    def _sql(self, conn: Connection, keys: tuple[str, ...]) -> tuple[str, tuple[str, ...]]:
-        found = self._compiled.get(keys)
+    async def fetch(self, driver_conn: Any, dialect: Dialect, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
+        """Execute once on an asyncpg connection, as its own transaction unless one is
+        open on it; asyncpg prepares the statement once per connection. Driver errors
+        propagate as asyncpg raises them (Store.statement translates them)."""
+        sql, order = self._sql(dialect, tuple(params))
+        return [tuple(r) for r in await driver_conn.fetch(sql, *[params[k] for k in order])]
+
+    def _sql(self, dialect: Dialect, keys: tuple[str, ...]) -> tuple[str, tuple[str, ...]]:
+        found = self._compiled.get((dialect.name, *keys))
         if found is None:
-            compiled = self.stmt.compile(dialect=conn.dialect, column_keys=list(keys))  # type: ignore[attr-defined]
+            compiled = self.stmt.compile(dialect=dialect, column_keys=list(keys))  # type: ignore[attr-defined]
             order = tuple(compiled.positiontup or ())
             if set(order) - set(keys):
                 raise ValueError(f"missing parameters: {sorted(set(order) - set(keys))}")
-            found = self._compiled[keys] = (str(compiled), order)
+            found = self._compiled[(dialect.name, *keys)] = (str(compiled), order)
         return found
 
 
