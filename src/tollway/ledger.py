@@ -19,11 +19,11 @@ One request costs two short write transactions, reserve (before forwarding) and 
 no spend. On PostgreSQL each is one statement in the common case (ledger_onestep.py:
 the same writes, atomic the same way, in one round trip). The reservation row is
 settle's idempotency gate: settle deletes it and only the transaction that deleted it
-moves money. An open reservation whose worker died is
-released in full by the sweep (workers.py), recorded as `<request>:swept`: a customer
-is never charged for a request whose outcome Tollway never saw. If the worker was in
-fact alive (a long stall made it look dead), its settle arrives later and charges the
-request then, once, capped at the balance (`_settle_late`).
+moves money. An open reservation whose worker died is released in full by the sweep
+(workers.py), recorded as `<request>:swept`: a customer is never charged for a request
+whose outcome Tollway never saw. If the worker was in fact alive (a long stall made it
+look dead), its settle arrives later and charges the request then, once, capped at the
+balance (`_settle_late`).
 
 Entry ids: `<request>:reserve`, `<request>:release` (or `:swept`), `<request>:debit`;
 operator credits `manual:<tenant>:<reference>`; Stripe `stripe:...`.
