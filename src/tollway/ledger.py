@@ -213,12 +213,13 @@ class Ledger:
         if usage is not None and not usage.keys() <= _USAGE_COLUMNS:
             # Executed with parameters, unknown keys would be dropped silently.
             raise ValueError(f"not usage_events columns: {sorted(usage.keys() - _USAGE_COLUMNS)}")
+        charge = max(0, charge_micros)
         try:
             if not self.store.is_sqlite:
-                charged = await self._settle_in_one_statement(request_id, max(0, charge_micros), usage)
+                charged = await self._settle_in_one_statement(request_id, charge, usage)
                 if charged is not None:
                     return charged
-            return await self.store.transact(self._settle, request_id, max(0, charge_micros), usage, False)
+            return await self.store.transact(self._settle, request_id, charge, usage, False)
         except sa.exc.IntegrityError:
             # Two late settles of the same swept request raced; the other one charged it.
             return None

@@ -120,8 +120,9 @@ _SETTLES: dict[tuple[str, ...] | None, Prepared] = {}
 
 
 def settle_statement(usage_columns: Iterable[str] | None) -> Prepared:
-    """The settle statement for usage rows with these columns (built once per set)."""
-    key = None if usage_columns is None else tuple(sorted(usage_columns))
+    """The settle statement for usage rows with these columns (built once per set; the
+    pipeline always passes its columns in the same order)."""
+    key = None if usage_columns is None else tuple(usage_columns)
     found = _SETTLES.get(key)
     if found is None:
         found = _SETTLES[key] = _settle(key)

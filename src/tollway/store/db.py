@@ -221,21 +221,16 @@ class Store:
         ServiceUnavailable, the same as from `transact`. On SQLite it is a `transact`."""
         if self.is_sqlite:
             return await self.transact(prepared.rows, params)
-        try:
-            async with self.engine.connect() as conn:
-                fairy = await conn.get_raw_connection()
-                self._count()
-                try:
-                    return await prepared.fetch(fairy.driver_connection, self.engine.dialect, params)
-                except Exception as exc:
-                    error = _from_asyncpg(self.engine.dialect, exc)
-                    if is_unavailable(error):
-                        await conn.invalidate()  # never hand this connection out again
-                    raise error from exc
-        except Exception as exc:
-            if is_unavailable(exc):
-                raise _unavailable() from exc
-            raise
+        async with self._translate(), self.engine.connect() as conn:
+            fairy = await conn.get_raw_connection()
+            self._count()
+            try:
+                return await prepared.fetch(fairy.driver_connection, self.engine.dialect, params)
+            except Exception as exc:
+                error = _from_asyncpg(self.engine.dialect, exc)
+                if is_unavailable(error):
+                    await conn.invalidate()  # never hand this connection out again
+                raise error from exc
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:
@@ -296,8 +291,9 @@ async def retry_while_unavailable(op: Callable[[], Awaitable[T]], *, within: flo
 
 
 def _from_asyncpg(dialect: Any, exc: Exception) -> Exception:
-    """An asyncpg exception as SQLAlchemy would have raised it (its DBAPI adapter's own
-    mapping), so `is_unavailable` and callers catching IntegrityError see one kind."""
+    """An asyncpg exception as SQLAlchemy would have raised it, so `is_unavailable` and
+    callers catching IntegrityError see one kind. The mapping is the adapter's own (a
+    private SQLAlchemy method): written here again, it would drift from SQLAlchemy's."""
     dbapi = dialect.loaded_dbapi
     try:
         AsyncAdapt_asyncpg_connection._handle_exception_no_connection(dbapi, exc)
