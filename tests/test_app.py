@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -11,8 +16,8 @@ import pytest
 from starlette.routing import Mount, Route
 
 from tests.conftest import ServerThread
-from tollway.app import ROUTE_TABLE, create_app
-from tollway.config import Config
+from tollway.app import GC_THRESHOLDS, ROUTE_TABLE, create_app
+from tollway.config import CONFIG_ENV, Config
 from tollway.store.db import Store
 
 TOKEN = "admin-token-for-tests-0123456789"
@@ -124,3 +129,33 @@ def test_migrations_apply_and_are_current(backend: dict[str, Any], make_config: 
             await store.close()
 
     assert asyncio.run(run()) is True
+
+
+def test_serving_process_tunes_the_cycle_collector(make_config: Callable[..., Config]) -> None:
+    """`tollway serve`'s factory freezes what start-up left and raises the first GC
+    threshold once the app has started (app.serve_gc; bench/README.md has the numbers);
+    an app built any other way (tests, embedding) leaves the interpreter's settings alone.
+    In a child process: the collector's settings are process-wide."""
+    cfg = make_config()
+    script = (
+        "import asyncio, gc, json\n"
+        "from tollway import config\n"
+        "from tollway.app import app_from_env, create_app\n"
+        "def settings():\n"
+        "    return [list(gc.get_threshold()), gc.get_freeze_count()]\n"
+        "async def started(app):\n"
+        "    async with app.router.lifespan_context(app):\n"
+        "        return settings()\n"
+        "async def main():\n"
+        "    before = settings()\n"
+        "    embedded = await started(create_app(config.load(config.find_config_path(None)), migrate=True))\n"
+        "    served = await started(app_from_env())\n"
+        "    print(json.dumps([before, embedded, served]))\n"
+        "asyncio.run(main())\n"
+    )
+    env = {**os.environ, CONFIG_ENV: str(cfg.source)}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    before, embedded, served = json.loads(out.stdout.strip().splitlines()[-1])
+    assert before == [list(gc.get_threshold()), 0] and embedded == before
+    assert served[0] == list(GC_THRESHOLDS) and served[1] > 10_000  # start-up's objects are frozen

@@ -67,6 +67,10 @@ class UpstreamResponse(Protocol):
         """The next bytes of the body as they arrive; b"" at the end."""
         ...
 
+    def at_end(self) -> bool:
+        """The whole body has arrived and been read: `chunk` would return b""."""
+        ...
+
     def close(self) -> None:
         """Drop the connection (a stream not read to its end is cancelled upstream)."""
         ...

@@ -52,6 +52,9 @@ class EchoResponse:
         self._next += 1
         return self._parts[self._next - 1]
 
+    def at_end(self) -> bool:
+        return self._next >= len(self._parts)
+
     def close(self) -> None:
         self._next = len(self._parts)
 

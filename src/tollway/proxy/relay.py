@@ -113,6 +113,9 @@ class Relay:
     async def _drain(self) -> None:
         """After the end marker only the body's terminator should follow; a provider that
         keeps the stream open is not waited for (its connection is closed, not reused)."""
+        if self.resp.at_end():  # the usual case, without a timer
+            self.drained = True
+            return
         try:
             async with asyncio.timeout(DRAIN_SECONDS):
                 while await self.resp.chunk():

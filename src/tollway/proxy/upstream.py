@@ -49,6 +49,9 @@ class HttpResponse:
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise _mapped(exc, self._total, self._idle) from exc
 
+    def at_end(self) -> bool:
+        return self._resp.content.at_eof()
+
     def close(self) -> None:
         self._resp.close()
 
