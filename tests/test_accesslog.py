@@ -73,9 +73,12 @@ class Counted:
         self.inserts = 0
         event.listen(store.engine.sync_engine, "before_cursor_execute", self._seen)
         if store.writer is not None:  # SQLite: writes go through the store's writer (sqlite_writer.py)
-            event.listen(store.writer.engine, "before_cursor_execute", self._seen)
+            store.writer.statement_observers.append(self._seen_sql)
 
     def _seen(self, _conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        self._seen_sql(statement)
+
+    def _seen_sql(self, statement: str) -> None:
         if statement.lstrip().upper().startswith("INSERT INTO ACCESS_LOG"):
             self.inserts += 1
 

@@ -23,6 +23,7 @@ from tollway.providers.base import (
     estimate_prompt_tokens,
     merge_headers,
     sse_data,
+    text_markers,
     upstream_error_details,
 )
 from tollway.providers.echo import EchoTransport
@@ -160,9 +161,13 @@ def test_anthropic_urls_and_headers() -> None:
 
 def test_escaped_text_bytes_stops_at_the_closing_quote() -> None:
     ev = b'{"delta":{"content":"a\\\\"},"x":"tail"}'  # content is a single escaped backslash pair
-    assert escaped_text_bytes(ev, (b'"content":"',)) == 3
-    assert escaped_text_bytes(b'{"content":"say \\"hi\\""}', (b'"content":"',)) == len(b'say \\"hi\\"')
-    assert escaped_text_bytes(b'{"content":""}', (b'"content":"',)) == 0
+    content = text_markers("content")
+    assert escaped_text_bytes(ev, content) == 3
+    assert escaped_text_bytes(b'{"content":"say \\"hi\\""}', content) == len(b'say \\"hi\\"')
+    assert escaped_text_bytes(b'{"content":""}', content) == 0
+    # Every marked value counts, whichever key and however many (parallel tool calls).
+    calls = b'{"tool_calls":[{"function":{"arguments":"{\\"a\\":1}"}},{"function":{"arguments":"xy"}}]}'
+    assert escaped_text_bytes(calls, text_markers("content", "arguments")) == len(b'{\\"a\\":1}') + 2
 
 
 @pytest.mark.parametrize(("raw", "expected"), [

@@ -24,11 +24,12 @@ from tollway.providers.base import (
     escaped_text_bytes,
     gateway_headers,
     sse_data,
+    text_markers,
 )
 
 DEFAULT_VERSION = "2023-06-01"
 _USAGE_FIELDS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
-_TEXT_MARKERS = (b'"text":"', b'"thinking":"', b'"partial_json":"')
+_TEXT_MARKERS = text_markers("text", "thinking", "partial_json")
 
 
 def messages_url(base_url: str) -> str:

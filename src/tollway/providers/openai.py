@@ -25,13 +25,14 @@ from tollway.providers.base import (
     gateway_headers,
     join_url,
     sse_data,
+    text_markers,
 )
 
 PATHS = {CHAT: "/chat/completions", COMPLETIONS: "/completions", EMBEDDINGS: "/embeddings"}
 
 # Fields holding generated text in chunks: chat content, reasoning (DeepSeek's
 # reasoning_content, OpenRouter's reasoning), tool-call arguments, legacy completions.
-_TEXT_MARKERS = (b'"content":"', b'"reasoning_content":"', b'"reasoning":"', b'"arguments":"', b'"text":"')
+_TEXT_MARKERS = text_markers("content", "reasoning_content", "reasoning", "arguments", "text")
 _MODEL = re.compile(rb'"model"\s*:\s*"(?:[^"\\]|\\.)*"')
 _DONE = (b"data: [DONE]", b"data:[DONE]")
 

@@ -43,7 +43,7 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 from sqlalchemy import Connection, Engine, event
 
-from tollway.store.prepared import as_sqlalchemy_error
+from tollway.store.prepared import STATEMENT_HOOK, as_sqlalchemy_error
 from tollway.telemetry import log
 
 T = TypeVar("T")
@@ -63,14 +63,20 @@ RESTART_WAIT_MS = 100   # the most a RESTART checkpoint (and so the writer) wait
 
 class SQLiteWriter:
     def __init__(self, path: Path, *, on_connect: Callable[[Any, Any], None],
-                 on_statement: Callable[..., None]) -> None:
+                 on_statement: Callable[[str], None]) -> None:
         """`on_connect` sets up a connection like every other one of the store (pragmas);
-        `on_statement` sees each statement (the store counts them)."""
+        `on_statement` sees the SQL of each statement (the store counts them), and so does
+        anything added to `statement_observers` (tests)."""
         self.engine: Engine = sa.create_engine(f"sqlite:///{path}", pool_size=1, max_overflow=0,
                                                connect_args={"check_same_thread": False})
         event.listen(self.engine, "connect", on_connect)
         event.listen(self.engine, "connect", _writer_pragmas)  # after on_connect: overrides it
-        event.listen(self.engine, "before_cursor_execute", on_statement)
+        self.statement_observers: list[Callable[[str], None]] = [on_statement]
+        # Statements run through SQLAlchemy's execution arrive as events; those Prepared
+        # runs on the cursor call the hook (prepared.py says why).
+        event.listen(self.engine, "before_cursor_execute",
+                     lambda _conn, _cursor, sql, *_: self._observe(sql))
+        event.listen(self.engine, "connect", self._set_hook)
         self._conn: Connection | None = None
         self._pending: list[_Op] = []
         self._scheduled: asyncio.AbstractEventLoop | None = None  # the loop a _drain is due on
@@ -78,6 +84,13 @@ class SQLiteWriter:
         self._checkpointer = _Checkpointer(path)
         self.batches = 0  # COMMITs issued; with `transactions`, shows how much group commit saves
         self.transactions = 0
+
+    def _observe(self, sql: str) -> None:
+        for observer in self.statement_observers:
+            observer(sql)
+
+    def _set_hook(self, _dbapi: Any, record: Any) -> None:
+        record.info[STATEMENT_HOOK] = self._observe
 
     async def run(self, fn: Callable[[Connection], T]) -> T:
         """Run `fn(conn)` as one transaction.
