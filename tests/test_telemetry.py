@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -215,3 +216,35 @@ def test_serve_with_workers_reports_metrics_summed_over_processes(make_config: C
     records = lines(out_path.read_text())  # every stdout line is one JSON object
     assert any(r["event"] == "serving" for r in records)
     assert "Traceback" not in err_path.read_text()
+
+
+def test_info_lines_are_flushed_by_the_loop_warnings_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request line is not a system call of its own: on the event loop, info lines wait
+    in the stream's buffer for at most LOG_FLUSH_SECONDS; warnings, and lines written
+    with no loop running, reach the file at once."""
+    path = tmp_path / "log"
+    with path.open("w", encoding="utf-8") as out:  # block-buffered, as when stdout is a file or pipe
+        monkeypatch.setattr(sys, "stdout", out)
+
+        async def on_the_loop() -> tuple[str, str, str]:
+            telemetry.log.info("request", status=200)
+            telemetry.log.info("request", status=201)
+            buffered = path.read_text()
+            telemetry.log.warning("something_odd")
+            at_once = path.read_text()
+            telemetry.log.info("request", status=202)
+            await asyncio.sleep(telemetry.LOG_FLUSH_SECONDS * 2)
+            return buffered, at_once, path.read_text()
+
+        buffered, at_once, later = asyncio.run(on_the_loop())
+        assert buffered == ""
+        assert [x.get("status", x["event"]) for x in lines(at_once)] == [200, 201, "something_odd"]
+        assert [x.get("status") for x in lines(later)][-1] == 202
+        telemetry.log.info("cli_line")  # no loop: at once
+        assert lines(path.read_text())[-1]["event"] == "cli_line"
+    # Lines still waiting when a process ends normally are written at exit.
+    script = ("import asyncio\nfrom tollway import telemetry\n"
+              "async def main():\n    telemetry.log.info('last_words')\nasyncio.run(main())\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert lines(done.stdout)[-1]["event"] == "last_words", done.stderr

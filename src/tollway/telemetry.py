@@ -18,6 +18,9 @@ worker answering /metrics reports the sum over all of them.
 
 from __future__ import annotations
 
+import asyncio
+import atexit
+import contextlib
 import logging
 import os
 import re
@@ -26,7 +29,7 @@ import traceback
 from collections.abc import Iterable, Mapping, MutableMapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, TextIO
 
 import orjson
 import structlog
@@ -127,21 +130,76 @@ def set_log_stream(name: Literal["stdout", "stderr"]) -> None:
     _stream[0] = name
 
 
+# Info lines written on the event loop reach the stream at most this much later, or once
+# this many are waiting.
+LOG_FLUSH_SECONDS = 0.1
+LOG_BATCH_LINES = 256
+
+
+class _Batch:
+    """Info lines waiting for the event loop to write them, and where they go."""
+
+    lines: list[str] = []
+    stream: TextIO | None = None
+    loop: asyncio.AbstractEventLoop | None = None
+
+
 class _Stdout:
-    """Writes to whatever sys.stdout (or stderr) is at the time (pytest swaps them per test)."""
+    """Writes to whatever sys.stdout (or stderr) is at the time (pytest swaps them per test).
+
+    Why not write and flush every line: that was a system call per /v1 request (with
+    PYTHONUNBUFFERED, as in most containers, even without the flush). Info lines logged
+    while an event loop runs are kept here and written together by the loop within
+    LOG_FLUSH_SECONDS; warnings and errors, and every line logged with no loop running
+    (CLI commands), are written at once, after whatever was waiting."""
 
     def msg(self, message: str) -> None:
+        out = getattr(sys, _stream[0])
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.msg_now(message)
+            return
+        if _Batch.stream is not out or _Batch.loop is not loop:
+            flush_log()  # another stream (pytest swapped it) or a loop that may be gone
+            _Batch.stream, _Batch.loop = out, loop
+            loop.call_later(LOG_FLUSH_SECONDS, flush_log)
+        _Batch.lines.append(message)
+        if len(_Batch.lines) >= LOG_BATCH_LINES:
+            flush_log()
+
+    def msg_now(self, message: str) -> None:
+        flush_log()
         out = getattr(sys, _stream[0])
         out.write(message + "\n")
         out.flush()
 
-    log = debug = info = warn = warning = error = critical = exception = fatal = msg
+    debug = info = msg
+    log = warn = warning = error = critical = exception = fatal = msg_now
+
+
+def flush_log() -> None:
+    """Write the info lines still waiting (also at exit, so a process that stops
+    normally loses none)."""
+    lines, stream = _Batch.lines, _Batch.stream
+    _Batch.lines, _Batch.stream, _Batch.loop = [], None, None
+    if lines and stream is not None:
+        with contextlib.suppress(ValueError, OSError):  # closed meanwhile (a test's capture)
+            stream.write("\n".join(lines) + "\n")
+            stream.flush()
+
+
+atexit.register(flush_log)
 
 
 class _StdoutHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            _Stdout().msg(self.format(record))
+            line = self.format(record)
+            if record.levelno >= logging.WARNING:
+                _Stdout().msg_now(line)
+            else:
+                _Stdout().msg(line)
         except Exception:
             self.handleError(record)
 
