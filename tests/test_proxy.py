@@ -113,6 +113,30 @@ def test_stream_without_include_usage_still_meters_and_drops_only_the_usage_chun
     assert gw.usage_row(rid)["cost_micros"] == expected_charge(len(REPLY_WORDS))
 
 
+def test_a_stream_that_arrives_in_one_read_is_charged_before_the_client_sees_its_end(gw: Gateway) -> None:
+    """Events that come in the same upstream read as [DONE] go out together with it,
+    after the settle: a client that saw [DONE] can already see its charge."""
+    before = gw.balance()
+    seen_done_at_balance = None
+    received: list[bytes] = []
+    with httpx.stream("POST", gw.url + "/v1/chat/completions", headers={"authorization": f"Bearer {gw.key}"},
+                      json={"model": "acme/onewrite", "stream": True, "stream_options": {"include_usage": True},
+                            "messages": [{"role": "user", "content": "x"}]}, timeout=30) as resp:
+        rid = resp.headers["x-request-id"]
+        for line in resp.iter_lines():
+            if line.startswith("data: "):
+                received.append(line.encode())
+                if line == "data: [DONE]":
+                    seen_done_at_balance = gw.balance()
+    chunks = [orjson.loads(e[6:]) for e in received[:-1]]
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]) == "".join(
+        REPLY_WORDS)
+    assert chunks[-1]["usage"]["completion_tokens"] == len(REPLY_WORDS) and all(
+        c["model"] == "acme/onewrite" for c in chunks)
+    assert seen_done_at_balance == before - expected_charge(len(REPLY_WORDS))
+    assert gw.usage_row(rid)["estimated"] is False and gw.open_reservations() == 0
+
+
 def test_usage_on_a_chunk_with_choices_keeps_the_choices(gw: Gateway) -> None:
     with httpx.stream("POST", gw.url + "/v1/chat/completions", headers={"authorization": f"Bearer {gw.key}"},
                       json={"model": "acme/usage-on-choice", "stream": True,

@@ -11,6 +11,7 @@ gateway sends it (the config's `upstream`):
   fake-stall           one chunk, then silence for `stall_seconds`
   fake-slow            `slow_chunks` chunks, `slow_interval` seconds apart
   fake-cut             two chunks, then the connection closes (no [DONE])
+  fake-onewrite        the whole stream (chunks, usage, [DONE]) in one write
   fake-sleep           a normal non-streaming answer after `stall_seconds`
   fake-400 / fake-401 / fake-429 / fake-500 / fake-503
                        errors whose body echoes the provider key (and any
@@ -92,6 +93,9 @@ class FakeOpenAI:
             await asyncio.sleep(self.stall_seconds)
         chat = request.url.path.endswith("/chat/completions")
         if body.get("stream"):
+            if model == "fake-onewrite":
+                whole = b"".join([part async for part in self._stream(body, chat)])
+                return Response(whole, media_type="text/event-stream")
             return StreamingResponse(self._stream(body, chat), media_type="text/event-stream",
                                      headers={"set-cookie": "a=b", "openai-organization": "org-operator"})
         choice: dict[str, Any] = {"index": 0, "finish_reason": "stop", "logprobs": None}

@@ -50,6 +50,7 @@ class Relay:
         self.secrets = tuple(secrets)
         self.on_end = on_end
         self.tail = b""  # the end marker ([DONE], message_stop), held back until settled
+        self.held = b""  # events that arrived in the same read as the end marker: sent with it
         self.drained = False  # the upstream body was read to its end: the connection is reusable
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -76,7 +77,7 @@ class Relay:
         if not end.client_gone:
             # The end marker goes out after the settle, so a client that saw the end of its
             # stream (SDKs stop reading at [DONE]) also sees its charge.
-            await send({"type": "http.response.body", "body": self.tail, "more_body": False})
+            await send({"type": "http.response.body", "body": self.held + self.tail, "more_body": False})
 
     async def _pump(self, send: Send) -> TollwayError | None:
         meter = self.meter
@@ -99,7 +100,11 @@ class Relay:
                 continue
             *events, buf = buf.split(b"\n\n")
             out = self._feed(events)
-            if out:
+            if meter.done:
+                # The end marker came in this read: these bytes go out with it, after the
+                # settle, in one write (a provider usually sends usage and [DONE] together).
+                self.held = out
+            elif out:
                 await send({"type": "http.response.body", "body": out, "more_body": True})
         out = self._feed([buf.strip()]) if buf.strip() else b""
         if out:
