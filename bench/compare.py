@@ -9,7 +9,11 @@ two gateways, this checkout's and the one at --base (a temporary `git worktree`,
 with its own source first on PYTHONPATH, same interpreter and dependencies), each on
 its own SQLite database with auth and billing on, and alternates wrk runs between them
 (the order flips every round) so whatever else loads the machine hits both alike.
-Prints the median CPU per request, requests/s and p99 latency of each, and the ratios.
+Both gateways are restarted before every round: one process of the same code differs
+from the next by up to ±10% in CPU per request (its memory layout, hash seeds, where
+the scheduler puts it; an A/A run measured 0.90-1.05 with processes kept for the whole
+run), so each round samples a new pair. Prints the median CPU per request, requests/s
+and p99 latency of each, and the ratios; `--base HEAD` on a clean tree gives the noise.
 """
 
 from __future__ import annotations
@@ -70,33 +74,36 @@ def main() -> int:
             bodies["sse"].write_bytes(request_body(SSE_MODEL, stream=True))
             benches[side] = Bench(nginx, gw, setup.key, bodies)
         kinds = args.kinds.split(",")
-        conns_list = [int(c) for c in args.conns.split(",")]
-        for bench in benches.values():  # warm-up: key cache, SQLite pages, connection pools
-            for kind in kinds:
-                bench.wrk("gateway", kind, 4, 2, record=False)
-        print(f"base = {args.base}, this = the working tree; {args.rounds} x {args.duration} s per side and "
-              f"configuration; {'PostgreSQL + Redis' if args.scale_out else 'SQLite + memory'}\n")
-        print(f"  {'body':<5}{'conns':>5}  {'CPU ms/req base':>16}{'this':>8}{'ratio':>8}"
+        configs = [(conns, kind) for conns in (int(c) for c in args.conns.split(",")) for kind in kinds]
+        cpu: dict[tuple[int, str, str], list[float]] = {}
+        rps: dict[tuple[int, str, str], list[float]] = {}
+        p99: dict[tuple[int, str, str], list[float]] = {}
+        print(f"base = {args.base}, this = the working tree; {args.rounds} rounds x {args.duration} s per side and "
+              f"configuration, both gateways restarted every round; "
+              f"{'PostgreSQL + Redis' if args.scale_out else 'SQLite + memory'}", flush=True)
+        for r in range(args.rounds):
+            for side, bench in benches.items():
+                if r:
+                    gateways[side].stop()
+                    gateways[side].start()
+                for kind in kinds:  # warm-up: key cache, SQLite pages, connection pools
+                    bench.wrk("gateway", kind, 4, 1, record=False)
+            for conns, kind in configs:
+                for side in (("base", "this") if r % 2 == 0 else ("this", "base")):
+                    run = benches[side].wrk("gateway", kind, conns, args.duration, record=False)
+                    if run.errors or run.cpu_ms_per_req is None:
+                        raise RuntimeError(f"{side}: {run.errors} errors at {kind}/c{conns}")
+                    cpu.setdefault((conns, kind, side), []).append(run.cpu_ms_per_req)
+                    rps.setdefault((conns, kind, side), []).append(run.rps)
+                    p99.setdefault((conns, kind, side), []).append(run.p99_ms)
+            print(f"  round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+        print(f"\n  {'body':<5}{'conns':>5}  {'CPU ms/req base':>16}{'this':>8}{'ratio':>8}"
               f"  {'req/s base':>11}{'this':>8}{'ratio':>8}  {'p99 ms base':>12}{'this':>8}")
-        for conns in conns_list:
-            for kind in kinds:
-                cpu: dict[str, list[float]] = {"base": [], "this": []}
-                rps: dict[str, list[float]] = {"base": [], "this": []}
-                p99: dict[str, list[float]] = {"base": [], "this": []}
-                for r in range(args.rounds):
-                    for side in (("base", "this") if r % 2 == 0 else ("this", "base")):
-                        run = benches[side].wrk("gateway", kind, conns, args.duration, record=False)
-                        if run.errors or run.cpu_ms_per_req is None:
-                            raise RuntimeError(f"{side}: {run.errors} errors at {kind}/c{conns}")
-                        cpu[side].append(run.cpu_ms_per_req)
-                        rps[side].append(run.rps)
-                        p99[side].append(run.p99_ms)
-                c = {s: statistics.median(v) for s, v in cpu.items()}
-                q = {s: statistics.median(v) for s, v in rps.items()}
-                t = {s: statistics.median(v) for s, v in p99.items()}
-                print(f"  {kind:<5}{conns:>5}  {c['base']:>16.3f}{c['this']:>8.3f}{c['this'] / c['base']:>8.2f}"
-                      f"  {q['base']:>11.0f}{q['this']:>8.0f}{q['this'] / q['base']:>8.2f}"
-                      f"  {t['base']:>12.2f}{t['this']:>8.2f}", flush=True)
+        for conns, kind in configs:
+            c, q, t = ({s: statistics.median(m[(conns, kind, s)]) for s in ("base", "this")} for m in (cpu, rps, p99))
+            print(f"  {kind:<5}{conns:>5}  {c['base']:>16.3f}{c['this']:>8.3f}{c['this'] / c['base']:>8.2f}"
+                  f"  {q['base']:>11.0f}{q['this']:>8.0f}{q['this'] / q['base']:>8.2f}"
+                  f"  {t['base']:>12.2f}{t['this']:>8.2f}", flush=True)
         return 0
     finally:
         for gw in gateways.values():
