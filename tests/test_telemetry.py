@@ -248,3 +248,14 @@ def test_info_lines_are_flushed_by_the_loop_warnings_at_once(tmp_path: Path, mon
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert lines(done.stdout)[-1]["event"] == "last_words", done.stderr
+
+
+def test_uvicorn_access_log_is_off_where_uvicorn_looks() -> None:
+    """uvicorn formats an access line's arguments whenever its access logger has a handler
+    anywhere up the chain; it must have none (the access log is the database's). In a
+    child process: pytest hangs capture handlers on loggers."""
+    script = ("import logging\nfrom tollway import telemetry\ntelemetry.configure_logging()\n"
+              "print(logging.getLogger('uvicorn.access').hasHandlers(), "
+              "logging.getLogger('uvicorn.error').hasHandlers())\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.stdout.split() == ["False", "True"], done.stderr  # errors still reach the JSON handler

@@ -251,13 +251,18 @@ def configure_logging(level: int = logging.INFO, stream: Literal["stdout", "stde
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
-    for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "uvicorn.asgi"):
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.asgi"):
         lg = logging.getLogger(name)
         lg.handlers.clear()
         lg.propagate = True
     # Uvicorn's access log would print request lines with query strings; the access log
-    # lives in the database (accesslog.py) with the route template only.
-    logging.getLogger("uvicorn.access").disabled = True
+    # lives in the database (accesslog.py) with the route template only. A logger with no
+    # handler anywhere up its chain also spares uvicorn formatting each line's arguments
+    # (it asks hasHandlers() per connection).
+    access = logging.getLogger("uvicorn.access")
+    access.handlers.clear()
+    access.propagate = False
+    access.disabled = True
     # Alembic narrates every start-up at INFO in templates whose arguments we never print.
     logging.getLogger("alembic").setLevel(max(level, logging.WARNING))
     logging.captureWarnings(True)
