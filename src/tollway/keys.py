@@ -2,10 +2,12 @@
 
 Key format: "ak_" + base64url(32 random bytes || 6-byte tag), where the tag is an HMAC
 of the random part under a server secret. A key is checked in this order:
-  1. shape (length, alphabet, canonical base64)   -> no lookup
-  2. tag (constant-time HMAC compare)             -> no lookup: random or forged keys
+  1. length and ASCII                             -> no lookup
+  2. cache ("k:<hash>", key_ttl_seconds)          -> no database read on a hit; only keys
+     that passed step 3 are ever cached, so a hit skips it (one HMAC per cached request)
+  3. shape (alphabet, canonical base64) and tag (constant-time HMAC compare)
+                                                  -> no lookup: random or forged keys
      cost zero database reads (a guess passes with probability 2^-48)
-  3. cache ("k:<hash>", key_ttl_seconds)          -> no database read on a hit
   4. one indexed read by HMAC-SHA256 hash         -> then cached, or cached as unknown
 So the bound for a flood of bad keys is: zero database reads for keys not minted with
 our secret, and one read per distinct well-tagged unknown key per negative_ttl_seconds
