@@ -600,6 +600,25 @@ async def test_pg_statement_on_a_killed_connection_is_503_then_recovers(pg_store
     assert outcomes.count("503") <= 1 and outcomes[-2:] == [[(1,)], [(1,)]], outcomes
 
 
+async def test_pg_statement_whose_connection_dies_mid_statement_is_503(pg_store: Store) -> None:
+    sleep = Prepared(sa.select(sa.func.pg_sleep(sa.literal_column("30"))))
+    sleeper = asyncio.create_task(pg_store.statement(sleep, {}))
+    admin = await asyncpg.connect(pg_store.url)  # not one of the store's connections
+    try:
+        for _ in range(200):
+            pid = await admin.fetchval("SELECT pid FROM pg_stat_activity WHERE query LIKE '%pg_sleep%' "
+                                       "AND pid <> pg_backend_pid()")
+            if pid:
+                break
+            await asyncio.sleep(0.02)
+        assert pid and await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
+    finally:
+        await admin.close()
+    with pytest.raises(ServiceUnavailable):
+        await asyncio.wait_for(sleeper, 10)
+    assert await pg_store.statement(Prepared(sa.select(sa.literal_column("1"))), {}) == [(1,)]
+
+
 def test_transient_sqlstates_are_unavailable() -> None:
     class PgError(Exception):
         def __init__(self, sqlstate: str) -> None:

@@ -227,17 +227,17 @@ class Store:
         # statement needs neither (~5% of a request's CPU on this path, bench/README.md).
         async with self._translate():
             fairy = await self.engine.raw_connection()
-        try:
-            self._count()
             try:
-                return await prepared.fetch(fairy.driver_connection, self.engine.dialect, params)
-            except Exception as exc:
-                error = _from_asyncpg(self.engine.dialect, exc)
-                if is_unavailable(error):
-                    await greenlet_spawn(fairy.invalidate)  # never hand this connection out again
-                raise error from exc
-        finally:
-            await greenlet_spawn(fairy.close)  # back to the pool (the async pool's queue needs the greenlet)
+                self._count()
+                try:
+                    return await prepared.fetch(fairy.driver_connection, self.engine.dialect, params)
+                except Exception as exc:
+                    error = _from_asyncpg(self.engine.dialect, exc)
+                    if is_unavailable(error):
+                        await greenlet_spawn(fairy.invalidate)  # never hand this connection out again
+                    raise error from exc
+            finally:
+                await greenlet_spawn(fairy.close)  # back to the pool (its queue needs the greenlet)
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:

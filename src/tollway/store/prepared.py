@@ -66,7 +66,7 @@ class Prepared:
         if hook is not None:
             hook(sql)
         else:
-            conn.dispatch.before_cursor_execute(conn, None, sql, rows, None, many)
+            conn.dispatch.before_cursor_execute(conn, None, sql, rows if many else rows[0], None, many)
         try:
             if many:
                 raw.executemany(sql, [[r[k] for k in order] for r in rows])
