@@ -20,7 +20,15 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from tests.conftest import REDIS_URL, _reachable, free_port, fresh_pg_database, need_redis
+from tests.conftest import (
+    PG_ADMIN_URL,
+    REDIS_URL,
+    _reachable,
+    free_port,
+    fresh_pg_database,
+    need_postgres,
+    need_redis,
+)
 from tollway.errors import ServiceUnavailable, render_json
 from tollway.store.cache import Cache, MemoryCache, RedisCache, make_cache
 from tollway.store.db import IDLE_PING_AFTER, Store, is_unavailable, retry_while_unavailable
@@ -617,6 +625,35 @@ async def test_pg_statement_whose_connection_dies_mid_statement_is_503(pg_store:
     with pytest.raises(ServiceUnavailable):
         await asyncio.wait_for(sleeper, 10)
     assert await pg_store.statement(Prepared(sa.select(sa.literal_column("1"))), {}) == [(1,)]
+
+
+async def test_pg_statement_whose_checkout_fails_is_503() -> None:
+    """A checkout the server turns away for now (here: too many connections for the role,
+    53300, as a server starting up answers 57P03) or nothing listening is a 503 on the
+    one-statement path too, not the driver's error as a 500."""
+    need_postgres()
+    role = "tollway_t_no_connections"
+    admin = await asyncpg.connect(PG_ADMIN_URL)
+    try:
+        if not await admin.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role):
+            await admin.execute(f"CREATE ROLE {role} LOGIN CONNECTION LIMIT 0")
+    finally:
+        await admin.close()
+    try:
+        with fresh_pg_database() as url:
+            for target in (url.replace("postgres@", f"{role}@", 1), "postgresql://postgres@127.0.0.1:9/test"):
+                store = Store(target, pool_size=1, pool_timeout=0.3)
+                try:
+                    with pytest.raises(ServiceUnavailable):
+                        await store.statement(Prepared(sa.select(sa.literal_column("1"))), {})
+                finally:
+                    await store.close()
+    finally:
+        admin = await asyncpg.connect(PG_ADMIN_URL)
+        try:
+            await admin.execute(f"DROP ROLE IF EXISTS {role}")
+        finally:
+            await admin.close()
 
 
 def test_transient_sqlstates_are_unavailable() -> None:

@@ -226,7 +226,12 @@ class Store:
         # Connection and AsyncConnection that engine.connect() would build around it: one
         # statement needs neither (~5% of a request's CPU on this path, bench/README.md).
         async with self._translate():
-            fairy = await self.engine.raw_connection()
+            try:
+                fairy = await self.engine.raw_connection()
+            except self.engine.dialect.loaded_dbapi.Error as exc:
+                # A failed checkout as engine.connect() reports it (the same private
+                # classmethod it calls): as SQLAlchemy's error, which _translate knows.
+                Connection._handle_dbapi_exception_noconnection(exc, self.engine.dialect, self.engine.sync_engine)
             try:
                 self._count()
                 try:
