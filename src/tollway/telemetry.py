@@ -25,6 +25,7 @@ import logging
 import os
 import re
 import sys
+import threading
 import traceback
 from collections.abc import Iterable, Mapping, MutableMapping
 from pathlib import Path
@@ -137,11 +138,13 @@ LOG_BATCH_LINES = 256
 
 
 class _Batch:
-    """Info lines waiting for the event loop to write them, and where they go."""
+    """Info lines waiting for the event loop to write them, and where they go. The lock:
+    other threads (the checkpoint thread's warnings) flush too."""
 
     lines: list[str] = []
     stream: TextIO | None = None
     loop: asyncio.AbstractEventLoop | None = None
+    lock = threading.Lock()
 
 
 class _Stdout:
@@ -160,12 +163,19 @@ class _Stdout:
         except RuntimeError:
             self.msg_now(message)
             return
-        if _Batch.stream is not out or _Batch.loop is not loop:
-            flush_log()  # another stream (pytest swapped it) or a loop that may be gone
-            _Batch.stream, _Batch.loop = out, loop
+        stale: tuple[list[str], TextIO | None] | None = None
+        with _Batch.lock:
+            if _Batch.stream is out and _Batch.loop is loop:
+                _Batch.lines.append(message)
+                full = len(_Batch.lines) >= LOG_BATCH_LINES
+            else:  # the first line of a batch, or another stream (pytest) or loop (maybe gone)
+                stale = (_Batch.lines, _Batch.stream)
+                _Batch.lines, _Batch.stream, _Batch.loop = [message], out, loop
+                full = False
+        if stale is not None:
+            _write(*stale)
             loop.call_later(LOG_FLUSH_SECONDS, flush_log)
-        _Batch.lines.append(message)
-        if len(_Batch.lines) >= LOG_BATCH_LINES:
+        if full:
             flush_log()
 
     def msg_now(self, message: str) -> None:
@@ -181,8 +191,13 @@ class _Stdout:
 def flush_log() -> None:
     """Write the info lines still waiting (also at exit, so a process that stops
     normally loses none)."""
-    lines, stream = _Batch.lines, _Batch.stream
-    _Batch.lines, _Batch.stream, _Batch.loop = [], None, None
+    with _Batch.lock:
+        lines, stream = _Batch.lines, _Batch.stream
+        _Batch.lines, _Batch.stream, _Batch.loop = [], None, None
+    _write(lines, stream)
+
+
+def _write(lines: list[str], stream: TextIO | None) -> None:
     if lines and stream is not None:
         with contextlib.suppress(ValueError, OSError):  # closed meanwhile (a test's capture)
             stream.write("\n".join(lines) + "\n")
