@@ -36,8 +36,10 @@ from tollway.edge import Edge
 from tollway.money import Usage, cost, format_usd
 from tollway.privacy import forwarded_headers
 from tollway.providers.base import CHAT, merge_headers
+from tollway.providers.echo import EchoResponse
 from tollway.proxy.inbound import header_map, model_slug, parse_json, shape
 from tollway.proxy.pipeline import Pipeline
+from tollway.proxy.relay import Relay, StreamEnd
 from tollway.services import build
 
 Step = Callable[[int], Awaitable[None]]
@@ -188,6 +190,27 @@ async def measure(workdir: Path, nginx: Nginx, n: int, app_only: bool) -> list[t
                 meter.feed(ev)
         assert meter.usage() is not None
 
+    events = [ev + b"\n\n" for ev in sse_body.split(b"\n\n") if ev]
+
+    async def no_disconnect() -> dict[str, Any]:
+        await asyncio.sleep(3600)
+        return {"type": "http.disconnect"}
+
+    async def discard(_: Any) -> None:
+        pass
+
+    async def settled(_: StreamEnd) -> None:
+        pass
+
+    def relay_step(parts: list[bytes]) -> Callable[[int], Awaitable[None]]:
+        async def step(_: int) -> None:
+            meter = sse_route.adapter.meter(sse_route.target, strip_usage=True)
+            relay = Relay(EchoResponse(parts, "text/event-stream"), meter, [], sse_route.adapter.error_event,
+                          (), settled)
+            await relay({}, no_disconnect, discard)
+            assert meter.usage() is not None
+        return step
+
     async def log_line(_: int) -> None:
         telemetry.record_request(
             request_id="req_x", tenant_id=tenant, key_id="key_x", model=JSON_MODEL, provider="nginx_json",
@@ -215,6 +238,10 @@ async def measure(workdir: Path, nginx: Nginx, n: int, app_only: bool) -> list[t
     await timed("request: headers, parse JSON, resolve, shape, patch, dumps", n, request_json, results)
     await timed("response: parse JSON, usage, cost, restore slug, dumps", n, response_json, results)
     await timed("SSE: split + meter 13 events (usage read, model rewritten)", n, sse_meter, results)
+    await timed(f"relay: {len(events)} events in one read (ASGI sends discarded)", n,
+                relay_step([b"".join(events)]), results)
+    await timed(f"relay: {len(events)} events, one per read (token by token)", n,
+                relay_step(events), results)
     await timed("ledger: reserve + settle with usage row (SQLite)", n, reserve_settle, results, counter)
     await timed("  for scale: one SQLite read transaction, SELECT 1", n, select_one, results, counter)
     await timed("upstream: aiohttp POST to nginx, read JSON body", n, upstream_json, results)
