@@ -339,10 +339,12 @@ async def test_sqlite_wal_stays_bounded_under_steady_writes(tmp_path: Path) -> N
         def insert(conn: sa.Connection, i: int) -> None:
             conn.execute(tenants.insert().values(id=f"tn_{i}", name="x" * 2000, created_at=i))
 
-        for i in range(2000):  # one COMMIT each: ~24 MB of WAL frames if the WAL never restarted
+        for i in range(2000):  # one COMMIT each: ~35 MB of WAL frames if the WAL never restarted
             await store.transact(insert, i)
         wal = tmp_path / "wal.db-wal"
-        assert wal.stat().st_size < 8_000_000, wal.stat().st_size
+        # RESTART_FRAMES is ~4 MB; runs here end at 4.5-6 MB, and once at 8.3 MB when the
+        # checkpoint thread was slow to get its turn. Never restarting: 34.6 MB (measured).
+        assert wal.stat().st_size < 12_000_000, wal.stat().st_size
     finally:
         await store.close()
 
