@@ -85,9 +85,9 @@ json_option = click.option("--json", "as_json", is_flag=True, help="print one JS
 @click.version_option(package_name="tollway")
 def main() -> None:
     """Tollway: a self-hostable LLM API gateway."""
-    from tollway import telemetry
+    from tollway import log_output
 
-    telemetry.set_log_stream("stderr")  # stdout carries the command's result (one JSON object with --json)
+    log_output.set_log_stream("stderr")  # stdout carries the command's result (one JSON object with --json)
 
 
 @main.command()

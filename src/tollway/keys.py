@@ -51,6 +51,7 @@ _RANDOM_BYTES = 32
 _TAG_BYTES = 6
 _ENCODED_LEN = 51  # base64url of 38 bytes, unpadded
 _SHAPE = re.compile(rf"ak_[A-Za-z0-9_-]{{{_ENCODED_LEN}}}")
+_KEY_LEN = len(PREFIX) + _ENCODED_LEN
 _NEGATIVE = "-"
 _MISSING = "Missing API key. Send it as Authorization: Bearer ak_... (or x-api-key: ak_...)."
 _LOOKUP_BOUND = 60  # seconds: far beyond the database's command timeout
@@ -229,7 +230,7 @@ class Keys:
     # --- verifying (the /v1 hot path) ---------------------------------------------------------
 
     def check_shape(self, key: str) -> bool:
-        if len(key) != len(PREFIX) + _ENCODED_LEN or not _SHAPE.fullmatch(key):
+        if len(key) != _KEY_LEN or not _SHAPE.fullmatch(key):
             return False
         body = key[len(PREFIX):]
         raw = base64.urlsafe_b64decode(body + "=")
@@ -243,7 +244,7 @@ class Keys:
         revoked and expired keys: it must not tell a guesser which check failed."""
         if not key:
             raise Unauthorized(_MISSING)
-        if len(key) != len(PREFIX) + _ENCODED_LEN or not key.isascii():
+        if len(key) != _KEY_LEN or not key.isascii():
             raise Unauthorized()
         key_hash = self.secret.hash(key)
         if self.cache.shared:

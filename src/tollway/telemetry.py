@@ -18,19 +18,15 @@ worker answering /metrics reports the sum over all of them.
 
 from __future__ import annotations
 
-import asyncio
-import atexit
-import contextlib
 import logging
 import os
 import re
 import sys
-import threading
 import traceback
 from collections.abc import Iterable, Mapping, MutableMapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, TextIO
+from typing import Any, Literal
 
 import orjson
 import structlog
@@ -40,6 +36,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.requests import Request
 from starlette.responses import Response
 
+from tollway.log_output import LOG_FLUSH_SECONDS as LOG_FLUSH_SECONDS
+from tollway.log_output import LineWriter, LineWriterHandler, set_log_stream
 from tollway.privacy import loggable, scrub
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -123,102 +121,6 @@ _SHARED: list[Any] = [
 ]
 
 
-_stream = ["stdout"]  # the serving process logs to stdout; CLI commands to stderr
-
-
-def set_log_stream(name: Literal["stdout", "stderr"]) -> None:
-    """CLI commands print their result on stdout, so their log lines go to stderr."""
-    _stream[0] = name
-
-
-# Info lines written on the event loop reach the stream at most this much later, or once
-# this many are waiting.
-LOG_FLUSH_SECONDS = 0.1
-LOG_BATCH_LINES = 256
-
-
-class _Batch:
-    """Info lines waiting for the event loop to write them, and where they go. The lock:
-    other threads (the checkpoint thread's warnings) flush too."""
-
-    lines: list[str] = []
-    stream: TextIO | None = None
-    loop: asyncio.AbstractEventLoop | None = None
-    lock = threading.Lock()
-
-
-class _Stdout:
-    """Writes to whatever sys.stdout (or stderr) is at the time (pytest swaps them per test).
-
-    Why not write and flush every line: that was a system call per /v1 request (with
-    PYTHONUNBUFFERED, as in most containers, even without the flush). Info lines logged
-    while an event loop runs are kept here and written together by the loop within
-    LOG_FLUSH_SECONDS; warnings and errors, and every line logged with no loop running
-    (CLI commands), are written at once, after whatever was waiting."""
-
-    def msg(self, message: str) -> None:
-        out = getattr(sys, _stream[0])
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self.msg_now(message)
-            return
-        stale: tuple[list[str], TextIO | None] | None = None
-        with _Batch.lock:
-            if _Batch.stream is out and _Batch.loop is loop:
-                _Batch.lines.append(message)
-                full = len(_Batch.lines) >= LOG_BATCH_LINES
-            else:  # the first line of a batch, or another stream (pytest) or loop (maybe gone)
-                stale = (_Batch.lines, _Batch.stream)
-                _Batch.lines, _Batch.stream, _Batch.loop = [message], out, loop
-                full = False
-        if stale is not None:
-            _write(*stale)
-            loop.call_later(LOG_FLUSH_SECONDS, flush_log)
-        if full:
-            flush_log()
-
-    def msg_now(self, message: str) -> None:
-        flush_log()
-        out = getattr(sys, _stream[0])
-        out.write(message + "\n")
-        out.flush()
-
-    debug = info = msg
-    log = warn = warning = error = critical = exception = fatal = msg_now
-
-
-def flush_log() -> None:
-    """Write the info lines still waiting (also at exit, so a process that stops
-    normally loses none)."""
-    with _Batch.lock:
-        lines, stream = _Batch.lines, _Batch.stream
-        _Batch.lines, _Batch.stream, _Batch.loop = [], None, None
-    _write(lines, stream)
-
-
-def _write(lines: list[str], stream: TextIO | None) -> None:
-    if lines and stream is not None:
-        with contextlib.suppress(ValueError, OSError):  # closed meanwhile (a test's capture)
-            stream.write("\n".join(lines) + "\n")
-            stream.flush()
-
-
-atexit.register(flush_log)
-
-
-class _StdoutHandler(logging.Handler):
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            line = self.format(record)
-            if record.levelno >= logging.WARNING:
-                _Stdout().msg_now(line)
-            else:
-                _Stdout().msg(line)
-        except Exception:
-            self.handleError(record)
-
-
 def _orjson_text(obj: Any, **_: Any) -> str:
     # orjson writes the same JSON as json.dumps at a fraction of its cost per line; values
     # it has no encoding for (none of the allow-listed fields) become their str().
@@ -232,7 +134,7 @@ def _structlog_config(level: int) -> None:
     structlog.configure(
         processors=[*_SHARED, _own_event_name, _allow_listed, _JSON],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=lambda *_: _Stdout(),
+        logger_factory=lambda *_: LineWriter(),
         cache_logger_on_first_use=True,
     )
 
@@ -258,7 +160,7 @@ def configure_logging(level: int = logging.INFO, stream: Literal["stdout", "stde
         pass_foreign_args=False,
         use_get_message=False,  # never interpolate a foreign record's arguments
     )
-    handler = _StdoutHandler()
+    handler = LineWriterHandler()
     handler.setFormatter(formatter)
     handler.set_name("tollway")
     root = logging.getLogger()

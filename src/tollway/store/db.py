@@ -225,22 +225,20 @@ class Store:
         # Straight from the pool (checkout and checkin events included), without the
         # Connection and AsyncConnection that engine.connect() would build around it: one
         # statement needs neither (~5% of a request's CPU on this path, bench/README.md).
+        dialect = self.engine.dialect
         async with self._translate():
             try:
                 fairy = await self.engine.raw_connection()
-            except self.engine.dialect.loaded_dbapi.Error as exc:
-                # A failed checkout as engine.connect() reports it (the same private
-                # classmethod it calls): as SQLAlchemy's error, which _translate knows.
-                Connection._handle_dbapi_exception_noconnection(exc, self.engine.dialect, self.engine.sync_engine)
+            except dialect.loaded_dbapi.Error as exc:  # a failed checkout (engine.connect() would wrap it)
+                raise _from_asyncpg(dialect, exc) from exc
             try:
                 self._count()
-                try:
-                    return await prepared.fetch(fairy.driver_connection, self.engine.dialect, params)
-                except Exception as exc:
-                    error = _from_asyncpg(self.engine.dialect, exc)
-                    if is_unavailable(error):
-                        await greenlet_spawn(fairy.invalidate)  # never hand this connection out again
-                    raise error from exc
+                return await prepared.fetch(fairy.driver_connection, dialect, params)
+            except Exception as exc:
+                error = _from_asyncpg(dialect, exc)
+                if is_unavailable(error):
+                    await greenlet_spawn(fairy.invalidate)  # never hand this connection out again
+                raise error from exc
             finally:
                 await greenlet_spawn(fairy.close)  # back to the pool (its queue needs the greenlet)
 
@@ -303,9 +301,11 @@ async def retry_while_unavailable(op: Callable[[], Awaitable[T]], *, within: flo
 
 
 def _from_asyncpg(dialect: Any, exc: Exception) -> Exception:
-    """An asyncpg exception as SQLAlchemy would have raised it, so `is_unavailable` and
-    callers catching IntegrityError see one kind. The mapping is the adapter's own (a
-    private SQLAlchemy method): written here again, it would drift from SQLAlchemy's."""
+    """An asyncpg exception, or the adapter's DBAPI error that a failed pool checkout
+    raises, as SQLAlchemy would have raised it, so `is_unavailable` and callers catching
+    IntegrityError see one kind. The mapping is the adapter's own (a private SQLAlchemy
+    method, which passes the adapter's errors through): written here again, it would
+    drift from SQLAlchemy's."""
     dbapi = dialect.loaded_dbapi
     try:
         AsyncAdapt_asyncpg_connection._handle_exception_no_connection(dbapi, exc)
