@@ -278,6 +278,67 @@ async def test_migrations_build_exactly_the_schema(db_url: str) -> None:
         await s.close()
 
 
+async def test_migration_0002_keeps_the_rows_and_rebuilds_by_key(db_url: str) -> None:
+    """A database made by 0001, holding money rows, upgraded in place: every row is still
+    there, SQLite's request tables are WITHOUT ROWID, and the downgrade gives 0001 back."""
+    from alembic import command
+
+    from tollway.store.db import _alembic_config
+
+    rows = {
+        "tenants": [{"id": "tn_m", "created_at": 1}],
+        "ledger_entries": [{"id": f"req_{i:04d}:reserve", "tenant_id": "tn_m", "kind": "reserve",
+                            "amount_micros": -i, "balance_after_micros": i, "reference": None, "created_at": i}
+                           for i in range(50)],
+        "reservations": [{"request_id": "req_0001", "tenant_id": "tn_m", "key_id": None, "key_period": None,
+                          "worker_id": "wk_1", "amount_micros": 5, "created_at": 1}],
+        "usage_events": [{"request_id": "req_0002", "tenant_id": "tn_m", "key_id": None, "model": "m",
+                          "provider": "p", "prompt_tokens": 1, "completion_tokens": 2, "cached_tokens": 0,
+                          "reasoning_tokens": 0, "cost_micros": 3, "estimated": False, "status": 200,
+                          "error_type": None, "latency_ms": 4, "created_at": 5}],
+    }
+
+    def step(c: sa.Connection, fn: Any, rev: str) -> None:
+        fn(_alembic_config(c), rev)
+
+    def dump(c: sa.Connection) -> dict[str, list[dict[str, Any]]]:
+        return {name: [dict(r._mapping) for r in c.execute(sa.select(metadata.tables[name])
+                                                           .order_by(*metadata.tables[name].primary_key))]
+                for name in rows if name != "tenants"}
+
+    def without_rowid(c: sa.Connection) -> set[str]:
+        if c.dialect.name != "sqlite":
+            return set()
+        return {name for name, sql in c.exec_driver_sql("SELECT name, sql FROM sqlite_master WHERE type='table'")
+                if "WITHOUT ROWID" in sql}
+
+    def indexes(c: sa.Connection) -> set[str]:
+        return {ix["name"] for ix in sa.inspect(c).get_indexes("reservations")}
+
+    s = Store(db_url)
+    try:
+        async with s.write() as conn:
+            await conn.run_sync(step, command.upgrade, "0001")
+            for name, values in rows.items():
+                await conn.execute(metadata.tables[name].insert(), values)
+            assert await conn.run_sync(indexes) == {"ix_reservations_created_at"}
+        async with s.write() as conn:
+            await conn.run_sync(step, command.upgrade, "head")
+        async with s.read() as conn:
+            assert await conn.run_sync(dump) == {k: v for k, v in rows.items() if k != "tenants"}
+            rebuilt = await conn.run_sync(without_rowid)
+            assert await conn.run_sync(indexes) == set()
+        assert rebuilt == ({"ledger_entries", "reservations", "usage_events"} if s.is_sqlite else set())
+        async with s.write() as conn:
+            await conn.run_sync(step, command.downgrade, "0001")
+        async with s.read() as conn:
+            assert await conn.run_sync(dump) == {k: v for k, v in rows.items() if k != "tenants"}
+            assert await conn.run_sync(without_rowid) == set()
+            assert await conn.run_sync(indexes) == {"ix_reservations_created_at"}
+    finally:
+        await s.close()
+
+
 async def test_concurrent_migrations_apply_once(db_url: str) -> None:
     """Several hosts running `tollway migrate` at once (advisory lock on PostgreSQL)."""
     stores = [Store(db_url) for _ in range(3)]
