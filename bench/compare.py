@@ -27,9 +27,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from gateway import JSON_MODEL, SSE_MODEL, Gateway, ScaleOut, request_body
+from gateway import MODEL_OF, Gateway, ScaleOut, request_body
 from run import WRK_HINT, Bench
-from upstream import Nginx
+from upstream import ECHO_HINT, Nginx, has_echo_module
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,10 +40,14 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5, help="runs per configuration and side; medians are reported")
     ap.add_argument("--duration", type=int, default=3, help="seconds per wrk run")
     ap.add_argument("--conns", default="1,32", help="connection counts, comma-separated")
-    ap.add_argument("--kinds", default="json,sse", help="json, sse or both")
+    ap.add_argument("--kinds", default="json,sse", help="comma-separated: json, sse, tok (the stream one event "
+                    "per write; needs nginx's echo module)")
     ap.add_argument("--scale-out", action="store_true",
                     help="each side on a throw-away PostgreSQL database (127.0.0.1:5432) + Redis (db 14)")
     args = ap.parse_args()
+    if "tok" in args.kinds.split(",") and not has_echo_module():
+        print(ECHO_HINT, file=sys.stderr)
+        return 2
     if shutil.which("wrk") is None:
         print(WRK_HINT, file=sys.stderr)
         return 2
@@ -69,9 +73,9 @@ def main() -> int:
                 gw.env["PYTHONPATH"] = os.pathsep.join([str(tree / "src"), gw.env.get("PYTHONPATH", "")])
             setup = gw.setup()
             gw.start()
-            bodies = {"json": side_dir / "body-json.json", "sse": side_dir / "body-sse.json"}
-            bodies["json"].write_bytes(request_body(JSON_MODEL, stream=False))
-            bodies["sse"].write_bytes(request_body(SSE_MODEL, stream=True))
+            bodies = {kind: side_dir / f"body-{kind}.json" for kind in MODEL_OF}
+            for kind, path in bodies.items():
+                path.write_bytes(request_body(MODEL_OF[kind], stream=kind != "json"))
             benches[side] = Bench(nginx, gw, setup.key, bodies)
         kinds = args.kinds.split(",")
         configs = [(conns, kind) for conns in (int(c) for c in args.conns.split(",")) for kind in kinds]

@@ -44,8 +44,11 @@ class Forwarder:
             body += message.get("body", b"")
             if not message.get("more_body"):
                 break
-        # The same path layout as the gateway's providers: /json/v1/... or /sse/v1/...
-        kind = "sse" if b'"stream": true' in body or b'"stream":true' in body else "json"
+        # The same path layout as the gateway's providers: /json/v1/..., /sse/v1/... or /tok/v1/...
+        if b'"bench/tok"' in body:
+            kind = "tok"
+        else:
+            kind = "sse" if b'"stream": true' in body or b'"stream":true' in body else "json"
         async with self.session.post(f"{self.upstream}/{kind}/v1/chat/completions", data=body,
                                      headers={"content-type": "application/json"}) as resp:
             await send({"type": "http.response.start", "status": resp.status,

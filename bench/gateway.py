@@ -20,6 +20,8 @@ from upstream import free_port, wait_port
 PROVIDER_KEY_ENV = "BENCH_PROVIDER_KEY"
 JSON_MODEL = "bench/json"
 SSE_MODEL = "bench/sse"
+TOK_MODEL = "bench/tok"  # the same stream, one event per write (upstream.py)
+MODEL_OF = {"json": JSON_MODEL, "sse": SSE_MODEL, "tok": TOK_MODEL}
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
@@ -65,6 +67,11 @@ type = "openai"
 base_url = "{base}/sse/v1"
 api_key_env = "{PROVIDER_KEY_ENV}"
 
+[providers.nginx_tok]
+type = "openai"
+base_url = "{base}/tok/v1"
+api_key_env = "{PROVIDER_KEY_ENV}"
+
 [[models]]
 id = "{JSON_MODEL}"
 provider = "nginx_json"
@@ -75,6 +82,13 @@ output_usd_per_mtok = "1.10"
 [[models]]
 id = "{SSE_MODEL}"
 provider = "nginx_sse"
+upstream = "bench-upstream-model"
+input_usd_per_mtok = "0.27"
+output_usd_per_mtok = "1.10"
+
+[[models]]
+id = "{TOK_MODEL}"
+provider = "nginx_tok"
 upstream = "bench-upstream-model"
 input_usd_per_mtok = "0.27"
 output_usd_per_mtok = "1.10"

@@ -6,8 +6,11 @@ import statistics
 from dataclasses import dataclass
 from typing import Any
 
+from upstream import chat_sse_events
+
 # The issue's targets, on a 2-core machine with one gateway worker.
 TARGETS = {"cpu_ms_json": 0.5, "cpu_ms_sse": 1.0, "added_p50_ms": 1.0, "rps_32": 2000.0, "rss_mb": 150.0}
+STREAM_EVENTS = len(chat_sse_events())
 SERVERS = ("gateway", "floor")  # targets whose own process CPU is measured (direct: nginx alone)
 
 
@@ -16,7 +19,7 @@ class Run:
     """One wrk invocation, with the CPU the server under test and nginx spent during it."""
 
     target: str  # "direct", "gateway" or "floor"
-    kind: str  # "json" or "sse"
+    kind: str  # "json", "sse" or "tok" (the same stream, one event per write)
     conns: int
     requests: int
     rps: float
@@ -34,7 +37,7 @@ class Run:
 def summarise(runs: list[Run], rss: list[tuple[int, int]]) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     for conns in (1, 32):
-        for kind in ("json", "sse"):
+        for kind in ("json", "sse", "tok"):
             for target in ("direct", "floor", "gateway"):
                 sel = [r for r in runs if (r.target, r.kind, r.conns) == (target, kind, conns)]
                 if not sel:
@@ -94,6 +97,7 @@ def targets(summary: dict[str, Any]) -> list[str]:
     rss = summary["rss"]
     if rss:
         checks.append((f"gateway RSS after {rss[-1][0]} requests, MB", rss[-1][1] / 2**20, TARGETS["rss_mb"], True))
+    token_by_token(summary)
     print("\n  targets (this machine, one worker):")
     missed = []
     for what, value, limit, lower in checks:
@@ -102,6 +106,23 @@ def targets(summary: dict[str, Any]) -> list[str]:
         if not ok:
             missed.append(what)
     return missed
+
+
+def token_by_token(summary: dict[str, Any]) -> None:
+    """What the same stream costs when each event comes in a read of its own, as from a
+    provider streaming token by token: shown beside the targets, which the issue sets for
+    fixed bodies."""
+    lines = []
+    for conns in (1, 32):
+        tok, sse = find(summary, "gateway", "tok", conns), find(summary, "gateway", "sse", conns)
+        if tok and sse and tok["cpu_ms_per_req"] is not None and sse["cpu_ms_per_req"] is not None:
+            extra = 1000 * (tok["cpu_ms_per_req"] - sse["cpu_ms_per_req"]) / (STREAM_EVENTS - 1)
+            lines.append(f"{tok['cpu_ms_per_req']:.3f} ms per streamed request at {conns} connection(s) "
+                         f"({sse['cpu_ms_per_req']:.3f} in one write; {extra:+.1f} us per event read apart)")
+    if lines:
+        print(f"\n  the stream token by token ({STREAM_EVENTS} events, one write each; not a target):")
+        for line in lines:
+            print(f"    {line}")
 
 
 def billing_lines(billing: dict[str, Any], completed: int, in_flight_bound: int) -> bool:

@@ -28,8 +28,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import report
-from gateway import JSON_MODEL, SSE_MODEL, Gateway, ScaleOut, cpu_seconds, request_body, rss_bytes
-from upstream import Nginx, free_port, wait_port
+from gateway import MODEL_OF, Gateway, ScaleOut, cpu_seconds, request_body, rss_bytes
+from upstream import ECHO_HINT, Nginx, free_port, has_echo_module, wait_port
 
 HERE = Path(__file__).resolve().parent
 WRK_HINT = "wrk is not installed; on Debian/Ubuntu: sudo apt-get install -y wrk"
@@ -135,11 +135,11 @@ def hold(bench: Bench) -> None:
 
 
 def measure(bench: Bench, args: argparse.Namespace) -> None:
-    for kind in ("json", "sse"):  # warm-up: key cache, SQLite pages, connection pools
+    for kind in bench.bodies:  # warm-up: key cache, SQLite pages, connection pools
         bench.wrk("gateway", kind, 4, 2, record=False)
         bench.wrk("direct", kind, 4, 1, record=False)
     for conns in (1, 32):
-        for kind in ("json", "sse"):
+        for kind in bench.bodies:
             for _ in range(args.repeat):
                 # Interleaved, so load from other processes hits each target alike.
                 for target in ("direct", "gateway", *(("floor",) if bench.floor else ())):
@@ -186,9 +186,12 @@ def main() -> int:
         gateway = Gateway(workdir, nginx.port, scale_out)
         setup = gateway.setup()
         gateway.start()
-        bodies = {"json": workdir / "body-json.json", "sse": workdir / "body-sse.json"}
-        bodies["json"].write_bytes(request_body(JSON_MODEL, stream=False))
-        bodies["sse"].write_bytes(request_body(SSE_MODEL, stream=True))
+        kinds = ("json", "sse", "tok") if has_echo_module() else ("json", "sse")
+        if "tok" not in kinds:
+            print(f"  ! {ECHO_HINT}", file=sys.stderr)
+        bodies = {kind: workdir / f"body-{kind}.json" for kind in kinds}
+        for kind, path in bodies.items():
+            path.write_bytes(request_body(MODEL_OF[kind], stream=kind != "json"))
         bench = Bench(nginx, gateway, setup.key, bodies)
         if args.hold:
             hold(bench)

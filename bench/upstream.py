@@ -1,10 +1,13 @@
 """The benchmark's upstream: Debian's nginx answering fixed OpenAI-style bodies.
 
-nginx cannot read a JSON body cheaply, so streaming and non-streaming are told apart by
-path: the gateway config has one provider whose base_url ends in /json/v1 and one whose
-base_url ends in /sse/v1. Both bodies are served with `return 200 "..."` straight from
-memory (no file I/O, no upstream of its own), so nginx costs a few microseconds per
-request and the numbers measure the gateway.
+nginx cannot read a JSON body cheaply, so the answers are told apart by path: the
+gateway config has one provider per body kind, whose base_url ends in /json/v1, /sse/v1
+or /tok/v1. The first two are served with `return 200 "..."` straight from memory (no
+file I/O, no upstream of its own), so nginx costs a few microseconds per request and the
+numbers measure the gateway. `return` sends a whole stream in one write, which a model
+provider never does: /tok/v1 sends the same events one write each, TOKEN_GAP apart, as a
+provider streaming token by token does; it needs Debian's echo module for nginx
+(libnginx-mod-http-echo) and is left out, with a note, where that is not installed.
 """
 
 from __future__ import annotations
@@ -19,6 +22,10 @@ import time
 from pathlib import Path
 
 NGINX_HINT = "nginx is not installed; on Debian/Ubuntu: sudo apt-get install -y nginx"
+ECHO_MODULE = Path("/usr/lib/nginx/modules/ngx_http_echo_module.so")
+ECHO_HINT = ("the token-by-token stream needs nginx's echo module; on Debian/Ubuntu: "
+             "sudo apt-get install -y libnginx-mod-http-echo")
+TOKEN_GAP = 0.001  # seconds between two events of /tok/v1 (a fast model streams a token per 5-20 ms)
 
 UPSTREAM_MODEL = "bench-upstream-model"
 USAGE = {"prompt_tokens": 19, "completion_tokens": 10, "total_tokens": 29}
@@ -38,6 +45,10 @@ def chat_json() -> bytes:
 
 
 def chat_sse() -> bytes:
+    return b"".join(chat_sse_events())
+
+
+def chat_sse_events() -> list[bytes]:
     """A chat.completion.chunk stream as OpenAI sends it when include_usage is set: a role
     chunk, one chunk per word, a finish chunk (each with "usage":null), the usage chunk
     with empty choices, then [DONE]."""
@@ -55,7 +66,7 @@ def chat_sse() -> bytes:
     events.append(chunk([], {**USAGE, "prompt_tokens_details": {"cached_tokens": 0},
                              "completion_tokens_details": {"reasoning_tokens": 0}}))
     events.append(b"data: [DONE]\n\n")
-    return b"".join(events)
+    return events
 
 
 def _nginx_string(body: bytes) -> str:
@@ -66,10 +77,30 @@ def _nginx_string(body: bytes) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
+def has_echo_module() -> bool:
+    return ECHO_MODULE.exists()
+
+
+def _token_by_token() -> str:
+    """The /tok/v1 location: each event written and flushed by itself, TOKEN_GAP apart."""
+    steps = []
+    for i, event in enumerate(chat_sse_events()):
+        if i:
+            steps.append(f"echo_sleep {TOKEN_GAP:g};")
+        steps.append(f"echo -n {_nginx_string(event)}; echo_flush;")
+    return f"""
+        location = /tok/v1/chat/completions {{
+            default_type text/event-stream;
+            {" ".join(steps)}
+        }}"""
+
+
 def render_config(workdir: Path, port: int) -> str:
     """nginx.conf for one worker on 127.0.0.1:port, logging nothing per request."""
     w = workdir
+    echo = has_echo_module()
     return f"""
+{f"load_module {ECHO_MODULE};" if echo else ""}
 worker_processes 1;
 daemon off;
 pid {w}/nginx.pid;
@@ -95,7 +126,7 @@ http {{
         location = /sse/v1/chat/completions {{
             default_type text/event-stream;
             return 200 {_nginx_string(chat_sse())};
-        }}
+        }}{_token_by_token() if echo else ""}
         location / {{ return 404; }}
     }}
 }}
