@@ -135,6 +135,31 @@ def test_upstream_timeout_is_504_and_released(gw: Gateway, fake: FakeOpenAI) -> 
     assert gw.balance() == before and gw.open_reservations() == 0 and gw.verify() == []
 
 
+def test_stream_whose_headers_never_come_stops_at_the_idle_limit(gw: Gateway, fake: FakeOpenAI) -> None:
+    """A stream's idle limit (1 s here) also bounds the wait for the provider's headers,
+    before the request's total limit (2 s) would."""
+    before = gw.balance()
+    started = time.monotonic()
+    r = post(gw, {"model": "acme/sleep", "messages": MSG, "stream": True})
+    assert 0.9 < time.monotonic() - started < 1.9
+    assert r.status_code == 504 and r.json()["error"]["code"] == "upstream_stalled"
+    assert "sent nothing for 1 seconds" in r.json()["error"]["message"]
+    assert gw.balance() == before and gw.open_reservations() == 0 and gw.verify() == []
+
+
+def test_stream_slower_than_the_idle_limit_in_all_but_no_gap_completes(
+        launch: Callable[..., Gateway], serve_app: Callable[[Any], ServerThread]) -> None:
+    """The idle limit is per gap, not per stream: 12 chunks 0.3 s apart (3.6 s in all)
+    under a 1 s idle limit arrive whole and are charged from the stream's usage."""
+    fake = FakeOpenAI(PROVIDER_KEY, slow_chunks=12, slow_interval=0.3)
+    gw = launch(serve_app(fake.app).url, server={"request_timeout_seconds": 30, "stream_idle_timeout_seconds": 1})
+    stream = gw.client().chat.completions.with_raw_response.create(model="acme/slow", messages=MSG, stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in stream.parse() if c.choices)
+    assert text == "".join(f" w{i}" for i in range(12))
+    row = gw.usage_row(stream.headers["x-request-id"])
+    assert row["status"] == 200 and row["estimated"] is False and row["completion_tokens"] == 12
+
+
 def test_connection_refused_is_502_and_released(launch: Callable[..., Gateway]) -> None:
     gw = launch(f"http://127.0.0.1:{free_port()}")
     before = gw.balance()
