@@ -76,12 +76,30 @@ def test_nginx_return_strings_round_trip() -> None:
 def test_generated_configs_load_and_only_target_loopback(tmp_path: Path) -> None:
     cfg = config_mod.parse(__import__("tomllib").loads(gateway.render_config(tmp_path, 18080, 18081)))
     assert cfg.server.host == "127.0.0.1" and cfg.server.port == 18080
-    assert {m.id for m in cfg.models} == {gateway.JSON_MODEL, gateway.SSE_MODEL}
+    assert {m.id for m in cfg.models} == set(gateway.MODEL_OF.values())
     assert all(p.base_url.startswith("http://127.0.0.1:18081/") for p in cfg.providers.values())
     assert cfg.database.url.startswith("sqlite:///") and cfg.cache.url == "memory://"
     assert cfg.attribution is not None
     conf = upstream.render_config(tmp_path, 18081)
     assert "listen 127.0.0.1:18081;" in conf and "access_log off;" in conf
+
+
+def test_token_by_token_stream_is_the_same_events_one_write_each(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    events = upstream.chat_sse_events()
+    assert b"".join(events) == upstream.chat_sse() and len(events) == report.STREAM_EVENTS
+    module = tmp_path / "ngx_http_echo_module.so"
+    module.touch()
+    monkeypatch.setattr(upstream, "ECHO_MODULE", module)
+    conf = upstream.render_config(tmp_path, 18081)
+    assert conf.lstrip().startswith(f"load_module {module};")
+    tok = conf[conf.index("location = /tok/v1/chat/completions"):]
+    tok = tok[:tok.index("location / ")]
+    assert tok.count("echo -n ") == tok.count("echo_flush;") == len(events)
+    assert tok.count(f"echo_sleep {upstream.TOKEN_GAP:g};") == len(events) - 1
+    monkeypatch.setattr(upstream, "ECHO_MODULE", tmp_path / "absent.so")
+    conf = upstream.render_config(tmp_path, 18081)
+    assert "load_module" not in conf and "/tok/v1" not in conf
 
 
 def test_proc_readers_follow_this_process() -> None:
