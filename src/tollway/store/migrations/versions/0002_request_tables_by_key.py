@@ -5,7 +5,8 @@ Revises: 0001
 
 SQLite: ledger_entries, reservations and usage_events are rebuilt WITHOUT ROWID (rows
 copied, indexes re-created); schema.py says why. Both databases: reservations loses its
-index on created_at (the table holds only requests in flight).
+index on created_at (the table holds only requests in flight). A SQLite file holding
+300,000 requests (1.2M rows, 191 MB) took 3.4 s here (docs/operations.md).
 """
 from alembic import op
 
