@@ -410,36 +410,47 @@ def assert_ledger_exact(gw: Gateway, tenant_id: str, shots: list[Shot]) -> int:
     return len(ok)
 
 
-async def test_redis_restart_under_load_gives_clean_503s_and_recovers(gateway: Gateway) -> None:
+async def test_redis_restart_under_load_serves_known_keys_and_503s_unknown_ones(gateway: Gateway) -> None:
+    """Redis holds only the shared key cache. While it is down, keys a worker has verified
+    are answered from that worker's memory (revocations reach it through the database),
+    and a key no worker has verified gets a quick, clean 503; once Redis is back it is
+    served too."""
     _need_tool("redis-server")
     _need_tool("redis-cli")
-    tenant_id, created = gateway.tenant_with_keys("100.00", keys=2)
-    load = Load(gateway, [k["key"] for k in created])
+    tenant_id, created = gateway.tenant_with_keys("100.00", keys=3)
+    load = Load(gateway, [k["key"] for k in created[:2]])
     tasks = load.run(per_key=3, pause=0.01)
+    unseen: list[httpx.Response] = []
     try:
         await load.until_each_key_answered(5)
         down = time.monotonic()
         await asyncio.to_thread(stop_redis)
+        async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as client:
+            headers = {"authorization": f"Bearer {created[2]['key']}"}
+            started = time.monotonic()
+            unseen.append(await client.post(load.path, json=load.request(), headers=headers))
+            unseen_took = time.monotonic() - started
+            await asyncio.sleep(1.0)
+            await asyncio.to_thread(start_redis)
+            up = time.monotonic()
+            await asyncio.sleep(1.0)
+            unseen.append(await client.post(load.path, json=load.request(), headers=headers))
         await asyncio.sleep(1.0)
-        await asyncio.to_thread(start_redis)
-        up = time.monotonic()
-        await asyncio.sleep(2.0)
     finally:
         start_redis()
         load.stop.set()
         await asyncio.gather(*tasks)
 
     outage_summary("Redis restart", load.shots, down, up)
-    failed = [s for s in load.shots if s.status != 200]
-    assert failed, "the load loop never met the outage"
-    for s in failed:
-        assert_openai_error(s, 503, "cache_unavailable")
-        assert s.end - s.start < 3, f"a 503 should be quick, this one took {s.end - s.start:.1f}s"
-        assert "cache" in s.body["error"]["message"]
-    assert all(s.start >= down - 0.5 for s in failed), "errors before Redis went down"
-    after = [s for s in load.shots if s.start > up + 1.0]
-    assert len(after) >= 10 and all(s.status == 200 for s in after), Counter(s.status for s in after)
-    assert_ledger_exact(gateway, tenant_id, load.shots)
+    print(f"  a key no worker had verified, while Redis was down: {unseen[0].status_code} in {unseen_took:.2f}s")
+    during = [s for s in load.shots if down + 0.1 < s.start < up]
+    assert len(during) >= 10, "the load loop never met the outage"
+    assert all(s.status == 200 for s in load.shots), Counter(s.status for s in load.shots)
+    assert unseen[0].status_code == 503 and unseen[0].json()["error"]["code"] == "cache_unavailable"
+    assert "cache" in unseen[0].json()["error"]["message"] and unseen_took < 3
+    assert unseen[1].status_code == 200, unseen[1].text
+    answered = [Shot(0.0, 0.0, 2, r.status_code, r.json(), r.headers.get("x-request-id")) for r in unseen]
+    assert_ledger_exact(gateway, tenant_id, load.shots + answered)
 
 
 async def test_postgres_restart_under_load_loses_and_doubles_no_ledger_entry(gateway: Gateway) -> None:

@@ -15,7 +15,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from tests.conftest import ServerThread, fresh_pg_database
+from tests.conftest import REDIS_URL, ServerThread, fresh_pg_database, need_redis
 from tollway import workers as workers_mod
 from tollway.app import create_app
 from tollway.config import Config
@@ -29,10 +29,11 @@ from tollway.workers import STALE, dead_workers, process_identity, provably_dead
 HOUR_MS = 3_600_000
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", "postgresql", "postgresql+redis"])
 async def memory_stack(request: pytest.FixtureRequest, make_config: Callable[..., Config],
                        embedded: dict[str, Any]) -> AsyncIterator[Config]:
-    """Per-worker memory caches over either database: the stacks the revocation bus serves."""
+    """Per-worker key caches over either database: memory://, and the per-worker layer in
+    front of Redis; the stacks the revocation bus serves."""
     if request.param == "sqlite":
         cfg = make_config(**embedded)
         s = build(cfg)
@@ -40,8 +41,11 @@ async def memory_stack(request: pytest.FixtureRequest, make_config: Callable[...
         await s.close()
         yield cfg
         return
+    if request.param == "postgresql+redis":
+        need_redis()
     with fresh_pg_database() as url:
-        yield make_config(database={"url": url}, cache={"url": "memory://"})
+        cache = REDIS_URL if request.param == "postgresql+redis" else "memory://"
+        yield make_config(database={"url": url}, cache={"url": cache})
 
 
 async def worker(cfg: Config) -> Services:
@@ -88,6 +92,33 @@ async def test_revoke_waits_until_every_live_worker_has_evicted(memory_stack: Co
             await w.keys.authenticate(created["key"])
     finally:
         await stop(w, admin)
+
+
+async def test_with_redis_a_worker_answers_known_keys_from_memory_while_its_heartbeat_is_fresh(
+        make_config: Callable[..., Config]) -> None:
+    need_redis()
+    with fresh_pg_database() as url:
+        cfg = make_config(database={"url": url}, cache={"url": REDIS_URL})
+        w = await worker(cfg)
+        try:
+            created = await tenant_key(w)
+            redis_reads = 0
+            real_get_many = w.cache.get_many
+
+            async def counting_get_many(*keys: str) -> list[str | None]:
+                nonlocal redis_reads
+                redis_reads += 1
+                return await real_get_many(*keys)
+
+            w.cache.get_many = counting_get_many  # type: ignore[method-assign]
+            for _ in range(5):
+                assert (await w.keys.authenticate(created["key"])).key_id == created["key_id"]
+            assert redis_reads == 1  # the first request; the other four came from memory
+            w.workers._fresh_until = 0.0  # as if its heartbeats had stopped committing
+            await w.keys.authenticate(created["key"])
+            assert redis_reads == 2  # not trusted: Redis (and its tombstones) asked again
+        finally:
+            await stop(w)
 
 
 async def test_a_silent_worker_is_not_waited_for_and_stops_trusting_its_cache(memory_stack: Config) -> None:
@@ -167,7 +198,11 @@ async def test_a_lookup_racing_a_revocation_is_not_cached(memory_stack: Config) 
         await w.workers.poll()
         await asyncio.wait_for(revoking, 5)
         release.set()
-        assert (await in_flight).key_id == created["key_id"]  # it started before the revoke: fine
+        if w.cache.shared:  # Redis's tombstone refuses the stale answer, and the request with it
+            with pytest.raises(Unauthorized):
+                await in_flight
+        else:
+            assert (await in_flight).key_id == created["key_id"]  # it started before the revoke: fine
         w.keys._lookup = real_lookup  # type: ignore[method-assign]
         with pytest.raises(Unauthorized):
             await w.keys.authenticate(created["key"])

@@ -17,9 +17,13 @@ answers the same 401, so the answer is no oracle for which step failed.
 At rest only the keyed hash and a display prefix are stored, so a copy of the database
 does not let anyone use (or even test) a key without the secret.
 
-Revocation reaches every worker before `revoke` returns: with a shared (Redis) cache the
-entry is deleted and a tombstone blocks re-caching; with per-worker memory caches the
-revocation bus (workers.py) waits until every live worker has evicted it.
+Revocation reaches every worker before `revoke` returns. Each worker keeps verified keys
+in memory: with memory:// that is the cache; with Redis it is a layer in front of it, so
+a request costs no Redis round trip (that lookup was ~20% of the gateway's CPU per
+request on PostgreSQL + Redis, bench/README.md, fifth pass). A per-worker entry is
+trusted only while the worker's heartbeat is fresh, and the revocation bus (workers.py)
+waits until every live worker has evicted the key; in Redis the entry is deleted and a
+tombstone blocks re-caching, so a worker that misses in memory cannot pick it up again.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from tollway.errors import BadRequest, NotFound, Unauthorized
-from tollway.store.cache import Cache
+from tollway.store.cache import Cache, MemoryCache
 from tollway.store.db import Store, now_ms
 from tollway.store.schema import api_keys, tenants
 from tollway.workers import WorkerRegistry
@@ -147,13 +151,15 @@ def new_id(prefix: str) -> str:
 
 class Keys:
     def __init__(self, store: Store, cache: Cache, secret: KeySecret, *, ttl: float = 60,
-                 negative_ttl: float = 5, bus: WorkerRegistry | None = None) -> None:
+                 negative_ttl: float = 5, bus: WorkerRegistry | None = None,
+                 local: MemoryCache | None = None) -> None:
         self.store = store
         self.cache = cache
         self.secret = secret
         self.ttl = ttl
         self.negative_ttl = negative_ttl
-        self.bus = bus  # the revocation bus for per-worker (memory) caches; None with Redis
+        self.bus = bus  # evicts revoked keys from the per-worker cache (`cache` or `local`)
+        self.local = local  # with a shared cache: this worker's layer in front of it
         self._last_used: dict[str, int] = {}
 
     # --- issuing --------------------------------------------------------------------------
@@ -221,6 +227,8 @@ class Keys:
         return len(ids)
 
     async def evict(self, key_hash: str) -> None:
+        if self.local is not None:
+            await self.local.delete(f"k:{key_hash}")
         if self.cache.shared:
             # set_unless refuses positive entries while the tombstone lives, so it must
             # outlast the slowest lookup that read the key before the revocation committed.
@@ -247,10 +255,18 @@ class Keys:
         if len(key) != _KEY_LEN or not key.isascii():
             raise Unauthorized()
         key_hash = self.secret.hash(key)
+        bus, local = self.bus, self.local
+        generation = bus.generation if bus is not None else 0
         if self.cache.shared:
-            cached, tomb = await self.cache.get_many(f"k:{key_hash}", f"r:{key_hash}")
-            if tomb is not None:  # revoked moments ago (revocation is final): no lookup needed
-                raise Unauthorized()
+            cached = None
+            if local is not None and bus is not None and bus.fresh():
+                cached = await local.get(f"k:{key_hash}")
+            if cached is None:
+                cached, tomb = await self.cache.get_many(f"k:{key_hash}", f"r:{key_hash}")
+                if tomb is not None:  # revoked moments ago (revocation is final): no lookup needed
+                    raise Unauthorized()
+                if cached is not None:
+                    await self._remember_locally(key_hash, cached, generation)
         else:
             cached = await self.cache.get(f"k:{key_hash}")
             if cached not in (None, _NEGATIVE) and self.bus is not None and not self.bus.fresh():
@@ -262,17 +278,19 @@ class Keys:
         if cached is None and not self.check_shape(key):
             raise Unauthorized()
         if cached is None:
-            generation = self.bus.generation if self.bus is not None else 0
             principal = await self._lookup(key_hash)
             value, ttl = (principal.encode(), self.ttl) if principal else (_NEGATIVE, self.negative_ttl)
             if self.cache.shared and principal is not None:
                 # One atomic step: a revocation whose tombstone landed after our read wins.
                 if not await self.cache.set_unless(f"k:{key_hash}", value, ttl, guard=f"r:{key_hash}"):
                     principal = None
-            elif self.bus is None or self.bus.generation == generation:
-                # (A memory cache is not refilled by a lookup that raced an eviction: the
+                else:
+                    await self._remember_locally(key_hash, value, generation)
+            elif bus is None or bus.generation == generation:
+                # (A per-worker cache is not refilled by a lookup that raced an eviction: the
                 # row it read may predate the revocation the eviction was for.)
                 await self.cache.set(f"k:{key_hash}", value, ttl)
+                await self._remember_locally(key_hash, value, generation)
         elif cached == _NEGATIVE:
             principal = None
         else:
@@ -283,6 +301,14 @@ class Keys:
             raise Unauthorized()
         self._last_used[principal.key_id] = now_ms()
         return principal
+
+    async def _remember_locally(self, key_hash: str, value: str, generation: int) -> None:
+        """Copy what the shared cache holds (or was just given) into this worker's layer,
+        unless an eviction ran since the caller started reading: what it read may predate
+        the revocation that eviction was for (the bus's generation says)."""
+        if self.local is None or self.bus is None or self.bus.generation != generation:
+            return
+        await self.local.set(f"k:{key_hash}", value, self.negative_ttl if value == _NEGATIVE else self.ttl)
 
     async def _lookup(self, key_hash: str) -> Principal | None:
         async with self.store.read() as conn:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from tollway.config import Config, resolve_secret
 from tollway.keys import Keys, load_key_secret
 from tollway.ledger import Ledger
-from tollway.store.cache import Cache, make_cache
+from tollway.store.cache import Cache, MemoryCache, make_cache
 from tollway.store.db import Store, sqlite_path
 from tollway.tenants import Tenants
 from tollway.workers import WorkerRegistry
@@ -55,9 +55,12 @@ def build(cfg: Config, *, worker_id: str | None = None) -> Services:
                   pool_size=cfg.database.pool_size, pool_timeout=cfg.database.pool_timeout_seconds)
     cache = make_cache(cfg.cache.url, password=_password(cfg, cfg.cache.password_env, "cache"))
     secret, notice = load_key_secret(cfg.server.key_secret_env, sqlite_path(cfg.database.url, base))
-    registry = WorkerRegistry(store, cache if not cache.shared else None, worker_id)
+    # Each worker keeps verified keys in memory; with Redis that is a layer in front of it,
+    # which saves a Redis round trip per request (keys.py). The revocation bus evicts from it.
+    local = MemoryCache() if cache.shared else None
+    registry = WorkerRegistry(store, local if cache.shared else cache, worker_id)
     keys = Keys(store, cache, secret, ttl=cfg.cache.key_ttl_seconds, negative_ttl=cfg.cache.negative_ttl_seconds,
-                bus=registry if not cache.shared else None)
+                bus=registry, local=local)
     ledger = Ledger(store)
     payments = None
     if cfg.stripe is not None:

@@ -3,7 +3,8 @@
 Each serving process registers a row in `workers` and heart-beats it. This gives two
 guarantees without any per-request cost:
 
-* Revocation with per-worker (memory://) caches: `revoke` inserts into `revocations`
+* Revocation with per-worker key caches (memory://, and the per-worker layer in front of
+  Redis): `revoke` inserts into `revocations`
   in the same transaction as the key update, then waits until every live worker has
   acknowledged that sequence number. A worker acknowledges only after evicting, and
   trusts its cache (`fresh()`) only while its last committed heartbeat is younger than
@@ -58,16 +59,13 @@ def db_clock(store: Store) -> sa.ColumnElement[int]:
     return sa.cast(sa.func.floor(epoch * 1000), sa.BigInteger)
 
 
-# The poll's two statements, ten times a second per worker, go through Store.transact: on
-# SQLite that is the loop's writer connection, where aiosqlite would hand each DBAPI call
-# to its thread and back (~4% of a core for an idle gateway, and GIL contention under load).
+# The poll's two statements, ten times a second per worker, go through Store.transact and
+# Store.statement: on SQLite that is the loop's writer connection, where aiosqlite would
+# hand each DBAPI call to its thread and back (~4% of a core for an idle gateway, and GIL
+# contention under load); on PostgreSQL the read is one round trip outside a transaction.
 
 _REVOCATIONS_AFTER = Prepared(sa.select(revocations.c.seq, revocations.c.key_hash)
                               .where(revocations.c.seq > sa.bindparam("acked")).order_by(revocations.c.seq))
-
-
-def _revocations_after(conn: Connection, acked: int) -> list[tuple[int, str]]:
-    return [(int(seq), str(key_hash)) for seq, key_hash in _REVOCATIONS_AFTER.rows(conn, {"acked": acked})]
 
 
 def _heartbeat(conn: Connection, worker_id: str, acked: int, identity: str | None,
@@ -129,7 +127,8 @@ def provably_dead(identity: str | None, mine: str | None) -> bool:
 class WorkerRegistry:
     def __init__(self, store: Store, cache: Cache | None, worker_id: str | None) -> None:
         """worker_id None: a client (the CLI or a test) that publishes but serves nothing.
-        cache None: the cache is shared (Redis), so there is nothing per worker to evict."""
+        cache: the worker's own key cache (memory://, or the layer in front of Redis) that
+        revocations are evicted from; None: nothing in this process to evict."""
         self.store = store
         self.cache = cache
         self.worker_id = worker_id
@@ -206,7 +205,7 @@ class WorkerRegistry:
             if time.monotonic() - self._last_beat >= HEARTBEAT_EVERY:
                 await self._beat()
             if self.cache is not None:
-                rows = await self.store.transact(_revocations_after, self.acked)
+                rows = await self.store.statement(_REVOCATIONS_AFTER, {"acked": self.acked})
                 if rows:
                     await self.cache.delete(*[f"k:{h}" for _, h in rows])
                     self.generation += 1
