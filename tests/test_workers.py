@@ -121,6 +121,35 @@ async def test_with_redis_a_worker_answers_known_keys_from_memory_while_its_hear
             await stop(w)
 
 
+async def test_revoking_a_tenants_keys_waits_for_the_workers_once(memory_stack: Config) -> None:
+    w = await worker(memory_stack)
+    admin = build(memory_stack)
+    try:
+        tid = (await admin.tenants.create("Ada"))["tenant_id"]
+        keys = [await admin.keys.create(tid) for _ in range(3)]
+        for k in keys:
+            await w.keys.authenticate(k["key"])
+        waits: list[int] = []
+        real_wait_for = admin.workers.wait_for
+
+        async def counting_wait_for(seq: int, limit_seconds: float = 10.0) -> None:
+            waits.append(seq)
+            await real_wait_for(seq, limit_seconds)
+
+        admin.workers.wait_for = counting_wait_for  # type: ignore[method-assign]
+        revoking = asyncio.create_task(admin.keys.revoke_tenant(tid))
+        await asyncio.sleep(0.3)
+        assert not revoking.done()
+        await w.workers.poll()  # one poll evicts all three and acknowledges the last
+        assert await asyncio.wait_for(revoking, 5) == 3
+        assert len(waits) == 1
+        for k in keys:
+            with pytest.raises(Unauthorized):
+                await w.keys.authenticate(k["key"])
+    finally:
+        await stop(w, admin)
+
+
 async def test_a_silent_worker_is_not_waited_for_and_stops_trusting_its_cache(memory_stack: Config) -> None:
     w = await worker(memory_stack)
     admin = build(memory_stack)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import builtins
 import contextlib
 import hashlib
 import hmac
@@ -37,6 +38,7 @@ import os
 import re
 import secrets
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -202,29 +204,42 @@ class Keys:
 
     async def revoke(self, key_id: str) -> dict[str, Any]:
         """Returns only when no worker will admit the key any more."""
-        async with self.store.write() as conn:
-            row = (await conn.execute(
-                sa.select(api_keys.c.key_hash, api_keys.c.revoked_at).where(api_keys.c.id == key_id)
-            )).first()
-            if row is None:
-                raise NotFound(f"no key {key_id}")
-            revoked_at = row.revoked_at or now_ms()
-            if row.revoked_at is None:
-                await conn.execute(api_keys.update().where(api_keys.c.id == key_id).values(revoked_at=revoked_at))
-            seq = await self.bus.publish(conn, row.key_hash) if self.bus is not None else None
-        await self.evict(row.key_hash)
-        if self.bus is not None and seq is not None:
-            await self.bus.wait_for(seq)
-        return {"key_id": key_id, "revoked_at": revoked_at}
+        return (await self._revoke([key_id]))[0]
 
     async def revoke_tenant(self, tenant_id: str) -> int:
         async with self.store.read() as conn:
             ids = (await conn.execute(
                 sa.select(api_keys.c.id).where(api_keys.c.tenant_id == tenant_id, api_keys.c.revoked_at.is_(None))
             )).scalars().all()
-        for key_id in ids:
-            await self.revoke(key_id)
+        await self._revoke(ids)
         return len(ids)
+
+    async def _revoke(self, key_ids: Sequence[str]) -> Sequence[dict[str, Any]]:
+        """Record every revocation in one transaction, evict them all, then wait once for
+        the workers' acknowledgement of the last (they acknowledge in sequence order)."""
+        revoked: builtins.list[dict[str, Any]] = []  # (`list` here is Keys.list)
+        hashes: builtins.list[str] = []
+        seq: int | None = None
+        async with self.store.write() as conn:
+            for key_id in key_ids:
+                row = (await conn.execute(
+                    sa.select(api_keys.c.key_hash, api_keys.c.revoked_at).where(api_keys.c.id == key_id)
+                )).first()
+                if row is None:
+                    raise NotFound(f"no key {key_id}")
+                revoked_at = row.revoked_at or now_ms()
+                if row.revoked_at is None:
+                    await conn.execute(
+                        api_keys.update().where(api_keys.c.id == key_id).values(revoked_at=revoked_at))
+                if self.bus is not None:
+                    seq = await self.bus.publish(conn, row.key_hash)
+                hashes.append(row.key_hash)
+                revoked.append({"key_id": key_id, "revoked_at": revoked_at})
+        for key_hash in hashes:
+            await self.evict(key_hash)
+        if self.bus is not None and seq is not None:
+            await self.bus.wait_for(seq)
+        return revoked
 
     async def evict(self, key_hash: str) -> None:
         if self.local is not None:
