@@ -111,6 +111,7 @@ async def test_with_redis_a_worker_answers_known_keys_from_memory_while_its_hear
                 return await real_get_many(*keys)
 
             w.cache.get_many = counting_get_many  # type: ignore[method-assign]
+            w.workers._fresh_until = time.monotonic() + 60  # no heartbeat loop runs here; pin it
             for _ in range(5):
                 assert (await w.keys.authenticate(created["key"])).key_id == created["key_id"]
             assert redis_reads == 1  # the first request; the other four came from memory
@@ -137,6 +138,7 @@ async def test_revoking_a_tenants_keys_waits_for_the_workers_once(memory_stack: 
             await real_wait_for(seq, limit_seconds)
 
         admin.workers.wait_for = counting_wait_for  # type: ignore[method-assign]
+        await w.workers.poll()  # a fresh heartbeat: w is live for the revoke to wait for
         revoking = asyncio.create_task(admin.keys.revoke_tenant(tid))
         await asyncio.sleep(0.3)
         assert not revoking.done()
