@@ -3,14 +3,14 @@
 Each serving process registers a row in `workers` and heart-beats it. This gives two
 guarantees without any per-request cost:
 
-* Revocation with per-worker key caches (memory://, and the per-worker layer in front of
-  Redis): `revoke` inserts into `revocations`
-  in the same transaction as the key update, then waits until every live worker has
-  acknowledged that sequence number. A worker acknowledges only after evicting, and
-  trusts its cache (`fresh()`) only while its last committed heartbeat is younger than
-  FRESH. `revoke` skips workers whose heartbeat is older than STALE > FRESH, so a worker
-  a revoke skipped never serves from its cache before it has read that revocation
-  (the ordering argument is in `poll`). A cut-off worker asks the database instead.
+* Revocation with per-worker key caches (memory://, and each worker's layer in front of
+  Redis): `revoke` inserts into `revocations` in the same transaction as the key update,
+  then waits until every live worker has acknowledged that sequence number. A worker
+  acknowledges only after evicting, and trusts its cache (`fresh()`) only while its
+  last committed heartbeat is younger than FRESH. `revoke` skips workers whose
+  heartbeat is older than STALE > FRESH, so a worker a revoke skipped never serves from
+  its cache before it has read that revocation (the ordering argument is in `poll`). A
+  cut-off worker asks Redis or the database instead.
 * Reservations record their worker. The sweep releases the reservations of workers
   that are dead: silent for longer than STALE, or, on the same host, provably gone
   (their PID no longer runs the process that registered). The second test is what
