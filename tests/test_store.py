@@ -113,19 +113,29 @@ async def test_cache_get_set_delete(cache: Cache) -> None:
     await cache.set("a", "1", 30)
     await cache.set("b", "2|x", 30)
     assert await cache.get("a") == "1"
-    assert await cache.get_many("a", "missing", "b") == ["1", None, "2|x"]
+    assert [await cache.get(k) for k in ("a", "missing", "b")] == ["1", None, "2|x"]
     await cache.set("a", "3", 30)  # overwrite
     assert await cache.get("a") == "3"
     await cache.delete("a", "b", "missing")
     await cache.delete()  # nothing to delete is not an error
-    assert await cache.get_many("a", "b") == [None, None]
+    assert [await cache.get(k) for k in ("a", "b")] == [None, None]
 
 
 async def test_cache_entries_expire(cache: Cache) -> None:
     await cache.set("short", "v", 0.05)
     await cache.set("long", "v", 30)
     await asyncio.sleep(0.15)
-    assert await cache.get_many("short", "long") == [None, "v"]
+    assert [await cache.get(k) for k in ("short", "long")] == [None, "v"]
+
+
+async def test_cache_get_guarded_reads_value_guard_and_time_left(cache: Cache) -> None:
+    assert await cache.get_guarded("k", "g") == (None, False, 0.0)
+    await cache.set("k", "v", 30)
+    value, guarded, left = await cache.get_guarded("k", "g")
+    assert (value, guarded) == ("v", False) and 29 < left <= 30
+    await cache.set("g", "1", 30)
+    await cache.delete("k")
+    assert await cache.get_guarded("k", "g") == (None, True, 0.0)
 
 
 async def test_cache_set_unless_guard(cache: Cache) -> None:
@@ -167,7 +177,7 @@ async def test_cache_set_unless_never_writes_after_the_guard(cache: Cache) -> No
     stop.set()
     await asyncio.gather(*tasks)
     assert writes_after_guard == 0
-    assert await cache.get_many(*[f"w{n}" for n in range(8)]) == [None] * 8
+    assert [await cache.get(f"w{n}") for n in range(8)] == [None] * 8
 
 
 def test_make_cache_picks_the_backend() -> None:
@@ -181,7 +191,7 @@ async def test_memory_cache_is_bounded() -> None:
     for i in range(5):
         await c.set(str(i), "v", 30)
     assert len(c) == 3
-    assert await c.get_many("0", "1", "2", "3", "4") == [None, None, "v", "v", "v"]
+    assert [await c.get(str(i)) for i in range(5)] == [None, None, "v", "v", "v"]
 
 
 async def test_redis_cache_is_shared_between_workers_and_namespaced() -> None:
@@ -203,7 +213,7 @@ async def test_redis_cache_is_shared_between_workers_and_namespaced() -> None:
 async def test_redis_down_is_a_clean_503_fast() -> None:
     c = RedisCache(f"redis://127.0.0.1:{free_port()}/0")
     try:
-        for op in (c.get("k"), c.get_many("a", "b"), c.set("k", "v", 1), c.delete("k"),
+        for op in (c.get("k"), c.get_guarded("a", "b"), c.set("k", "v", 1), c.delete("k"),
                    c.set_unless("k", "v", 1, guard="g")):
             started = time.monotonic()
             with pytest.raises(ServiceUnavailable) as info:

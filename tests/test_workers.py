@@ -103,14 +103,14 @@ async def test_with_redis_a_worker_answers_known_keys_from_memory_while_its_hear
         try:
             created = await tenant_key(w)
             redis_reads = 0
-            real_get_many = w.cache.get_many
+            real_get_guarded = w.cache.get_guarded
 
-            async def counting_get_many(*keys: str) -> list[str | None]:
+            async def counting_get_guarded(key: str, guard: str) -> tuple[str | None, bool, float]:
                 nonlocal redis_reads
                 redis_reads += 1
-                return await real_get_many(*keys)
+                return await real_get_guarded(key, guard)
 
-            w.cache.get_many = counting_get_many  # type: ignore[method-assign]
+            w.cache.get_guarded = counting_get_guarded  # type: ignore[method-assign]
             w.workers._fresh_until = time.monotonic() + 60  # no heartbeat loop runs here; pin it
             for _ in range(5):
                 assert (await w.keys.authenticate(created["key"])).key_id == created["key_id"]
@@ -150,6 +150,29 @@ async def test_revoking_a_tenants_keys_waits_for_the_workers_once(memory_stack: 
                 await w.keys.authenticate(k["key"])
     finally:
         await stop(w, admin)
+
+
+async def test_with_redis_a_workers_copy_lives_no_longer_than_the_shared_entry(
+        make_config: Callable[..., Config]) -> None:
+    """key_ttl_seconds bounds a verification in all: a worker that copies a Redis entry
+    with 0.5 s left keeps it 0.5 s, not key_ttl_seconds more."""
+    need_redis()
+    with fresh_pg_database() as url:
+        cfg = make_config(database={"url": url}, cache={"url": REDIS_URL, "key_ttl_seconds": 1})
+        first, second = await worker(cfg), await worker(cfg)
+        try:
+            created = await tenant_key(first)
+            for w in (first, second):
+                w.workers._fresh_until = time.monotonic() + 60  # no heartbeat loop runs here; pin it
+            filled = time.monotonic()
+            await first.keys.authenticate(created["key"])  # the database read; Redis holds it for 1 s
+            await asyncio.sleep(0.5)
+            await second.keys.authenticate(created["key"])  # copied from Redis, ~0.5 s left
+            assert await second.keys.local.get(f"k:{second.keys.secret.hash(created['key'])}") is not None
+            await asyncio.sleep(max(0.0, filled + 1.1 - time.monotonic()))
+            assert await second.keys.local.get(f"k:{second.keys.secret.hash(created['key'])}") is None
+        finally:
+            await stop(first, second)
 
 
 async def test_a_silent_worker_is_not_waited_for_and_stops_trusting_its_cache(memory_stack: Config) -> None:

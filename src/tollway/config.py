@@ -93,7 +93,8 @@ class CacheConfig:
     url: str = doc("memory:// (one process) or redis://host:port/db (shared by workers; no password in it).",
                    "memory://")
     password_env: str = doc("Env var holding the Redis password (AUTH); empty: none.", "")
-    key_ttl_seconds: int = doc("How long a verified key stays cached.", 60)
+    key_ttl_seconds: int = doc(
+        "How long a verified key stays cached (with Redis: in Redis and each worker's memory together).", 60)
     negative_ttl_seconds: int = doc("How long an unknown key stays cached as unknown.", 5)
 
 

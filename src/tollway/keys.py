@@ -277,11 +277,11 @@ class Keys:
             if local is not None and bus is not None and bus.fresh():
                 cached = await local.get(f"k:{key_hash}")
             if cached is None:
-                cached, tomb = await self.cache.get_many(f"k:{key_hash}", f"r:{key_hash}")
-                if tomb is not None:  # revoked moments ago (revocation is final): no lookup needed
+                cached, revoked, left = await self.cache.get_guarded(f"k:{key_hash}", f"r:{key_hash}")
+                if revoked:  # revoked moments ago (revocation is final): no lookup needed
                     raise Unauthorized()
                 if cached is not None:
-                    await self._remember_locally(key_hash, cached, generation)
+                    await self._remember_locally(key_hash, cached, generation, left)
         else:
             cached = await self.cache.get(f"k:{key_hash}")
             if cached not in (None, _NEGATIVE) and self.bus is not None and not self.bus.fresh():
@@ -300,12 +300,12 @@ class Keys:
                 if not await self.cache.set_unless(f"k:{key_hash}", value, ttl, guard=f"r:{key_hash}"):
                     principal = None
                 else:
-                    await self._remember_locally(key_hash, value, generation)
+                    await self._remember_locally(key_hash, value, generation, ttl)
             elif bus is None or bus.generation == generation:
                 # (A per-worker cache is not refilled by a lookup that raced an eviction: the
                 # row it read may predate the revocation the eviction was for.)
                 await self.cache.set(f"k:{key_hash}", value, ttl)
-                await self._remember_locally(key_hash, value, generation)
+                await self._remember_locally(key_hash, value, generation, ttl)
         elif cached == _NEGATIVE:
             principal = None
         else:
@@ -317,13 +317,14 @@ class Keys:
         self._last_used[principal.key_id] = now_ms()
         return principal
 
-    async def _remember_locally(self, key_hash: str, value: str, generation: int) -> None:
-        """Copy what the shared cache holds (or was just given) into this worker's layer,
-        unless an eviction ran since the caller started reading: what it read may predate
-        the revocation that eviction was for (the bus's generation says)."""
-        if self.local is None or self.bus is None or self.bus.generation != generation:
+    async def _remember_locally(self, key_hash: str, value: str, generation: int, ttl: float) -> None:
+        """Copy what the shared cache holds (or was just given) into this worker's layer
+        for as long as the shared entry lives (`ttl`), so a verification is kept no longer
+        than key_ttl_seconds in all; unless an eviction ran since the caller started
+        reading: what it read may predate the revocation that eviction was for."""
+        if self.local is None or self.bus is None or self.bus.generation != generation or ttl <= 0:
             return
-        await self.local.set(f"k:{key_hash}", value, self.negative_ttl if value == _NEGATIVE else self.ttl)
+        await self.local.set(f"k:{key_hash}", value, ttl)
 
     async def _lookup(self, key_hash: str) -> Principal | None:
         async with self.store.read() as conn:

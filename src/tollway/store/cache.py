@@ -19,13 +19,17 @@ class Cache(Protocol):
     shared: bool  # True when every worker sees the same entries
 
     async def get(self, key: str) -> str | None: ...
-    async def get_many(self, *keys: str) -> list[str | None]: ...
     async def set(self, key: str, value: str, ttl: float) -> None: ...
 
     async def set_unless(self, key: str, value: str, ttl: float, guard: str) -> bool:
         """Set `key` unless `guard` exists, atomically; True when it was set. Lets a worker
         cache what it read from the database unless a revocation tombstone appeared
         meanwhile, with no window between the check and the write."""
+        ...
+
+    async def get_guarded(self, key: str, guard: str) -> tuple[str | None, bool, float]:
+        """`key`'s value, whether `guard` exists, and the seconds `key` has left, read
+        atomically: lets a worker keep a copy no longer than the shared entry lives."""
         ...
 
     async def delete(self, *keys: str) -> None: ...
@@ -50,14 +54,17 @@ class MemoryCache:
             return None
         return item[1]
 
-    async def get_many(self, *keys: str) -> list[str | None]:
-        return [await self.get(k) for k in keys]
-
     async def set(self, key: str, value: str, ttl: float) -> None:
         self._data.pop(key, None)
         self._data[key] = (time.monotonic() + ttl, value)
         while len(self._data) > self._max:
             self._data.popitem(last=False)
+
+    async def get_guarded(self, key: str, guard: str) -> tuple[str | None, bool, float]:
+        item = self._data.get(key)
+        value = await self.get(key)
+        left = item[0] - time.monotonic() if item is not None and value is not None else 0.0
+        return value, await self.get(guard) is not None, left
 
     async def set_unless(self, key: str, value: str, ttl: float, guard: str) -> bool:
         # No await between the check and the write: atomic within the event loop.
@@ -76,6 +83,12 @@ class MemoryCache:
     def __len__(self) -> int:
         return len(self._data)
 
+
+# KEYS[1] = key, KEYS[2] = guard. One round trip, atomic in Redis (GET gives false, not
+# nil, for a missing key, so the reply keeps its three places).
+_GET_GUARDED = """
+return {redis.call('GET', KEYS[1]), redis.call('EXISTS', KEYS[2]), redis.call('PTTL', KEYS[1])}
+"""
 
 # KEYS[1] = key, KEYS[2] = guard, ARGV = value, ttl in ms. One round trip, atomic in Redis.
 _SET_UNLESS = """
@@ -118,6 +131,7 @@ class RedisCache:
         )
         self.client = aioredis.Redis.from_pool(pool)
         self._set_unless = self.client.register_script(_SET_UNLESS)
+        self._get_guarded = self.client.register_script(_GET_GUARDED)
 
     def _k(self, key: str) -> str:
         return self.prefix + key
@@ -125,12 +139,12 @@ class RedisCache:
     async def get(self, key: str) -> str | None:
         return _str(await self._call(self.client.get(self._k(key))))
 
-    async def get_many(self, *keys: str) -> list[str | None]:
-        values = await self._call(self.client.mget([self._k(k) for k in keys]))
-        return [_str(v) for v in values]
-
     async def set(self, key: str, value: str, ttl: float) -> None:
         await self._call(self.client.set(self._k(key), value, px=_ms(ttl)))
+
+    async def get_guarded(self, key: str, guard: str) -> tuple[str | None, bool, float]:
+        value, guarded, left_ms = await self._call(self._get_guarded(keys=[self._k(key), self._k(guard)]))
+        return _str(value), bool(guarded), max(0, int(left_ms)) / 1000 if value is not None else 0.0
 
     async def set_unless(self, key: str, value: str, ttl: float, guard: str) -> bool:
         # EVALSHA, falling back to EVAL after a restart flushed the script cache.
