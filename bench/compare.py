@@ -27,7 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from gateway import MODEL_OF, Gateway, ScaleOut, request_body
+from gateway import MODEL_OF, Gateway, ScaleOut, write_bodies
 from run import WRK_HINT, Bench
 from upstream import ECHO_HINT, Nginx, has_echo_module
 
@@ -73,10 +73,7 @@ def main() -> int:
                 gw.env["PYTHONPATH"] = os.pathsep.join([str(tree / "src"), gw.env.get("PYTHONPATH", "")])
             setup = gw.setup()
             gw.start()
-            bodies = {kind: side_dir / f"body-{kind}.json" for kind in MODEL_OF}
-            for kind, path in bodies.items():
-                path.write_bytes(request_body(MODEL_OF[kind], stream=kind != "json"))
-            benches[side] = Bench(nginx, gw, setup.key, bodies)
+            benches[side] = Bench(nginx, gw, setup.key, write_bodies(side_dir, MODEL_OF))
         kinds = args.kinds.split(",")
         configs = [(conns, kind) for conns in (int(c) for c in args.conns.split(",")) for kind in kinds]
         cpu: dict[tuple[int, str, str], list[float]] = {}

@@ -11,6 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import urllib.request
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,14 @@ upstream = "bench-upstream-model"
 input_usd_per_mtok = "0.27"
 output_usd_per_mtok = "1.10"
 """
+
+
+def write_bodies(folder: Path, kinds: Iterable[str]) -> dict[str, Path]:
+    """The request body wrk sends for each kind (json, sse, tok), written into `folder`."""
+    bodies = {kind: folder / f"body-{kind}.json" for kind in kinds}
+    for kind, path in bodies.items():
+        path.write_bytes(request_body(MODEL_OF[kind], stream=kind != "json"))
+    return bodies
 
 
 def request_body(model: str, stream: bool) -> bytes:

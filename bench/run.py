@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import report
-from gateway import MODEL_OF, Gateway, ScaleOut, cpu_seconds, request_body, rss_bytes
+from gateway import Gateway, ScaleOut, cpu_seconds, rss_bytes, write_bodies
 from upstream import ECHO_HINT, Nginx, free_port, has_echo_module, wait_port
 
 HERE = Path(__file__).resolve().parent
@@ -189,10 +189,7 @@ def main() -> int:
         kinds = ("json", "sse", "tok") if has_echo_module() else ("json", "sse")
         if "tok" not in kinds:
             print(f"  ! {ECHO_HINT}", file=sys.stderr)
-        bodies = {kind: workdir / f"body-{kind}.json" for kind in kinds}
-        for kind, path in bodies.items():
-            path.write_bytes(request_body(MODEL_OF[kind], stream=kind != "json"))
-        bench = Bench(nginx, gateway, setup.key, bodies)
+        bench = Bench(nginx, gateway, setup.key, write_bodies(workdir, kinds))
         if args.hold:
             hold(bench)
             return 0

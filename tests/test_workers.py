@@ -66,6 +66,20 @@ async def tenant_key(svc: Services) -> dict[str, Any]:
     return await svc.keys.create(tid)
 
 
+def record_calls(obj: Any, name: str) -> list[tuple[Any, ...]]:
+    """Wrap the coroutine method `obj.name` so that every call's arguments are recorded
+    (in the returned list) before it runs as usual."""
+    calls: list[tuple[Any, ...]] = []
+    real = getattr(obj, name)
+
+    async def recorded(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args)
+        return await real(*args, **kwargs)
+
+    setattr(obj, name, recorded)
+    return calls
+
+
 def dead_process_identity() -> str:
     """The identity a worker in a process that has since died would have registered."""
     code = "from tollway.workers import process_identity; print(process_identity())"
@@ -102,22 +116,14 @@ async def test_with_redis_a_worker_answers_known_keys_from_memory_while_its_hear
         w = await worker(cfg)
         try:
             created = await tenant_key(w)
-            redis_reads = 0
-            real_get_guarded = w.cache.get_guarded
-
-            async def counting_get_guarded(key: str, guard: str) -> tuple[str | None, bool, float]:
-                nonlocal redis_reads
-                redis_reads += 1
-                return await real_get_guarded(key, guard)
-
-            w.cache.get_guarded = counting_get_guarded  # type: ignore[method-assign]
+            redis_reads = record_calls(w.cache, "get_guarded")
             w.workers._fresh_until = time.monotonic() + 60  # no heartbeat loop runs here; pin it
             for _ in range(5):
                 assert (await w.keys.authenticate(created["key"])).key_id == created["key_id"]
-            assert redis_reads == 1  # the first request; the other four came from memory
+            assert len(redis_reads) == 1  # the first request; the other four came from memory
             w.workers._fresh_until = 0.0  # as if its heartbeats had stopped committing
             await w.keys.authenticate(created["key"])
-            assert redis_reads == 2  # not trusted: Redis (and its tombstones) asked again
+            assert len(redis_reads) == 2  # not trusted: Redis (and its tombstones) asked again
         finally:
             await stop(w)
 
@@ -130,14 +136,7 @@ async def test_revoking_a_tenants_keys_waits_for_the_workers_once(memory_stack: 
         keys = [await admin.keys.create(tid) for _ in range(3)]
         for k in keys:
             await w.keys.authenticate(k["key"])
-        waits: list[int] = []
-        real_wait_for = admin.workers.wait_for
-
-        async def counting_wait_for(seq: int, limit_seconds: float = 10.0) -> None:
-            waits.append(seq)
-            await real_wait_for(seq, limit_seconds)
-
-        admin.workers.wait_for = counting_wait_for  # type: ignore[method-assign]
+        waits = record_calls(admin.workers, "wait_for")
         await w.workers.poll()  # a fresh heartbeat: w is live for the revoke to wait for
         revoking = asyncio.create_task(admin.keys.revoke_tenant(tid))
         await asyncio.sleep(0.3)

@@ -47,7 +47,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from tollway.errors import BadRequest, NotFound, Unauthorized
-from tollway.store.cache import Cache, MemoryCache
+from tollway.store.cache import Cache
 from tollway.store.db import Store, now_ms
 from tollway.store.schema import api_keys, tenants
 from tollway.workers import WorkerRegistry
@@ -153,15 +153,16 @@ def new_id(prefix: str) -> str:
 
 class Keys:
     def __init__(self, store: Store, cache: Cache, secret: KeySecret, *, ttl: float = 60,
-                 negative_ttl: float = 5, bus: WorkerRegistry | None = None,
-                 local: MemoryCache | None = None) -> None:
+                 negative_ttl: float = 5, bus: WorkerRegistry | None = None) -> None:
         self.store = store
         self.cache = cache
         self.secret = secret
         self.ttl = ttl
         self.negative_ttl = negative_ttl
-        self.bus = bus  # evicts revoked keys from the per-worker cache (`cache` or `local`)
-        self.local = local  # with a shared cache: this worker's layer in front of it
+        self.bus = bus  # evicts revoked keys from this worker's own cache
+        # With a shared cache, this worker's layer in front of it: the very cache the bus
+        # evicts from, so the two can never disagree.
+        self.local = bus.cache if cache.shared and bus is not None else None
         self._last_used: dict[str, int] = {}
 
     # --- issuing --------------------------------------------------------------------------

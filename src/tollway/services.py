@@ -57,10 +57,9 @@ def build(cfg: Config, *, worker_id: str | None = None) -> Services:
     secret, notice = load_key_secret(cfg.server.key_secret_env, sqlite_path(cfg.database.url, base))
     # Each worker keeps verified keys in memory; with Redis that is a layer in front of it,
     # which saves a Redis round trip per request (keys.py). The revocation bus evicts from it.
-    local = MemoryCache() if cache.shared else None
-    registry = WorkerRegistry(store, local if cache.shared else cache, worker_id)
+    registry = WorkerRegistry(store, MemoryCache() if cache.shared else cache, worker_id)
     keys = Keys(store, cache, secret, ttl=cfg.cache.key_ttl_seconds, negative_ttl=cfg.cache.negative_ttl_seconds,
-                bus=registry, local=local)
+                bus=registry)
     ledger = Ledger(store)
     payments = None
     if cfg.stripe is not None:

@@ -61,9 +61,8 @@ class MemoryCache:
             self._data.popitem(last=False)
 
     async def get_guarded(self, key: str, guard: str) -> tuple[str | None, bool, float]:
-        item = self._data.get(key)
-        value = await self.get(key)
-        left = item[0] - time.monotonic() if item is not None and value is not None else 0.0
+        value = await self.get(key)  # drops an expired entry
+        left = self._data[key][0] - time.monotonic() if value is not None else 0.0
         return value, await self.get(guard) is not None, left
 
     async def set_unless(self, key: str, value: str, ttl: float, guard: str) -> bool:
