@@ -28,6 +28,7 @@ import tempfile
 from pathlib import Path
 
 from gateway import MODEL_OF, Gateway, ScaleOut, write_bodies
+from report import paired_ratio
 from run import WRK_HINT, Bench
 from upstream import ECHO_HINT, Nginx, has_echo_module
 
@@ -98,13 +99,17 @@ def main() -> int:
                     rps.setdefault((conns, kind, side), []).append(run.rps)
                     p99.setdefault((conns, kind, side), []).append(run.p99_ms)
             print(f"  round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
-        print(f"\n  {'body':<5}{'conns':>5}  {'CPU ms/req base':>16}{'this':>8}{'ratio':>8}"
+        print(f"\n  {'body':<5}{'conns':>5}  {'CPU ms/req base':>16}{'this':>8}{'ratio':>8}{'per round':>18}"
               f"  {'req/s base':>11}{'this':>8}{'ratio':>8}  {'p99 ms base':>12}{'this':>8}")
         for conns, kind in configs:
             c, q, t = ({s: statistics.median(m[(conns, kind, s)]) for s in ("base", "this")} for m in (cpu, rps, p99))
+            mid, lo, hi = paired_ratio(cpu[(conns, kind, "base")], cpu[(conns, kind, "this")])
             print(f"  {kind:<5}{conns:>5}  {c['base']:>16.3f}{c['this']:>8.3f}{c['this'] / c['base']:>8.2f}"
+                  f"{f'{mid:.2f} ({lo:.2f}-{hi:.2f})':>18}"
                   f"  {q['base']:>11.0f}{q['this']:>8.0f}{q['this'] / q['base']:>8.2f}"
                   f"  {t['base']:>12.2f}{t['this']:>8.2f}", flush=True)
+        print("  per round: the CPU ratio of each round's pair, median (lowest-highest); a range that "
+              "straddles 1.00 is noise")
         return 0
     finally:
         for gw in gateways.values():

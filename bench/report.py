@@ -125,6 +125,18 @@ def token_by_token(summary: dict[str, Any]) -> None:
             print(f"    {line}")
 
 
+def paired_ratio(base: list[float], this: list[float]) -> tuple[float, float, float]:
+    """this / base per round (the two sides of a round ran back to back, so whatever else
+    loaded the machine then hit both): the median ratio and the lowest and highest.
+
+    Why not only the ratio of the medians: it cannot say whether a difference is more
+    than the noise; a range that straddles 1.00 says it is not."""
+    if len(base) != len(this) or not base:
+        raise ValueError("one value per round on each side")
+    ratios = [t / b for b, t in zip(base, this, strict=True)]
+    return statistics.median(ratios), min(ratios), max(ratios)
+
+
 def billing_lines(billing: dict[str, Any], completed: int, in_flight_bound: int) -> bool:
     """The ledger after the run; False when it does not add up."""
     verify = billing["ledger_verify"]

@@ -150,3 +150,11 @@ def test_billing_must_add_up() -> None:
     assert not report.billing_lines(_billing([(200, False, 900)]), completed=1000, in_flight_bound=32)
     assert not report.billing_lines(_billing([(200, False, 1000)], reserved=5), completed=1000, in_flight_bound=32)
     assert not report.billing_lines(_billing([(200, False, 1000)], ok=False), completed=1000, in_flight_bound=32)
+
+
+def test_paired_ratio_reports_the_spread_of_rounds() -> None:
+    mid, lo, hi = report.paired_ratio([1.0, 2.0, 1.0], [0.9, 1.6, 1.1])
+    assert (round(mid, 3), round(lo, 3), round(hi, 3)) == (0.9, 0.8, 1.1)
+    with pytest.raises(ValueError):
+        report.paired_ratio([1.0], [1.0, 2.0])
+
