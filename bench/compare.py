@@ -2,18 +2,21 @@
 
     python bench/compare.py --base HEAD~1              # this checkout vs HEAD~1
     python bench/compare.py --base main --rounds 7 --conns 1,32
+    python bench/compare.py --base HEAD --base-python ../venv312/bin/python   # interpreters
 
 On a shared machine the same code measures 30% apart from one run to the next, so
 a before/after taken in two runs says little. This starts one nginx (upstream.py) and
 two gateways, this checkout's and the one at --base (a temporary `git worktree`, run
-with its own source first on PYTHONPATH, same interpreter and dependencies), each on
-its own SQLite database with auth and billing on, and alternates wrk runs between them
-(the order flips every round) so whatever else loads the machine hits both alike.
+with its own source first on PYTHONPATH, same interpreter and dependencies unless
+--base-python names another), each on its own SQLite database with auth and billing
+on, and alternates wrk runs between them (the order flips every round) so whatever
+else loads the machine hits both alike.
 Both gateways are restarted before every round: one process of the same code differs
 from the next by up to ±10% in CPU per request (its memory layout, hash seeds, where
 the scheduler puts it; an A/A run measured 0.90-1.05 with processes kept for the whole
 run), so each round samples a new pair. Prints the median CPU per request, requests/s
-and p99 latency of each, and the ratios; `--base HEAD` on a clean tree gives the noise.
+and p99 latency of each, and the ratios, with each round's CPU ratio range beside them;
+`--base HEAD` on a clean tree gives the noise.
 """
 
 from __future__ import annotations
@@ -43,6 +46,9 @@ def main() -> int:
     ap.add_argument("--conns", default="1,32", help="connection counts, comma-separated")
     ap.add_argument("--kinds", default="json,sse", help="comma-separated: json, sse, tok (the stream one event "
                     "per write; needs nginx's echo module)")
+    ap.add_argument("--base-python", default=sys.executable,
+                    help="the interpreter the base side runs on, e.g. another venv's python with the same "
+                    "dependencies: with --base HEAD, compares interpreters instead of commits")
     ap.add_argument("--scale-out", action="store_true",
                     help="each side on a throw-away PostgreSQL database (127.0.0.1:5432) + Redis (db 14)")
     args = ap.parse_args()
@@ -69,7 +75,8 @@ def main() -> int:
                 scale_out = ScaleOut()
                 scale_out.create()
                 databases.append(scale_out)
-            gw = gateways[side] = Gateway(side_dir, nginx.port, scale_out)
+            gw = gateways[side] = Gateway(side_dir, nginx.port, scale_out,
+                                          args.base_python if side == "base" else sys.executable)
             if side == "base":
                 gw.env["PYTHONPATH"] = os.pathsep.join([str(tree / "src"), gw.env.get("PYTHONPATH", "")])
             setup = gw.setup()
@@ -80,7 +87,8 @@ def main() -> int:
         cpu: dict[tuple[int, str, str], list[float]] = {}
         rps: dict[tuple[int, str, str], list[float]] = {}
         p99: dict[tuple[int, str, str], list[float]] = {}
-        print(f"base = {args.base}, this = the working tree; {args.rounds} rounds x {args.duration} s per side and "
+        on = f" on {args.base_python}" if args.base_python != sys.executable else ""
+        print(f"base = {args.base}{on}, this = the working tree; {args.rounds} rounds x {args.duration} s per side and "
               f"configuration, both gateways restarted every round; "
               f"{'PostgreSQL + Redis' if args.scale_out else 'SQLite + memory'}", flush=True)
         for r in range(args.rounds):

@@ -158,8 +158,10 @@ _USAGE_SQL = ("SELECT model, status, estimated, count(*), sum(cost_micros) FROM 
 
 
 class Gateway:
-    def __init__(self, workdir: Path, upstream_port: int, scale_out: ScaleOut | None = None) -> None:
+    def __init__(self, workdir: Path, upstream_port: int, scale_out: ScaleOut | None = None,
+                 python: str = sys.executable) -> None:
         self.workdir = workdir
+        self.python = python  # the interpreter (and so the installed dependencies) it runs on
         self.port = free_port()
         self.scale_out = scale_out
         self.config = workdir / "tollway.toml"
@@ -179,7 +181,7 @@ class Gateway:
         return f"http://127.0.0.1:{self.port}"
 
     def cli(self, *args: str) -> dict[str, Any]:
-        cmd = [sys.executable, "-m", "tollway", *args, "--config", str(self.config), "--json"]
+        cmd = [self.python, "-m", "tollway", *args, "--config", str(self.config), "--json"]
         done = subprocess.run(cmd, env=self.env, capture_output=True, text=True, check=False, timeout=60)
         if done.returncode != 0:
             raise RuntimeError(f"tollway {' '.join(args[:2])} failed: {done.stderr.strip()}")
@@ -198,7 +200,7 @@ class Gateway:
     def start(self) -> None:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "tollway", "serve", "--config", str(self.config), "--workers", "1"],
+                [self.python, "-m", "tollway", "serve", "--config", str(self.config), "--workers", "1"],
                 env=self.env, stdout=log, stderr=subprocess.STDOUT)
         wait_port(self.port, self.proc, "tollway serve")
         with urllib.request.urlopen(f"{self.url}/readyz", timeout=10) as resp:
@@ -222,7 +224,7 @@ class Gateway:
     def billing_summary(self, tenant_id: str) -> dict[str, Any]:
         """After stop: what the ledger says about the run (read-only)."""
         wallet = self.cli("wallet", "show", "--tenant", tenant_id)
-        verify = subprocess.run([sys.executable, "-m", "tollway", "ledger", "verify", "--config", str(self.config),
+        verify = subprocess.run([self.python, "-m", "tollway", "ledger", "verify", "--config", str(self.config),
                                  "--json"], env=self.env, capture_output=True, text=True, check=False, timeout=120)
         if self.scale_out:
             rows = self.scale_out.usage()
