@@ -157,4 +157,3 @@ def test_paired_ratio_reports_the_spread_of_rounds() -> None:
     assert (round(mid, 3), round(lo, 3), round(hi, 3)) == (0.9, 0.8, 1.1)
     with pytest.raises(ValueError):
         report.paired_ratio([1.0], [1.0, 2.0])
-
