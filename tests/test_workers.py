@@ -8,7 +8,8 @@ import secrets
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
@@ -42,10 +43,20 @@ async def memory_stack(request: pytest.FixtureRequest, make_config: Callable[...
         yield cfg
         return
     if request.param == "postgresql+redis":
-        need_redis()
+        with pg_redis_config(make_config) as cfg:
+            yield cfg
+        return
     with fresh_pg_database() as url:
-        cache = REDIS_URL if request.param == "postgresql+redis" else "memory://"
-        yield make_config(database={"url": url}, cache={"url": cache})
+        yield make_config(database={"url": url}, cache={"url": "memory://"})
+
+
+@contextmanager
+def pg_redis_config(make_config: Callable[..., Config], **cache: Any) -> Iterator[Config]:
+    """The scaled-out stack on a throw-away PostgreSQL database (skipped without Redis);
+    `cache` adds [cache] settings."""
+    need_redis()
+    with fresh_pg_database() as url:
+        yield make_config(database={"url": url}, cache={"url": REDIS_URL, **cache})
 
 
 async def worker(cfg: Config) -> Services:
@@ -110,9 +121,7 @@ async def test_revoke_waits_until_every_live_worker_has_evicted(memory_stack: Co
 
 async def test_with_redis_a_worker_answers_known_keys_from_memory_while_its_heartbeat_is_fresh(
         make_config: Callable[..., Config]) -> None:
-    need_redis()
-    with fresh_pg_database() as url:
-        cfg = make_config(database={"url": url}, cache={"url": REDIS_URL})
+    with pg_redis_config(make_config) as cfg:
         w = await worker(cfg)
         try:
             created = await tenant_key(w)
@@ -155,9 +164,7 @@ async def test_with_redis_a_workers_copy_lives_no_longer_than_the_shared_entry(
         make_config: Callable[..., Config]) -> None:
     """key_ttl_seconds bounds a verification in all: a worker that copies a Redis entry
     with 0.5 s left keeps it 0.5 s, not key_ttl_seconds more."""
-    need_redis()
-    with fresh_pg_database() as url:
-        cfg = make_config(database={"url": url}, cache={"url": REDIS_URL, "key_ttl_seconds": 1})
+    with pg_redis_config(make_config, key_ttl_seconds=1) as cfg:
         first, second = await worker(cfg), await worker(cfg)
         try:
             created = await tenant_key(first)
