@@ -33,6 +33,8 @@ from tollway import telemetry
 from tollway.accesslog import AccessLogWriter
 from tollway.app import create_app
 from tollway.edge import Edge
+from tollway.holds import MemoryHolds
+from tollway.ledger import Ledger
 from tollway.money import Usage, cost, format_usd
 from tollway.privacy import forwarded_headers
 from tollway.providers.base import CHAT, merge_headers
@@ -157,13 +159,15 @@ async def measure(workdir: Path, nginx: Nginx, n: int, app_only: bool) -> list[t
         format_usd(cost(u, route.prices))
         orjson.dumps(data)
 
-    async def reserve_settle(i: int) -> None:
-        rid = f"req_bench_{os.getpid()}_{i}_{time.perf_counter_ns()}"
-        await svc.ledger.reserve(tenant, rid, 5000, key_id="key_x", worker_id="wk_bench")
-        await svc.ledger.settle(rid, cost(usage, route.prices), usage={
-            "key_id": "key_x", "model": JSON_MODEL, "provider": "nginx_json", "prompt_tokens": 19,
-            "completion_tokens": 10, "cached_tokens": 0, "reasoning_tokens": 0, "estimated": False, "status": 200,
-            "error_type": None, "latency_ms": 1})
+    def reserve_settle(ledger: Ledger) -> Callable[[int], Awaitable[None]]:
+        async def step(i: int) -> None:
+            rid = f"req_bench_{os.getpid()}_{i}_{time.perf_counter_ns()}"
+            await ledger.reserve(tenant, rid, 5000, key_id="key_x", worker_id="wk_bench")
+            await ledger.settle(rid, cost(usage, route.prices), usage={
+                "key_id": "key_x", "model": JSON_MODEL, "provider": "nginx_json", "prompt_tokens": 19,
+                "completion_tokens": 10, "cached_tokens": 0, "reasoning_tokens": 0, "estimated": False,
+                "status": 200, "error_type": None, "latency_ms": 1})
+        return step
 
     async def select_one(_: int) -> None:
         async with svc.store.read() as conn:
@@ -242,7 +246,10 @@ async def measure(workdir: Path, nginx: Nginx, n: int, app_only: bool) -> list[t
                 relay_step([b"".join(events)]), results)
     await timed(f"relay: {len(events)} events, one per read (token by token)", n,
                 relay_step(events), results)
-    await timed("ledger: reserve + settle with usage row (SQLite)", n, reserve_settle, results, counter)
+    await timed("ledger: reserve + settle with usage row (SQLite, holds committed)", n, reserve_settle(svc.ledger),
+                results, counter)
+    await timed("ledger: the same, holds in memory (one serving process)", n,
+                reserve_settle(Ledger(svc.store, MemoryHolds())), results, counter)
     await timed("  for scale: one SQLite read transaction, SELECT 1", n, select_one, results, counter)
     await timed("upstream: aiohttp POST to nginx, read JSON body", n, upstream_json, results)
     await timed("upstream: aiohttp POST to nginx, read SSE body", n, upstream_sse, results)

@@ -163,12 +163,14 @@ def test_record_request_feeds_bounded_metrics(capsys: pytest.CaptureFixture[str]
 
 def test_metrics_endpoint_follows_config(make_config: Callable[..., Config],
                                          serve_app: Callable[[Any], ServerThread]) -> None:
-    on = serve_app(create_app(make_config(), provider_keys={}, migrate=True))
+    # Two gateways on one database at once, as workers share it (a sole server would refuse).
+    on = serve_app(create_app(make_config(), provider_keys={}, migrate=True, sole_server=False))
     assert httpx.get(on.url + "/healthz").status_code == 200
     r = httpx.get(on.url + "/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     assert 'tollway_http_requests_total{method="GET",route="/healthz",status="200"}' in r.text
-    off = serve_app(create_app(make_config(metrics={"enabled": False}), provider_keys={}, migrate=True))
+    off = serve_app(create_app(make_config(metrics={"enabled": False}), provider_keys={}, migrate=True,
+                               sole_server=False))
     assert httpx.get(off.url + "/metrics").status_code == 404
 
 

@@ -26,6 +26,7 @@ from tollway.accesslog import AccessLogWriter
 from tollway.config import Config
 from tollway.edge import Edge
 from tollway.errors import TollwayError, render_json
+from tollway.holds import DatabaseInUse, ServingLock
 from tollway.services import Services, build
 
 # (path, methods, who may call it, what it does)
@@ -87,11 +88,14 @@ def serve_gc() -> None:
 
 
 def create_app(cfg: Config, *, services: Services | None = None, migrate: bool | None = None,
-               provider_keys: dict[str, Any] | None = None, tune_gc: bool = False) -> Starlette:
+               provider_keys: dict[str, Any] | None = None, tune_gc: bool = False,
+               sole_server: bool = True) -> Starlette:
     """Build the gateway. `services` and `provider_keys` may be injected by tests;
-    `tune_gc` (the serving process) applies `serve_gc` once started."""
+    `tune_gc` (the serving process) applies `serve_gc` once started. `sole_server`
+    False: other processes serve from the same database (`serve --workers N`); on SQLite
+    True keeps holds in memory and refuses to start beside another server (holds.py)."""
     worker_id = "wk_" + secrets.token_hex(6)
-    svc = services or build(cfg, worker_id=worker_id)
+    svc = services or build(cfg, worker_id=worker_id, sole_server=sole_server)
     if svc.workers.worker_id is None:
         svc.workers.worker_id = worker_id
     keys = provider_keys if provider_keys is not None else config_mod.provider_secrets(cfg)
@@ -119,10 +123,20 @@ def create_app(cfg: Config, *, services: Services | None = None, migrate: bool |
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        lock = None
+        if svc.store.sqlite_file is not None:
+            lock = ServingLock(svc.store.sqlite_file, exclusive=svc.ledger.holds is not None)
+            try:
+                lock.acquire()
+            except DatabaseInUse:
+                await svc.close()
+                raise
         if do_migrate:
             await svc.store.migrate()
         elif not await svc.store.migrations_current():
             await svc.close()
+            if lock is not None:
+                lock.release()
             raise RuntimeError("database migrations are not current; run `tollway migrate` first")
         # Registers, then releases what a killed predecessor left reserved, before serving.
         await svc.workers.start(svc.ledger, cfg.server.request_timeout_seconds * 1000 + 60_000)
@@ -149,6 +163,8 @@ def create_app(cfg: Config, *, services: Services | None = None, migrate: bool |
             await access.close()  # after the last request: its row is written too
             await svc.workers.unregister()
             await svc.close()
+            if lock is not None:
+                lock.release()
 
     app = _Gateway(lambda inner: Edge(inner, access, proxy.shortcuts()),
                    routes=routes, lifespan=lifespan, exception_handlers={TollwayError: _tollway_error})
@@ -172,4 +188,4 @@ class _Gateway(Starlette):
 def app_from_env() -> Starlette:
     """uvicorn factory for `tollway serve` (each worker process builds its own app)."""
     cfg = config_mod.load(config_mod.find_config_path(os.environ.get(config_mod.CONFIG_ENV)))
-    return create_app(cfg, migrate=False, tune_gc=True)
+    return create_app(cfg, migrate=False, tune_gc=True, sole_server=os.environ.get(config_mod.WORKERS_ENV, "1") == "1")

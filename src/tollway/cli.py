@@ -120,6 +120,7 @@ def serve(config_path: str | None, host: str | None, port: int | None, workers: 
     cfg = load_config(config_path)
     config_mod.provider_secrets(cfg)  # fail now, with the key path, if a provider key is unset
     os.environ[config_mod.CONFIG_ENV] = str(Path(cfg.source).resolve())
+    os.environ[config_mod.WORKERS_ENV] = str(workers)
 
     async def prepare(svc: Services) -> list[str]:
         # PostgreSQL: say so in one line here, rather than as N worker start-up failures.
@@ -128,6 +129,7 @@ def serve(config_path: str | None, host: str | None, port: int | None, workers: 
         return svc.notices
 
     notices = with_services(cfg, prepare)  # SQLite: migrations applied once, before workers fork
+    _check_database_free(cfg, workers)
     h, p = host or cfg.server.host, port or cfg.server.port
     telemetry.configure_logging()
     telemetry.log_startup(h, p, workers, notices)
@@ -140,6 +142,25 @@ def serve(config_path: str | None, host: str | None, port: int | None, workers: 
         uvicorn.run("tollway.app:app_from_env", factory=True, host=h, port=p, workers=workers,
                     log_level="warning", access_log=False, log_config=None, loop="uvloop", http="httptools",
                     timeout_graceful_shutdown=10)
+
+
+def _check_database_free(cfg: Config, workers: int) -> None:
+    """Say in one line, before any worker starts, that the SQLite database is already
+    served in a way this run cannot join (holds.py); each worker's start-up checks again
+    and holds the lock."""
+    from tollway.holds import DatabaseInUse, ServingLock
+    from tollway.services import config_dir
+    from tollway.store.db import sqlite_path
+
+    db = sqlite_path(cfg.database.url, config_dir(cfg))
+    if db is None:
+        return
+    probe = ServingLock(db, exclusive=workers == 1)
+    try:
+        probe.acquire()
+    except DatabaseInUse as exc:
+        raise CliError(str(exc)) from None
+    probe.release()
 
 
 @main.command()

@@ -20,6 +20,8 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 from urllib.parse import urlsplit
 
 CONFIG_ENV = "TOLLWAY_CONFIG"
+# Set by `tollway serve` for its worker processes: how many of them serve this database.
+WORKERS_ENV = "TOLLWAY_WORKERS"
 DEFAULT_CONFIG_NAME = "tollway.toml"
 
 

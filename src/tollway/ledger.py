@@ -25,6 +25,11 @@ whose outcome Tollway never saw. If the worker was in fact alive (a long stall m
 look dead), its settle arrives later and charges the request then, once, capped at the
 balance (`_settle_late`).
 
+Where one process serves from an SQLite database (the embedded default), holds are kept
+in that process's memory instead (holds.py): a request then costs one write transaction,
+the settle, which writes only the `:debit` entry and the usage row; the wallet row holds
+what the ledger sums to, and what is held in memory is deducted when a balance is read.
+
 Entry ids: `<request>:reserve`, `<request>:release` (or `:swept`), `<request>:debit`;
 operator credits `manual:<tenant>:<reference>`; Stripe `stripe:...`.
 """
@@ -43,6 +48,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from tollway import ledger_onestep
 from tollway.errors import InsufficientFunds, NotFound, SpendLimitExceeded
+from tollway.holds import Hold, MemoryHolds
 from tollway.money import format_usd
 from tollway.store.db import Store, now_ms
 from tollway.store.prepared import Prepared
@@ -66,12 +72,16 @@ _RESERVE = Prepared(wallets.update()
             .values(balance_micros=wallets.c.balance_micros - _P("amount"), updated_at=_P("ts"))
             .returning(wallets.c.balance_micros))
 _TAKE = Prepared(wallets.update()
-         .where(wallets.c.tenant_id == _P("tenant"), wallets.c.balance_micros + _P("held") >= _P("charge"))
+         .where(wallets.c.tenant_id == _P("tenant"),
+                wallets.c.balance_micros + _P("held") - _P("others") >= _P("charge"))
          .values(balance_micros=wallets.c.balance_micros + _P("held") - _P("charge"), updated_at=_P("ts"))
          .returning(wallets.c.balance_micros))
 _UNRESERVE = Prepared(reservations.delete().where(reservations.c.request_id == _P("rid"))
               .returning(reservations.c.tenant_id, reservations.c.amount_micros,
                          reservations.c.key_id, reservations.c.key_period))
+_BALANCE = Prepared(sa.select(wallets.c.balance_micros).where(wallets.c.tenant_id == _P("tenant")))
+_KEY_SPENT = Prepared(sa.select(key_spend.c.spent_micros)
+                      .where(key_spend.c.key_id == _P("key"), key_spend.c.period == _P("period")))
 
 
 class Ledger:
@@ -81,8 +91,13 @@ class Ledger:
     request before (bench/README.md). Callers already inside a transaction pass `conn` and the same
     function runs there (`AsyncConnection.run_sync`), so there is one code path for money."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, holds: MemoryHolds | None = None) -> None:
+        """`holds`: keep reservations in this process's memory (holds.py); only for a
+        process that is the sole server of an SQLite database."""
+        if holds is not None and not store.is_sqlite:
+            raise ValueError("holds in memory need the embedded database and one serving process")
         self.store = store
+        self.holds = holds
         self._insert: Any = postgresql.insert if not store.is_sqlite else sqlite.insert
         # A usage row already there means this request was recorded: keep the first.
         self._insert_usage = Prepared(self._insert(usage_events).on_conflict_do_nothing())
@@ -103,7 +118,8 @@ class Ledger:
         if amount_micros <= 0:
             raise ValueError("credit amount must be positive")
         try:
-            return await self._run(conn, self._credit, tenant_id, amount_micros, entry_id, kind, reference)
+            return self._spendable(await self._run(conn, self._credit, tenant_id, amount_micros, entry_id, kind,
+                                                   reference), tenant_id)
         except sa.exc.IntegrityError:
             if conn is not None:
                 raise
@@ -135,7 +151,8 @@ class Ledger:
         if amount_micros <= 0:
             raise ValueError("debit amount must be positive")
         try:
-            return await self._run(conn, self._debit, tenant_id, amount_micros, entry_id, kind, reference)
+            return self._spendable(await self._run(conn, self._debit, tenant_id, amount_micros, entry_id, kind,
+                                                   reference), tenant_id)
         except sa.exc.IntegrityError:
             if conn is not None:
                 raise
@@ -147,7 +164,7 @@ class Ledger:
         if _exists(conn, entry_id):
             return {"applied": False, "entry_id": entry_id, "balance_micros": self._balance(conn, tenant_id),
                     "shortfall_micros": 0}
-        taken, new = self._take(conn, tenant_id, 0, amount)
+        taken, new = self._take(conn, tenant_id, 0, amount, self._held(tenant_id))
         _entry(conn, entry_id, tenant_id, kind, -taken, new, reference)
         return {"applied": True, "entry_id": entry_id, "balance_micros": new, "shortfall_micros": amount - taken}
 
@@ -161,6 +178,9 @@ class Ledger:
         if amount_micros < 0:
             raise ValueError("a reservation cannot be negative")
         limit = key_limit_micros if key_limit_micros is not None and key_period is not None else None
+        if self.holds is not None:
+            return self._reserve_in_memory(self.holds, tenant_id, request_id, amount_micros, key_id, limit,
+                                           key_period)
         if limit is None and not self.store.is_sqlite:
             found = await self.store.statement(ledger_onestep.RESERVE, {
                 "tenant": tenant_id, "amount": amount_micros, "ts": now_ms(), "rid": request_id,
@@ -187,6 +207,25 @@ class Ledger:
             "amount_micros": amount, "created_at": ts})
         return int(new)
 
+    def _reserve_in_memory(self, holds: MemoryHolds, tenant_id: str, request_id: str, amount: int,
+                           key_id: str | None, key_limit: int | None, key_period: str | None) -> int:
+        # No await from the reads to holds.add: nothing else of this process runs in between
+        # (holds.py says why no other process can).
+        if request_id in holds:
+            raise ValueError(f"request {request_id} already holds a reservation")
+        found = self.store.read_now(_BALANCE, {"tenant": tenant_id})
+        free = int(found[0][0]) - holds.held(tenant_id) if found else -1
+        if free < amount:
+            raise _insufficient(amount)
+        key = None
+        if key_limit is not None:
+            key = (key_id or "", key_period or "")
+            spent = self.store.read_now(_KEY_SPENT, {"key": key[0], "period": key[1]})
+            if (int(spent[0][0]) if spent else 0) + holds.key_held(key) + amount > key_limit:
+                raise _over_key_limit(key_limit, amount)
+        holds.add(request_id, Hold(tenant_id, amount, key))
+        return free - amount
+
     def _hold_key_spend(self, conn: Connection, key_id: str, period: str, amount: int, limit: int) -> None:
         # Same shape as the wallet: one conditional upsert, atomic under concurrency.
         stmt = self._insert(key_spend).values(key_id=key_id, period=period, spent_micros=amount)
@@ -197,11 +236,12 @@ class Ledger:
         ).returning(key_spend.c.spent_micros)
         spent = conn.execute(stmt).scalar() if amount <= limit else None
         if spent is None:
-            raise SpendLimitExceeded(
-                f"This API key's spend limit of {format_usd(limit)} USD for this period would be exceeded "
-                f"(this request may cost up to {format_usd(amount)} USD). Raise the key's limit or wait "
-                f"for the next period."
-            )
+            raise _over_key_limit(limit, amount)
+
+    def _add_key_spend(self, conn: Connection, key_id: str, period: str, amount: int) -> None:
+        stmt = self._insert(key_spend).values(key_id=key_id, period=period, spent_micros=amount)
+        conn.execute(stmt.on_conflict_do_update(index_elements=[key_spend.c.key_id, key_spend.c.period],
+                                                set_={"spent_micros": key_spend.c.spent_micros + amount}))
 
     async def settle(self, request_id: str, charge_micros: int, usage: dict[str, Any] | None = None) -> int | None:
         """Charge the actual cost, release the rest of the hold, and record the usage row,
@@ -214,6 +254,11 @@ class Ledger:
             # Executed with parameters, unknown keys would be dropped silently.
             raise ValueError(f"not usage_events columns: {sorted(usage.keys() - _USAGE_COLUMNS)}")
         charge = max(0, charge_micros)
+        if self.holds is not None:
+            hold = self.holds.claim(request_id)
+            if hold is not None:
+                return await self._settle_in_memory(self.holds, request_id, hold, charge, usage)
+            # Not held here: a hold committed by an earlier run (its sweep or late settle), or none.
         try:
             if not self.store.is_sqlite:
                 charged = await self._settle_in_one_statement(request_id, charge, usage)
@@ -223,6 +268,36 @@ class Ledger:
         except sa.exc.IntegrityError:
             # Two late settles of the same swept request raced; the other one charged it.
             return None
+
+    async def _settle_in_memory(self, holds: MemoryHolds, request_id: str, hold: Hold, charge: int,
+                                usage: dict[str, Any] | None) -> int | None:
+        # The hold leaves memory inside the transaction, with its charge: the next settle of
+        # the same commit batch must not count it as held any more, and a rolled-back COMMIT
+        # puts it back before anything else runs (`undo`). So a hold still here was never
+        # charged, and any failure leaves it open for the caller's retry (pipeline.py) or
+        # the sweep.
+        try:
+            return await self.store.transact_undoable(
+                lambda conn: self._settle_held(conn, holds, request_id, hold, charge, usage),
+                undo=lambda: holds.add(request_id, hold))
+        except BaseException:
+            holds.unclaim(request_id)
+            raise
+
+    def _settle_held(self, conn: Connection, holds: MemoryHolds, request_id: str, hold: Hold, charge: int,
+                     usage: dict[str, Any] | None) -> int:
+        # What the other requests hold is read here, in the transaction: a charge beyond this
+        # hold may take only money nobody else holds, as with committed holds.
+        tenant_id = hold.tenant_id
+        charged, new = self._take(conn, tenant_id, 0, charge, holds.held(tenant_id) - hold.amount_micros)
+        ts = now_ms()
+        if charged:
+            _entry(conn, f"{request_id}:debit", tenant_id, "debit", -charged, new, request_id, ts)
+            if hold.key is not None:
+                self._add_key_spend(conn, hold.key[0], hold.key[1], charged)
+        self._usage(conn, request_id, tenant_id, charged, usage, ts)
+        holds.drop(request_id)
+        return charged
 
     async def _settle_in_one_statement(self, request_id: str, charge: int,
                                        usage: dict[str, Any] | None) -> int | None:
@@ -242,6 +317,17 @@ class Ledger:
     async def release(self, request_id: str, usage: dict[str, Any] | None = None) -> int | None:
         """Release a hold without charging (the request failed before any cost arose)."""
         return await self.settle(request_id, 0, usage)
+
+    async def release_stale_in_memory(self, max_request_ms: int) -> int:
+        """The sweep's backstop for holds in memory: release any older than the longest
+        request (its settle failed), in full, as for committed ones."""
+        if self.holds is None:
+            return 0
+        released = 0
+        for request_id in self.holds.older_than(max_request_ms):
+            if await self.release(request_id) is not None:
+                released += 1
+        return released
 
     async def release_swept(self, request_ids: list[str]) -> int:
         """The sweep's release: each in its own short transaction, so one bad row cannot
@@ -303,15 +389,17 @@ class Ledger:
         self._usage(conn, request_id, tenant_id, charged, usage, ts)
         return charged
 
-    def _take(self, conn: Connection, tenant_id: str, held: int, charge: int) -> tuple[int, int]:
-        """Return `held` to the wallet and take `charge`, capped so the balance stays >= 0.
+    def _take(self, conn: Connection, tenant_id: str, held: int, charge: int, others: int = 0) -> tuple[int, int]:
+        """Return `held` to the wallet and take `charge`, capped so the balance stays >= 0
+        and, with holds in memory, so that `others` (what other requests hold) stays.
         Returns (charged, new balance)."""
-        row = _TAKE.first(conn, {"tenant": tenant_id, "held": held, "charge": charge, "ts": now_ms()})
+        row = _TAKE.first(conn, {"tenant": tenant_id, "held": held, "others": others, "charge": charge,
+                                 "ts": now_ms()})
         if row is not None:
             return charge, int(row[0])
         # Rare: the cost exceeds the hold plus the balance. Charge what exists, under the row lock.
         balance = self._balance(conn, tenant_id, lock=True)
-        charged = min(charge, balance + held)
+        charged = max(0, min(charge, balance + held - others))
         new = balance + held - charged
         conn.execute(wallets.update().where(wallets.c.tenant_id == tenant_id)
                      .values(balance_micros=new, updated_at=now_ms()))
@@ -336,9 +424,28 @@ class Ledger:
 
     # --- reading ----------------------------------------------------------------------------
 
+    def _held(self, tenant_id: str) -> int:
+        return self.holds.held(tenant_id) if self.holds is not None else 0
+
+    def _spendable(self, result: dict[str, Any], tenant_id: str) -> dict[str, Any]:
+        """A credit's or debit's result, its balance read as everywhere: holds deducted."""
+        result["balance_micros"] -= self._held(tenant_id)
+        return result
+
     async def balance(self, tenant_id: str) -> int:
+        """What the tenant can still spend: holds deducted, wherever they are kept."""
+        if self.holds is not None:
+            return self._balance_now(self.holds, tenant_id)
         async with self.store.read() as conn:
             return await conn.run_sync(self._balance, tenant_id)
+
+    def _balance_now(self, holds: MemoryHolds, tenant_id: str) -> int:
+        # Read with the holds in one step of the loop (as reserve does), so a settle cannot
+        # commit between the two and count its hold twice or not at all.
+        found = self.store.read_now(_BALANCE, {"tenant": tenant_id})
+        if not found:
+            raise NotFound(f"no wallet for tenant {tenant_id}")
+        return int(found[0][0]) - holds.held(tenant_id)
 
     async def wallet(self, tenant_id: str) -> dict[str, Any]:
         async with self.store.read() as conn:
@@ -346,6 +453,9 @@ class Ledger:
             held = (await conn.execute(
                 sa.select(sa.func.coalesce(sa.func.sum(reservations.c.amount_micros), 0))
                 .where(reservations.c.tenant_id == tenant_id))).scalar_one()
+        if self.holds is not None:
+            bal = self._balance_now(self.holds, tenant_id)
+            held += self.holds.held(tenant_id)
         return {"tenant_id": tenant_id, "balance_usd": format_usd(bal), "balance_micros": bal,
                 "reserved_usd": format_usd(int(held)), "reserved_micros": int(held)}
 
@@ -395,6 +505,16 @@ class Ledger:
                 problems.append(f"tenant {tenant_id}: reservation {rid} older than the longest request")
         return problems
 
+    async def open_requests(self, tenant_id: str) -> list[str]:
+        """The requests holding this tenant's money now: committed holds and this process's."""
+        async with self.store.read() as conn:
+            q = sa.select(reservations.c.request_id).where(reservations.c.tenant_id == tenant_id)
+            committed = list((await conn.execute(q)).scalars().all())
+        return committed + self.held_in_memory(tenant_id)
+
+    def held_in_memory(self, tenant_id: str | None = None) -> list[str]:
+        return self.holds.requests(tenant_id) if self.holds is not None else []
+
     async def open_reservations(self, older_than_ms: int | None = None,
                                 worker_ids: list[str] | None = None) -> list[str]:
         q = sa.select(reservations.c.request_id)
@@ -407,6 +527,13 @@ class Ledger:
 
     async def open_wallet(self, conn: AsyncConnection, tenant_id: str) -> None:
         await conn.execute(wallets.insert().values(tenant_id=tenant_id, balance_micros=0, updated_at=now_ms()))
+
+
+def _over_key_limit(limit: int, amount: int) -> SpendLimitExceeded:
+    return SpendLimitExceeded(
+        f"This API key's spend limit of {format_usd(limit)} USD for this period would be exceeded "
+        f"(this request may cost up to {format_usd(amount)} USD). Raise the key's limit or wait "
+        f"for the next period.")
 
 
 def _insufficient(amount: int) -> InsufficientFunds:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tollway.config import Config, resolve_secret
+from tollway.holds import MemoryHolds
 from tollway.keys import Keys, load_key_secret
 from tollway.ledger import Ledger
 from tollway.store.cache import Cache, MemoryCache, make_cache
@@ -48,8 +49,10 @@ def _password(cfg: Config, env: str, section: str) -> str | None:
     return resolve_secret(env, path=f"{section}.password_env", source=cfg.source).reveal()
 
 
-def build(cfg: Config, *, worker_id: str | None = None) -> Services:
-    """worker_id None: a client process (CLI) that serves no requests."""
+def build(cfg: Config, *, worker_id: str | None = None, sole_server: bool = False) -> Services:
+    """worker_id None: a client process (CLI) that serves no requests. `sole_server`: this
+    process will be the only one serving from its database; on SQLite it then keeps its
+    holds in memory (holds.py), and the app's lifespan takes the lock that makes it so."""
     base = config_dir(cfg)
     store = Store(cfg.database.url, base_dir=base, password=_password(cfg, cfg.database.password_env, "database"),
                   pool_size=cfg.database.pool_size, pool_timeout=cfg.database.pool_timeout_seconds)
@@ -60,7 +63,7 @@ def build(cfg: Config, *, worker_id: str | None = None) -> Services:
     registry = WorkerRegistry(store, MemoryCache() if cache.shared else cache, worker_id)
     keys = Keys(store, cache, secret, ttl=cfg.cache.key_ttl_seconds, negative_ttl=cfg.cache.negative_ttl_seconds,
                 bus=registry)
-    ledger = Ledger(store)
+    ledger = Ledger(store, MemoryHolds() if sole_server and store.sqlite_file is not None else None)
     payments = None
     if cfg.stripe is not None:
         from tollway.webhooks.stripe import Payments  # imports stripe-python only when used

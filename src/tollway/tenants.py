@@ -161,7 +161,7 @@ class Tenants:
         released = 0
         erased: tuple[dict[str, Any], int | None] | None = None
         for attempt in range(_ATTEMPTS):
-            for rid in await _open_reservations(self.store, tenant_id):
+            for rid in await self.ledger.open_requests(tenant_id):
                 if await self.ledger.release(rid) is not None:
                     released += 1
             erased = await self._erase(tenant_id)
@@ -202,7 +202,7 @@ class Tenants:
         async with self.store.write() as conn:
             held = (await conn.execute(sa.select(sa.func.count()).select_from(reservations)
                                        .where(reservations.c.tenant_id == tenant_id))).scalar_one()
-            if held:
+            if held or self.ledger.held_in_memory(tenant_id):
                 return None
             ts = now_ms()
             pseudo = _Pseudonyms()
@@ -262,12 +262,6 @@ async def checkpoint_sqlite(store: Store, attempts: int = 50) -> bool:
             return True
         await asyncio.sleep(0.1)
     return False
-
-
-async def _open_reservations(store: Store, tenant_id: str) -> list[str]:
-    async with store.read() as conn:
-        q = sa.select(reservations.c.request_id).where(reservations.c.tenant_id == tenant_id)
-        return list((await conn.execute(q)).scalars().all())
 
 
 async def _wait_until_invisible(conn: AsyncConnection, xid: int, limit: float = 30.0) -> bool:

@@ -15,7 +15,8 @@ guarantees without any per-request cost:
   that are dead: silent for longer than STALE, or, on the same host, provably gone
   (their PID no longer runs the process that registered). The second test is what
   lets a restarted gateway release its killed predecessor's reservations at once.
-  As a backstop, any reservation older than the longest request is released too.
+  As a backstop, any reservation older than the longest request is released too, and
+  so is any hold this process keeps in memory (holds.py) for that long.
 
 Heartbeats and staleness use the database's clock on PostgreSQL, so workers on hosts
 with skewed clocks still agree on who is silent.
@@ -286,7 +287,7 @@ async def sweep(store: Store, ledger: Ledger, max_request_ms: int, identity: str
                 reservations.c.created_at < now_ms() - max_request_ms,
                 sa.and_(reservations.c.worker_id.is_not(None), reservations.c.worker_id.not_in(registered)),
             )).order_by(reservations.c.created_at))).scalars().all()
-    released = await ledger.release_swept(list(ids))
+    released = await ledger.release_swept(list(ids)) + await ledger.release_stale_in_memory(max_request_ms)
     if dead:
         async with store.write() as conn:
             await conn.execute(workers.delete().where(workers.c.id.in_(dead)))

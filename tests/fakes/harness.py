@@ -48,6 +48,7 @@ class Gateway:
     key_id: str
     key: str
     clients: list[openai.OpenAI] = field(default_factory=list)
+    served: Services | None = None  # the serving app's own services (its holds in memory)
 
     def run(self, fn: Callable[[Services], Awaitable[T]]) -> T:
         async def go() -> T:
@@ -91,12 +92,24 @@ class Gateway:
                 return row
             time.sleep(0.05)
 
+    def held(self) -> int:
+        """Micro-USD the tenant has on hold now: committed holds plus the serving process's."""
+        async def committed(svc: Services) -> int:
+            async with svc.store.read() as conn:
+                return int((await conn.execute(sa.select(sa.func.coalesce(sa.func.sum(reservations.c.amount_micros), 0))
+                                               .where(reservations.c.tenant_id == self.tenant_id))).scalar_one())
+
+        holds = self.served.ledger.holds if self.served is not None else None
+        return self.run(committed) + (holds.held(self.tenant_id) if holds is not None else 0)
+
     def open_reservations(self) -> int:
+        """Holds still open: committed ones and those the serving process keeps in memory."""
         async def count(svc: Services) -> int:
             async with svc.store.read() as conn:
                 return int((await conn.execute(sa.select(sa.func.count()).select_from(reservations))).scalar_one())
 
-        return self.run(count)
+        in_memory = len(self.served.ledger.held_in_memory()) if self.served is not None else 0
+        return self.run(count) + in_memory
 
 
 def start_gateway(make_config: Callable[..., Config], serve_app: Callable[[Any], Any], upstream_url: str,
@@ -121,7 +134,8 @@ def start_gateway(make_config: Callable[..., Config], serve_app: Callable[[Any],
     if provider_keys is not None:
         keys = provider_keys
     cfg = make_config(providers=providers, models=models or fake_models(), **sections)
-    server = serve_app(create_app(cfg, provider_keys=keys, migrate=True))
+    app = create_app(cfg, provider_keys=keys, migrate=True)
+    server = serve_app(app)
 
     async def fund(svc: Services) -> tuple[str, str, str]:
         tenant = await svc.tenants.create(name="Ada")
@@ -129,7 +143,7 @@ def start_gateway(make_config: Callable[..., Config], serve_app: Callable[[Any],
         await svc.ledger.credit(tenant["tenant_id"], credit_micros, "fund-" + tenant["tenant_id"])
         return tenant["tenant_id"], key["key_id"], key["key"]
 
-    gw = Gateway(server.url, cfg, "", "", "")
+    gw = Gateway(server.url, cfg, "", "", "", served=app.state.services)
     gw.tenant_id, gw.key_id, gw.key = gw.run(fund)
     return gw
 

@@ -323,7 +323,7 @@ class Pipeline:
                "latency_ms": int((time.perf_counter() - call.started) * 1000)}
         try:
             # A database restart must not turn an answered request into a free one: settle
-            # is idempotent (the reservation row is the gate), so retry until it is back.
+            # is idempotent (the reservation row, or the hold in memory, is the gate), so retry until it is back.
             settled = await retry_while_unavailable(
                 lambda: self.svc.ledger.settle(call.request_id, charge, usage=row), within=SETTLE_RETRY_SECONDS)
         except Exception:

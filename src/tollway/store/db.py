@@ -150,7 +150,9 @@ class Store:
         # transact()'s SQLite writer: one connection, group commit, checkpoints in a thread.
         path = sqlite_path(url, base_dir)
         self.writer = None
+        self.sqlite_file: Path | None = None  # the database file, when there is one
         if path is not None and str(path) != ":memory:":
+            self.sqlite_file = path
             self.writer = SQLiteWriter(path, on_connect=_sqlite_on_connect, on_statement=self._count)
         if self.is_sqlite:
             event.listen(sync, "connect", _sqlite_on_connect)
@@ -206,8 +208,27 @@ class Store:
         if self.writer is None:
             async with self.write() as conn:
                 return await conn.run_sync(fn, *args, **kwargs)
-        try:  # what _translate() does, without a context manager's cost (twice per request)
-            return await self.writer.run(lambda conn: fn(conn, *args, **kwargs))
+        return await self.transact_undoable(lambda conn: fn(conn, *args, **kwargs), None)
+
+    async def transact_undoable(self, fn: Callable[[Connection], T], undo: Callable[[], None] | None) -> T:
+        """SQLite only: `transact` for an `fn` that also changes this process's memory;
+        `undo` reverts that if the transaction is rolled back after `fn` returned
+        (sqlite_writer.py)."""
+        assert self.writer is not None, "in-memory state goes with the embedded database's writer"
+        try:  # what _translate() does, without a context manager's cost (once per request)
+            return await self.writer.run(fn, undo)
+        except Exception as exc:
+            if is_unavailable(exc):
+                raise _unavailable() from exc
+            raise
+
+    def read_now(self, prepared: Prepared, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
+        """SQLite only: one read statement on the writer's connection, without awaiting, so
+        a caller can check what it read and act on it in the same step of the loop (the
+        in-memory holds, holds.py). Sees every money transaction this process committed."""
+        assert self.writer is not None, "read_now is for the embedded database"
+        try:
+            return self.writer.read_now(lambda conn: prepared.rows(conn, params))
         except Exception as exc:
             if is_unavailable(exc):
                 raise _unavailable() from exc

@@ -47,7 +47,8 @@ from tollway.store.prepared import STATEMENT_HOOK, as_sqlalchemy_error
 from tollway.telemetry import log
 
 T = TypeVar("T")
-_Op = tuple[Callable[[Connection], Any], asyncio.Future[Any]]
+# (the transaction, its caller's future, what undoes its in-memory effects if it is rolled back)
+_Op = tuple[Callable[[Connection], Any], asyncio.Future[Any], Callable[[], None] | None]
 _Outcome = tuple[asyncio.Future[Any], Any, BaseException | None]
 
 # Bounds one COMMIT's size so a burst cannot make the first caller of a batch wait long.
@@ -92,8 +93,13 @@ class SQLiteWriter:
     def _set_hook(self, _dbapi: Any, record: Any) -> None:
         record.info[STATEMENT_HOOK] = self._observe
 
-    async def run(self, fn: Callable[[Connection], T]) -> T:
+    async def run(self, fn: Callable[[Connection], T], undo: Callable[[], None] | None = None) -> T:
         """Run `fn(conn)` as one transaction.
+
+        `undo`: for an `fn` that also changes this process's memory when it succeeds (the
+        in-memory holds, holds.py): called, in the same step of the loop, if what `fn` did is
+        rolled back after it returned (a failed COMMIT), so memory never disagrees with the
+        database while anything else can run.
 
         Cancellation: a caller cancelled before its turn cancels its future, and a
         cancelled future's transaction is skipped, never run. Once run, it is committed
@@ -102,11 +108,17 @@ class SQLiteWriter:
         COMMIT, which callers already handle (the pipeline releases such a hold)."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[T] = loop.create_future()
-        self._pending.append((fn, done))
+        self._pending.append((fn, done, undo))
         if self._scheduled is not loop:  # (a store may outlive an event loop: tests, the CLI)
             self._scheduled = loop
             loop.call_soon(self._drain, loop)
         return await done
+
+    def read_now(self, fn: Callable[[Connection], T]) -> T:
+        """Run a read on the writer's connection at once, outside any transaction (between
+        batches it holds none: each batch commits in the loop step that began it). It sees
+        every transaction this writer committed; WAL readers take no lock, so it never waits."""
+        return fn(self._connection())
 
     def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
         """Commit one batch of what is pending; schedule itself again while more is."""
@@ -158,26 +170,31 @@ class SQLiteWriter:
     def _commit(self, conn: Connection, batch: list[_Op]) -> list[_Outcome]:
         """Runs inside the BEGIN IMMEDIATE that `_drain` issued; ends it."""
         outcomes: list[_Outcome] = []
+        undo: list[Callable[[], None]] = []  # of the transactions that returned
         try:
             with conn.begin():  # no SQL (pysqlite's BEGIN is ours); COMMIT or ROLLBACK at the end
                 if len(batch) == 1:
-                    fn, done = batch[0]
+                    fn, done, on_rollback = batch[0]
                     outcomes.append((done, fn(conn), None))
+                    undo += [on_rollback] if on_rollback else []
                 else:
                     raw = conn.connection.driver_connection
                     assert raw is not None
-                    for fn, done in batch:
+                    for fn, done, on_rollback in batch:
                         raw.execute("SAVEPOINT op")
                         try:
                             outcomes.append((done, fn(conn), None))
+                            undo += [on_rollback] if on_rollback else []
                         except Exception as exc:
                             raw.execute("ROLLBACK TO op")
                             outcomes.append((done, None, exc))
                         raw.execute("RELEASE op")
         except Exception as exc:
             # COMMIT failed (or a lone transaction raised): nothing here was committed.
-            outcomes = [(done, None, exc) for _, done in batch]
+            outcomes = [(done, None, exc) for _, done, _ in batch]
             _end_transaction(conn)
+            for fn_undo in undo:
+                fn_undo()
         self.batches += 1
         self.transactions += len(batch)
         if self.batches % CHECKPOINT_NUDGE == 0:
@@ -185,7 +202,7 @@ class SQLiteWriter:
         return outcomes
 
     def _fail(self, batch: list[_Op], exc: BaseException) -> None:
-        _deliver([(done, None, exc) for _, done in batch])
+        _deliver([(done, None, exc) for _, done, _ in batch])
 
     def close(self) -> None:
         if self._conn is not None:
