@@ -2,8 +2,8 @@
 
 Why. A hold only has to outlive the request it guards. Committed to the database (the
 reservation row and its reserve entry, ledger.py) it costs a write transaction of its own
-before the provider is called; on SQLite that transaction and its statements were about a
-quarter of a request's CPU at one connection (bench/README.md, seventh pass). Where one
+before the provider is called; on SQLite, keeping it here instead measured 16-24% less
+CPU per request at one connection (bench/README.md, seventh pass). Where one
 process is the only one serving from the database, the same guarantee holds with the
 hold kept here: the check "free balance covers the hold" and the taking of the hold run
 in one synchronous step on the event loop, so no other request of the process can slip
