@@ -123,20 +123,23 @@ def create_app(cfg: Config, *, services: Services | None = None, migrate: bool |
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        lock = None
-        if svc.store.sqlite_file is not None:
-            lock = ServingLock(svc.store.sqlite_file, exclusive=svc.ledger.holds is not None)
-            try:
-                lock.acquire()
-            except DatabaseInUse:
-                await svc.close()
-                raise
+        # Held from before the first query to after the last (holds.py says why).
+        with contextlib.ExitStack() as held:
+            if svc.store.sqlite_file is not None:
+                try:
+                    held.enter_context(ServingLock(svc.store.sqlite_file, exclusive=svc.ledger.holds is not None))
+                except DatabaseInUse:
+                    await svc.close()
+                    raise
+            async with running():
+                yield
+
+    @contextlib.asynccontextmanager
+    async def running() -> AsyncIterator[None]:
         if do_migrate:
             await svc.store.migrate()
         elif not await svc.store.migrations_current():
             await svc.close()
-            if lock is not None:
-                lock.release()
             raise RuntimeError("database migrations are not current; run `tollway migrate` first")
         # Registers, then releases what a killed predecessor left reserved, before serving.
         await svc.workers.start(svc.ledger, cfg.server.request_timeout_seconds * 1000 + 60_000)
@@ -163,8 +166,6 @@ def create_app(cfg: Config, *, services: Services | None = None, migrate: bool |
             await access.close()  # after the last request: its row is written too
             await svc.workers.unregister()
             await svc.close()
-            if lock is not None:
-                lock.release()
 
     app = _Gateway(lambda inner: Edge(inner, access, proxy.shortcuts()),
                    routes=routes, lifespan=lifespan, exception_handlers={TollwayError: _tollway_error})

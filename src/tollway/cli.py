@@ -23,8 +23,10 @@ import click
 from tollway import config as config_mod
 from tollway.config import Config, ConfigError
 from tollway.errors import TollwayError
+from tollway.holds import DatabaseInUse, ServingLock
 from tollway.money import MoneyError, format_usd, parse_usd
-from tollway.services import Services, build
+from tollway.services import Services, build, config_dir
+from tollway.store.db import sqlite_path
 
 T = TypeVar("T")
 
@@ -148,19 +150,14 @@ def _check_database_free(cfg: Config, workers: int) -> None:
     """Say in one line, before any worker starts, that the SQLite database is already
     served in a way this run cannot join (holds.py); each worker's start-up checks again
     and holds the lock."""
-    from tollway.holds import DatabaseInUse, ServingLock
-    from tollway.services import config_dir
-    from tollway.store.db import sqlite_path
-
     db = sqlite_path(cfg.database.url, config_dir(cfg))
     if db is None:
         return
-    probe = ServingLock(db, exclusive=workers == 1)
     try:
-        probe.acquire()
+        with ServingLock(db, exclusive=workers == 1):
+            pass
     except DatabaseInUse as exc:
         raise CliError(str(exc)) from None
-    probe.release()
 
 
 @main.command()

@@ -151,6 +151,13 @@ class ServingLock:
             self._file.close()  # closing the descriptor releases the flock
             self._file = None
 
+    def __enter__(self) -> ServingLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.release()
+
     def _conflict(self) -> str:
         db = self.path.name.removesuffix("-serving")
         if self.exclusive:
