@@ -25,8 +25,7 @@ from tollway.config import Config, ConfigError
 from tollway.errors import TollwayError
 from tollway.holds import DatabaseInUse, ServingLock
 from tollway.money import MoneyError, format_usd, parse_usd
-from tollway.services import Services, build, config_dir
-from tollway.store.db import sqlite_path
+from tollway.services import Services, build
 
 T = TypeVar("T")
 
@@ -128,10 +127,10 @@ def serve(config_path: str | None, host: str | None, port: int | None, workers: 
         # PostgreSQL: say so in one line here, rather than as N worker start-up failures.
         if not await svc.store.migrations_current():
             raise CliError("database migrations are not current; run `tollway migrate` first")
+        _check_database_free(svc.store.sqlite_file, workers)
         return svc.notices
 
     notices = with_services(cfg, prepare)  # SQLite: migrations applied once, before workers fork
-    _check_database_free(cfg, workers)
     h, p = host or cfg.server.host, port or cfg.server.port
     telemetry.configure_logging()
     telemetry.log_startup(h, p, workers, notices)
@@ -146,11 +145,10 @@ def serve(config_path: str | None, host: str | None, port: int | None, workers: 
                     timeout_graceful_shutdown=10)
 
 
-def _check_database_free(cfg: Config, workers: int) -> None:
+def _check_database_free(db: Path | None, workers: int) -> None:
     """Say in one line, before any worker starts, that the SQLite database is already
     served in a way this run cannot join (holds.py); each worker's start-up checks again
     and holds the lock."""
-    db = sqlite_path(cfg.database.url, config_dir(cfg))
     if db is None:
         return
     try:

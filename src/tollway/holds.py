@@ -62,9 +62,6 @@ class MemoryHolds:
     def __len__(self) -> int:
         return len(self._holds)
 
-    def __contains__(self, request_id: str) -> bool:
-        return request_id in self._holds
-
     def held(self, tenant_id: str) -> int:
         return self._tenant_held.get(tenant_id, 0)
 
@@ -131,6 +128,7 @@ class ServingLock:
     lock when the process dies, however it dies, so a crash leaves nothing to clean up."""
 
     def __init__(self, database: Path, *, exclusive: bool) -> None:
+        self.database = database.name  # named in the refusal (the directory is not)
         self.path = database.with_name(database.name + "-serving")
         self.exclusive = exclusive
         self._file: IO[bytes] | None = None
@@ -159,7 +157,7 @@ class ServingLock:
         self.release()
 
     def _conflict(self) -> str:
-        db = self.path.name.removesuffix("-serving")
+        db = self.database
         if self.exclusive:
             return (f"another Tollway process is serving from {db}: a gateway that is the only process on its "
                     f"SQLite database keeps its holds in memory, so it cannot share it. Stop the other process, "

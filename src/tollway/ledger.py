@@ -210,9 +210,7 @@ class Ledger:
     def _reserve_in_memory(self, holds: MemoryHolds, tenant_id: str, request_id: str, amount: int,
                            key_id: str | None, key_limit: int | None, key_period: str | None) -> int:
         # No await from the reads to holds.add: nothing else of this process runs in between
-        # (holds.py says why no other process can).
-        if request_id in holds:
-            raise ValueError(f"request {request_id} already holds a reservation")
+        # (holds.py says why no other process can). A request id held twice: add() refuses.
         found = self.store.read_now(_BALANCE, {"tenant": tenant_id})
         free = int(found[0][0]) - holds.held(tenant_id) if found else -1
         if free < amount:
@@ -448,14 +446,11 @@ class Ledger:
         return int(found[0][0]) - holds.held(tenant_id)
 
     async def wallet(self, tenant_id: str) -> dict[str, Any]:
+        bal = await self.balance(tenant_id)
         async with self.store.read() as conn:
-            bal = await conn.run_sync(self._balance, tenant_id)
             held = (await conn.execute(
                 sa.select(sa.func.coalesce(sa.func.sum(reservations.c.amount_micros), 0))
-                .where(reservations.c.tenant_id == tenant_id))).scalar_one()
-        if self.holds is not None:
-            bal = self._balance_now(self.holds, tenant_id)
-            held += self.holds.held(tenant_id)
+                .where(reservations.c.tenant_id == tenant_id))).scalar_one() + self._held(tenant_id)
         return {"tenant_id": tenant_id, "balance_usd": format_usd(bal), "balance_micros": bal,
                 "reserved_usd": format_usd(int(held)), "reserved_micros": int(held)}
 
@@ -507,17 +502,17 @@ class Ledger:
 
     async def open_requests(self, tenant_id: str) -> list[str]:
         """The requests holding this tenant's money now: committed holds and this process's."""
-        async with self.store.read() as conn:
-            q = sa.select(reservations.c.request_id).where(reservations.c.tenant_id == tenant_id)
-            committed = list((await conn.execute(q)).scalars().all())
-        return committed + self.held_in_memory(tenant_id)
+        return await self.open_reservations(tenant_id=tenant_id) + self.held_in_memory(tenant_id)
 
     def held_in_memory(self, tenant_id: str | None = None) -> list[str]:
         return self.holds.requests(tenant_id) if self.holds is not None else []
 
-    async def open_reservations(self, older_than_ms: int | None = None,
-                                worker_ids: list[str] | None = None) -> list[str]:
+    async def open_reservations(self, older_than_ms: int | None = None, worker_ids: list[str] | None = None,
+                                tenant_id: str | None = None) -> list[str]:
+        """Committed holds (the reservations table), by age, worker or tenant."""
         q = sa.select(reservations.c.request_id)
+        if tenant_id is not None:
+            q = q.where(reservations.c.tenant_id == tenant_id)
         if older_than_ms is not None:
             q = q.where(reservations.c.created_at < now_ms() - older_than_ms)
         if worker_ids is not None:

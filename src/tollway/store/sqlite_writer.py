@@ -176,7 +176,8 @@ class SQLiteWriter:
                 if len(batch) == 1:
                     fn, done, on_rollback = batch[0]
                     outcomes.append((done, fn(conn), None))
-                    undo += [on_rollback] if on_rollback else []
+                    if on_rollback:
+                        undo.append(on_rollback)
                 else:
                     raw = conn.connection.driver_connection
                     assert raw is not None
@@ -184,7 +185,8 @@ class SQLiteWriter:
                         raw.execute("SAVEPOINT op")
                         try:
                             outcomes.append((done, fn(conn), None))
-                            undo += [on_rollback] if on_rollback else []
+                            if on_rollback:
+                                undo.append(on_rollback)
                         except Exception as exc:
                             raw.execute("ROLLBACK TO op")
                             outcomes.append((done, None, exc))
