@@ -266,7 +266,23 @@ class ServerThread:
         self.config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
                                      access_log=False, lifespan="on", timeout_graceful_shutdown=2)
         self.server = uvicorn.Server(self.config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.loop: asyncio.AbstractEventLoop | None = None  # the server's, once it runs
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        serve = self.server.serve
+
+        async def serve_here(*args: Any, **kwargs: Any) -> None:
+            self.loop = asyncio.get_running_loop()
+            await serve(*args, **kwargs)
+
+        self.server.serve = serve_here  # type: ignore[method-assign]
+        self.server.run()
+
+    def call(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run `coro` on the server's own event loop (what the app's objects belong to)."""
+        assert self.loop is not None
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=30)
 
     def start(self) -> ServerThread:
         self.thread.start()

@@ -147,7 +147,10 @@ def _commit_will_fail(svc: Services) -> Callable[[Any], None]:
 
 
 async def test_a_settle_rolled_back_at_commit_puts_its_hold_back_for_the_retry(svc: Services) -> None:
+    """The settle in a transaction of its own: what the ledger does when the charge
+    journal cannot be written (journal.py)."""
     assert svc.store.writer is not None and svc.ledger.holds is not None
+    svc.ledger.journal = None
     tid = await new_tenant(svc, 1_000_000)
     r, other = rid(), rid()
     await svc.ledger.reserve(tid, r, 300_000)
@@ -178,6 +181,8 @@ async def test_settles_in_one_batch_each_see_the_others_charged(svc: Services) -
     charged = await asyncio.gather(svc.ledger.settle(a, 300), svc.ledger.settle(b, 500), svc.ledger.settle(c, 300))
     # a: its hold; b: its hold + the 100 nobody held (c's 300 was still held); c: its hold.
     assert charged == [300, 400, 300]
+    assert await svc.ledger.balance(tid) == 0
+    await svc.ledger.flush()
     assert await svc.ledger.balance(tid) == 0 and svc.ledger.holds is not None and len(svc.ledger.holds) == 0
     assert await svc.ledger.verify(3_600_000) == []
 
@@ -193,6 +198,7 @@ async def test_the_sweep_releases_a_hold_older_than_the_longest_request(svc: Ser
     assert svc.ledger.held_in_memory() == [fresh] and await svc.ledger.balance(tid) == 900_000
     assert await svc.ledger.settle(stuck, 1_000) is None  # released in full: never charged
     assert await svc.ledger.settle(fresh, 1_000) == 1_000
+    await svc.ledger.flush()
     async with svc.store.read() as conn:
         kinds = (await conn.execute(sa.select(ledger_entries.c.kind).where(ledger_entries.c.tenant_id == tid))).all()
     assert sorted(k for (k,) in kinds) == ["credit", "debit"]

@@ -141,6 +141,10 @@ def create_app(cfg: Config, *, services: Services | None = None, migrate: bool |
         elif not await svc.store.migrations_current():
             await svc.close()
             raise RuntimeError("database migrations are not current; run `tollway migrate` first")
+        # Charges a predecessor journaled but did not apply go into the ledger first (journal.py).
+        recovered = await svc.ledger.recover_charges()
+        if recovered:
+            telemetry.log.info("charge_journal_recovered", count=recovered)
         # Registers, then releases what a killed predecessor left reserved, before serving.
         await svc.workers.start(svc.ledger, cfg.server.request_timeout_seconds * 1000 + 60_000)
         await proxy.start()

@@ -8,7 +8,8 @@ process is the only one serving from the database, the same guarantee holds with
 hold kept here: the check "free balance covers the hold" and the taking of the hold run
 in one synchronous step on the event loop, so no other request of the process can slip
 between them, and no other process reserves from this wallet at all (`ServingLock`).
-The charge itself is still one committed transaction before the answer leaves.
+The charge is made durable before the answer leaves: appended to the charge journal
+(journal.py) and applied to the ledger moments later, held here until then.
 
 What a crash does: the holds vanish with the requests they guarded; nothing was charged
 for those requests and nothing needs releasing, which is what the sweep of a dead
@@ -47,6 +48,7 @@ class Hold:
     amount_micros: int
     key: KeyPeriod | None  # set when the key has a spend limit
     settling: bool = False
+    charged: bool = False  # settled and journaled, not yet applied to the ledger (journal.py)
     since_ms: int = field(default_factory=lambda: time.monotonic_ns() // 1_000_000)
 
 
@@ -72,6 +74,8 @@ class MemoryHolds:
         if request_id in self._holds:
             raise ValueError(f"request {request_id} already holds a reservation")
         self._holds[request_id] = hold
+        if not hold.amount_micros:
+            return
         self._tenant_held[hold.tenant_id] = self.held(hold.tenant_id) + hold.amount_micros
         if hold.key is not None:
             self._key_held[hold.key] = self.key_held(hold.key) + hold.amount_micros
@@ -100,8 +104,14 @@ class MemoryHolds:
         if hold.key is not None:
             _subtract(self._key_held, hold.key, hold.amount_micros)
 
+    def reserved(self, tenant_id: str) -> int:
+        """What the tenant's open reservations hold (held() less the charges not yet applied)."""
+        return sum(h.amount_micros for h in self._holds.values() if h.tenant_id == tenant_id and not h.charged)
+
     def requests(self, tenant_id: str | None = None) -> list[str]:
-        return [rid for rid, h in self._holds.items() if tenant_id is None or h.tenant_id == tenant_id]
+        """The open reservations (charged holds are money already spent, not reserved)."""
+        return [rid for rid, h in self._holds.items()
+                if not h.charged and (tenant_id is None or h.tenant_id == tenant_id)]
 
     def older_than(self, ms: int) -> list[str]:
         cutoff = time.monotonic_ns() // 1_000_000 - ms
@@ -109,6 +119,8 @@ class MemoryHolds:
 
 
 def _subtract(sums: dict[K, int], key: K, amount: int) -> None:
+    if not amount:
+        return  # a zero hold (a charge of 0 journaled) may share a sum another zero hold removed
     left = sums[key] - amount
     if left:
         sums[key] = left

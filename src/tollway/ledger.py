@@ -26,9 +26,11 @@ look dead), its settle arrives later and charges the request then, once, capped 
 balance (`_settle_late`).
 
 Where one process serves from an SQLite database (the embedded default), holds are kept
-in that process's memory instead (holds.py): a request then costs one write transaction,
-the settle, which writes only the `:debit` entry and the usage row; the wallet row holds
-what the ledger sums to, and what is held in memory is deducted when a balance is read.
+in that process's memory instead (holds.py), and a settle appends its charge to the charge
+journal (journal.py), which applies the charges gathered every few milliseconds in one
+transaction: the `:debit` entry and the usage row of each, as a settle of its own would
+write them. The wallet row holds what the ledger sums to; what is held in memory
+(reservations, and charges not yet applied) is deducted when a balance is read.
 
 Entry ids: `<request>:reserve`, `<request>:release` (or `:swept`), `<request>:debit`;
 operator credits `manual:<tenant>:<reference>`; Stripe `stripe:...`.
@@ -49,10 +51,12 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from tollway import ledger_onestep
 from tollway.errors import InsufficientFunds, NotFound, SpendLimitExceeded
 from tollway.holds import Hold, MemoryHolds
+from tollway.journal import Charge, Journal, JournalFiles, recover
 from tollway.money import format_usd
 from tollway.store.db import Store, now_ms
 from tollway.store.prepared import Prepared
 from tollway.store.schema import key_spend, ledger_entries, reservations, tenants, usage_events, wallets
+from tollway.telemetry import log
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -91,13 +95,17 @@ class Ledger:
     request before (bench/README.md). Callers already inside a transaction pass `conn` and the same
     function runs there (`AsyncConnection.run_sync`), so there is one code path for money."""
 
-    def __init__(self, store: Store, holds: MemoryHolds | None = None) -> None:
+    def __init__(self, store: Store, holds: MemoryHolds | None = None, *, journaled: bool = False) -> None:
         """`holds`: keep reservations in this process's memory (holds.py); only for a
-        process that is the sole server of an SQLite database."""
+        process that is the sole server of an SQLite database. `journaled` (with holds):
+        settle through the charge journal (journal.py)."""
         if holds is not None and not store.is_sqlite:
             raise ValueError("holds in memory need the embedded database and one serving process")
         self.store = store
         self.holds = holds
+        self.journal: Journal | None = None
+        if journaled and holds is not None and store.sqlite_file is not None:
+            self.journal = Journal(JournalFiles(store.sqlite_file), store, holds, self._apply_charge)
         self._insert: Any = postgresql.insert if not store.is_sqlite else sqlite.insert
         # A usage row already there means this request was recorded: keep the first.
         self._insert_usage = Prepared(self._insert(usage_events).on_conflict_do_nothing())
@@ -255,6 +263,10 @@ class Ledger:
         if self.holds is not None:
             hold = self.holds.claim(request_id)
             if hold is not None:
+                if self.journal is not None:
+                    charged = self._settle_journaled(self.journal, request_id, hold, charge, usage)
+                    if charged is not None:
+                        return charged
                 return await self._settle_in_memory(self.holds, request_id, hold, charge, usage)
             # Not held here: a hold committed by an earlier run (its sweep or late settle), or none.
         try:
@@ -266,6 +278,73 @@ class Ledger:
         except sa.exc.IntegrityError:
             # Two late settles of the same swept request raced; the other one charged it.
             return None
+
+    def _settle_journaled(self, journal: Journal, request_id: str, hold: Hold, charge: int,
+                          usage: dict[str, Any] | None) -> int | None:
+        """The charge, journaled (journal.py) in this one step of the loop; None if the
+        journal could not be written (the caller then settles in a transaction)."""
+        holds, tenant_id = journal.holds, hold.tenant_id
+        charged = charge
+        if charge > hold.amount_micros:
+            # Beyond its hold a charge may take only money nobody else holds, as in `_take`.
+            found = self.store.read_now(_BALANCE, {"tenant": tenant_id})
+            others = holds.held(tenant_id) - hold.amount_micros
+            charged = max(hold.amount_micros, min(charge, int(found[0][0]) - others)) if found else hold.amount_micros
+        if charged == 0 and usage is None:
+            holds.drop(request_id)  # a release with nothing to record
+            return 0
+        try:
+            journal.record(Charge(request_id, tenant_id, charged, hold.key, usage, now_ms()), hold)
+        except OSError:
+            log.error("charge_journal_write_failed", request_id=request_id, exc_info=True)
+            return None
+        return charged
+
+    def _apply_charge(self, conn: Connection, charge: Charge, others: int) -> None:
+        """A journaled charge, written as `_settle_held` writes a settle: capped so the balance
+        stays >= 0 and `others` stays (only a dispute debit racing a request can cap it, holds.py)."""
+        tenant_id = charge.tenant_id
+        try:
+            charged, new = self._take(conn, tenant_id, 0, charge.amount_micros, others)
+        except NotFound:
+            # The tenant was deleted by another process meanwhile: there is no wallet to charge.
+            log.warning("charge_for_deleted_tenant", request_id=charge.request_id, tenant_id=tenant_id)
+            return
+        if charged:
+            _entry(conn, f"{charge.request_id}:debit", tenant_id, "debit", -charged, new, charge.request_id,
+                   charge.at_ms)
+            if charge.key is not None:
+                self._add_key_spend(conn, charge.key[0], charge.key[1], charged)
+        self._usage(conn, charge.request_id, tenant_id, charged, charge.usage, charge.at_ms)
+
+    def _apply_charge_once(self, conn: Connection, charge: Charge) -> bool:
+        """Recovery's apply: skipped if this request's charge is in the ledger already."""
+        rid = charge.request_id
+        if _exists(conn, f"{rid}:debit") or conn.execute(
+                sa.select(usage_events.c.request_id).where(usage_events.c.request_id == rid)).first() is not None:
+            return False
+        self._apply_charge(conn, charge, 0)
+        return True
+
+    async def recover_charges(self) -> int:
+        """Apply what a previous process left in the charge journal (journal.py); SQLite only."""
+        if self.store.sqlite_file is None:
+            return 0
+        files = self.journal.files if self.journal is not None else JournalFiles(self.store.sqlite_file)
+        return await recover(self.store, files, self._apply_charge_once)
+
+    async def flush(self) -> None:
+        """Apply the journaled charges now, so the ledger tables show every settled request."""
+        if self.journal is not None:
+            await self.journal.flush()
+
+    def unapplied(self, tenant_id: str) -> int:
+        """Charges of this tenant journaled and not yet in the ledger tables."""
+        return self.journal.unapplied(tenant_id) if self.journal is not None else 0
+
+    async def close(self) -> None:
+        if self.journal is not None:
+            await self.journal.close()
 
     async def _settle_in_memory(self, holds: MemoryHolds, request_id: str, hold: Hold, charge: int,
                                 usage: dict[str, Any] | None) -> int | None:
@@ -450,11 +529,13 @@ class Ledger:
         async with self.store.read() as conn:
             held = (await conn.execute(
                 sa.select(sa.func.coalesce(sa.func.sum(reservations.c.amount_micros), 0))
-                .where(reservations.c.tenant_id == tenant_id))).scalar_one() + self._held(tenant_id)
+                .where(reservations.c.tenant_id == tenant_id))).scalar_one()
+        held += self.holds.reserved(tenant_id) if self.holds is not None else 0  # journaled charges are spent
         return {"tenant_id": tenant_id, "balance_usd": format_usd(bal), "balance_micros": bal,
                 "reserved_usd": format_usd(int(held)), "reserved_micros": int(held)}
 
     async def entries(self, tenant_id: str, limit: int | None = None) -> list[dict[str, Any]]:
+        await self.flush()
         q = (sa.select(ledger_entries).where(ledger_entries.c.tenant_id == tenant_id)
              .order_by(ledger_entries.c.created_at, ledger_entries.c.id))
         if limit:
@@ -467,6 +548,7 @@ class Ledger:
         reserve/release entries, and no reservation is older than the longest request.
         Reads one snapshot (SQLite: one read transaction; PostgreSQL: REPEATABLE READ),
         so it can run against a live gateway without false alarms."""
+        await self.flush()
         problems: list[str] = []
         cutoff = now_ms() - max_reservation_age_ms
         async with self.store.read() as conn:

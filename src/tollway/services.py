@@ -33,6 +33,7 @@ class Services:
     payments: Payments | None = None  # Stripe top-ups; None without a [stripe] table
 
     async def close(self) -> None:
+        await self.ledger.close()  # the journaled charges first, while the store is open
         if self.payments is not None:
             await self.payments.close()
         await self.cache.close()
@@ -63,7 +64,8 @@ def build(cfg: Config, *, worker_id: str | None = None, sole_server: bool = Fals
     registry = WorkerRegistry(store, MemoryCache() if cache.shared else cache, worker_id)
     keys = Keys(store, cache, secret, ttl=cfg.cache.key_ttl_seconds, negative_ttl=cfg.cache.negative_ttl_seconds,
                 bus=registry)
-    ledger = Ledger(store, MemoryHolds() if sole_server and store.sqlite_file is not None else None)
+    in_memory = sole_server and store.sqlite_file is not None
+    ledger = Ledger(store, MemoryHolds() if in_memory else None, journaled=in_memory)
     payments = None
     if cfg.stripe is not None:
         from tollway.webhooks.stripe import Payments  # imports stripe-python only when used

@@ -116,6 +116,7 @@ class Tenants:
     async def export(self, tenant_id: str) -> dict[str, Any]:
         """Everything Tollway holds about a tenant, as one JSON-ready object (GDPR art. 15/20)."""
         key_cols = [c for c in api_keys.c if c.name != "key_hash"]
+        await self.ledger.flush()  # every settled request's usage row, journaled ones too
         async with self.store.read() as conn:
             profile = (await conn.execute(sa.select(tenants).where(tenants.c.id == tenant_id))).mappings().first()
             if profile is None or profile["deleted_at"] is not None:
@@ -164,6 +165,7 @@ class Tenants:
             for rid in await self.ledger.open_requests(tenant_id):
                 if await self.ledger.release(rid) is not None:
                     released += 1
+            await self.ledger.flush()  # journaled charges into the books that are moved below
             erased = await self._erase(tenant_id)
             if erased is not None:
                 break
@@ -202,7 +204,7 @@ class Tenants:
         async with self.store.write() as conn:
             held = (await conn.execute(sa.select(sa.func.count()).select_from(reservations)
                                        .where(reservations.c.tenant_id == tenant_id))).scalar_one()
-            if held or self.ledger.held_in_memory(tenant_id):
+            if held or self.ledger.held_in_memory(tenant_id) or self.ledger.unapplied(tenant_id):
                 return None
             ts = now_ms()
             pseudo = _Pseudonyms()

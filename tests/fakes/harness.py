@@ -49,6 +49,17 @@ class Gateway:
     key: str
     clients: list[openai.OpenAI] = field(default_factory=list)
     served: Services | None = None  # the serving app's own services (its holds in memory)
+    server: Any = None  # its ServerThread (conftest.py), to run coroutines on its loop
+
+    def on_server(self, fn: Callable[[Services], Awaitable[T]]) -> T:
+        """fn(the serving app's services), run on the server's loop: what the gateway itself sees."""
+        assert self.served is not None and self.server is not None
+
+        async def go() -> T:
+            assert self.served is not None
+            return await fn(self.served)
+
+        return self.server.call(go())  # type: ignore[no-any-return]
 
     def run(self, fn: Callable[[Services], Awaitable[T]]) -> T:
         async def go() -> T:
@@ -72,6 +83,9 @@ class Gateway:
             client.close()
 
     def balance(self) -> int:
+        """What the gateway says the tenant can spend (its own charges not yet applied included)."""
+        if self.served is not None and self.server is not None:
+            return self.on_server(lambda svc: svc.ledger.balance(self.tenant_id))
         return self.run(lambda svc: svc.ledger.balance(self.tenant_id))
 
     def verify(self) -> list[str]:
@@ -100,7 +114,7 @@ class Gateway:
                                                .where(reservations.c.tenant_id == self.tenant_id))).scalar_one())
 
         holds = self.served.ledger.holds if self.served is not None else None
-        return self.run(committed) + (holds.held(self.tenant_id) if holds is not None else 0)
+        return self.run(committed) + (holds.reserved(self.tenant_id) if holds is not None else 0)
 
     def open_reservations(self) -> int:
         """Holds still open: committed ones and those the serving process keeps in memory."""
@@ -143,7 +157,7 @@ def start_gateway(make_config: Callable[..., Config], serve_app: Callable[[Any],
         await svc.ledger.credit(tenant["tenant_id"], credit_micros, "fund-" + tenant["tenant_id"])
         return tenant["tenant_id"], key["key_id"], key["key"]
 
-    gw = Gateway(server.url, cfg, "", "", "", served=app.state.services)
+    gw = Gateway(server.url, cfg, "", "", "", served=app.state.services, server=server)
     gw.tenant_id, gw.key_id, gw.key = gw.run(fund)
     return gw
 
