@@ -301,21 +301,25 @@ class Ledger:
         return charged
 
     def _apply_charge(self, conn: Connection, charge: Charge, others: int) -> None:
-        """A journaled charge, written as `_settle_held` writes a settle: capped so the balance
-        stays >= 0 and `others` stays (only a dispute debit racing a request can cap it, holds.py)."""
-        tenant_id = charge.tenant_id
+        """A journaled charge, written as any settle of a hold in memory (`_charge`); only a
+        dispute debit racing a request can cap it (holds.py)."""
         try:
-            charged, new = self._take(conn, tenant_id, 0, charge.amount_micros, others)
+            self._charge(conn, charge, others)
         except NotFound:
             # The tenant was deleted by another process meanwhile: there is no wallet to charge.
-            log.warning("charge_for_deleted_tenant", request_id=charge.request_id, tenant_id=tenant_id)
-            return
+            log.warning("charge_for_deleted_tenant", request_id=charge.request_id, tenant_id=charge.tenant_id)
+
+    def _charge(self, conn: Connection, charge: Charge, others: int) -> int:
+        """The writes of a settled hold in memory: the charge, capped so the balance stays >= 0
+        and `others` (what other requests hold) stays, its `:debit` entry, key spend, usage row."""
+        tenant_id, rid = charge.tenant_id, charge.request_id
+        charged, new = self._take(conn, tenant_id, 0, charge.amount_micros, others)
         if charged:
-            _entry(conn, f"{charge.request_id}:debit", tenant_id, "debit", -charged, new, charge.request_id,
-                   charge.at_ms)
+            _entry(conn, f"{rid}:debit", tenant_id, "debit", -charged, new, rid, charge.at_ms)
             if charge.key is not None:
                 self._add_key_spend(conn, charge.key[0], charge.key[1], charged)
-        self._usage(conn, charge.request_id, tenant_id, charged, charge.usage, charge.at_ms)
+        self._usage(conn, rid, tenant_id, charged, charge.usage, charge.at_ms)
+        return charged
 
     def _apply_charge_once(self, conn: Connection, charge: Charge) -> bool:
         """Recovery's apply: skipped if this request's charge is in the ledger already."""
@@ -366,13 +370,8 @@ class Ledger:
         # What the other requests hold is read here, in the transaction: a charge beyond this
         # hold may take only money nobody else holds, as with committed holds.
         tenant_id = hold.tenant_id
-        charged, new = self._take(conn, tenant_id, 0, charge, holds.held(tenant_id) - hold.amount_micros)
-        ts = now_ms()
-        if charged:
-            _entry(conn, f"{request_id}:debit", tenant_id, "debit", -charged, new, request_id, ts)
-            if hold.key is not None:
-                self._add_key_spend(conn, hold.key[0], hold.key[1], charged)
-        self._usage(conn, request_id, tenant_id, charged, usage, ts)
+        charged = self._charge(conn, Charge(request_id, tenant_id, charge, hold.key, usage, now_ms()),
+                               holds.held(tenant_id) - hold.amount_micros)
         holds.drop(request_id)
         return charged
 
