@@ -150,7 +150,7 @@ async def test_a_settle_rolled_back_at_commit_puts_its_hold_back_for_the_retry(s
     """The settle in a transaction of its own: what the ledger does when the charge
     journal cannot be written (journal.py)."""
     assert svc.store.writer is not None and svc.ledger.holds is not None
-    svc.ledger.journal = None
+    svc.ledger.memory.journal = None
     tid = await new_tenant(svc, 1_000_000)
     r, other = rid(), rid()
     await svc.ledger.reserve(tid, r, 300_000)

@@ -15,7 +15,7 @@ from tests.test_ledger import new_tenant, rid, usage
 from tollway.config import Config
 from tollway.journal import JournalFiles
 from tollway.services import Services, build
-from tollway.store.schema import ledger_entries, usage_events
+from tollway.store.schema import key_spend, ledger_entries, usage_events, wallets
 
 
 async def _rows(svc: Services, request_id: str) -> tuple[int, int]:
@@ -83,7 +83,7 @@ async def test_a_crash_leaves_charges_the_next_start_applies_once(make_config: C
     for p, k in zip(paths, kept, strict=True):
         shutil.copy(p, k)
     journal.files.close()
-    first.ledger.journal = None
+    first.ledger.memory.journal = None
     await first.close()
 
     second = build(cfg, sole_server=True)
@@ -105,3 +105,79 @@ async def test_a_crash_leaves_charges_the_next_start_applies_once(make_config: C
         assert await second.ledger.verify(3_600_000) == []
     finally:
         await second.close()
+
+
+async def _debits(svc: Services, tenant_id: str) -> list[tuple[str, int, int]]:
+    async with svc.store.read() as conn:
+        rows = await conn.execute(sa.select(ledger_entries.c.reference, ledger_entries.c.amount_micros,
+                                            ledger_entries.c.balance_after_micros)
+                                  .where(ledger_entries.c.tenant_id == tenant_id, ledger_entries.c.kind == "debit"))
+        return [(r[0], -int(r[1]), int(r[2])) for r in rows]
+
+
+async def test_a_flush_writes_each_charge_as_its_own_settle_would(svc: Services) -> None:
+    """One wallet update and one insert per table for a tenant's charges, but the same rows
+    as one settle each: every `:debit` entry with its own balance after, in order, key
+    spend summed, a usage row per request (a zero charge too), whatever its columns."""
+    a, b = await new_tenant(svc, 1_000_000), await new_tenant(svc, 500_000)
+    period = "2026-12"
+    charges = [1_000, 0, 2_500, 3_000, 700]
+    requests = [rid() for _ in charges]
+    for i, r in enumerate(requests):
+        keyed = i % 2 == 0
+        await svc.ledger.reserve(a, r, 100_000, key_id="key_x" if keyed else None,
+                                 key_limit_micros=1_000_000 if keyed else None, key_period=period if keyed else None)
+    still_open = rid()
+    await svc.ledger.reserve(a, still_open, 50_000)
+    other = rid()
+    await svc.ledger.reserve(b, other, 100_000)
+    for i, (r, amount) in enumerate(zip(requests, charges, strict=True)):
+        row = usage("key_x" if i % 2 == 0 else None)
+        if i == 3:
+            del row["error_type"]  # a row with other columns than the rest
+        assert await svc.ledger.settle(r, amount, row) == amount
+    assert await svc.ledger.settle(other, 4_000, usage()) == 4_000
+    assert svc.ledger.unapplied(a) == 5 and svc.ledger.unapplied(b) == 1
+    await svc.ledger.flush()
+
+    after, expected = 1_000_000, []
+    for r, amount in zip(requests, charges, strict=True):
+        after -= amount
+        if amount:
+            expected.append((r, amount, after))
+    assert sorted(await _debits(svc, a)) == sorted(expected)
+    assert await _debits(svc, b) == [(other, 4_000, 496_000)]
+    async with svc.store.read() as conn:
+        spent = (await conn.execute(sa.select(key_spend.c.spent_micros)
+                                    .where(key_spend.c.key_id == "key_x", key_spend.c.period == period))).scalar()
+        costs = dict((await conn.execute(sa.select(usage_events.c.request_id, usage_events.c.cost_micros)
+                                         .where(usage_events.c.tenant_id == a))).all())
+    assert spent == 1_000 + 2_500 + 700
+    assert costs == dict(zip(requests, charges, strict=True))
+    assert await svc.ledger.balance(a) == 1_000_000 - sum(charges) - 50_000  # the open hold stays held
+    assert await svc.ledger.release(still_open) == 0
+    assert await svc.ledger.verify(3_600_000) == []
+
+
+async def test_a_flush_the_wallet_cannot_cover_whole_charges_each_capped_in_order(svc: Services) -> None:
+    """A dispute debit committed between the settles and the flush (holds.py: the one race
+    left) takes money the charges held: each is then charged on its own, never below zero."""
+    tid = await new_tenant(svc, 100_000)
+    requests = [rid() for _ in range(3)]
+    for r in requests:
+        await svc.ledger.reserve(tid, r, 30_000)
+        assert await svc.ledger.settle(r, 30_000, usage()) == 30_000
+
+    def racing_debit(conn: sa.Connection) -> None:
+        conn.execute(wallets.update().where(wallets.c.tenant_id == tid)
+                     .values(balance_micros=wallets.c.balance_micros - 50_000))
+        conn.execute(ledger_entries.insert().values(id=f"dispute:{tid}", tenant_id=tid, kind="dispute",
+                                                    amount_micros=-50_000, balance_after_micros=50_000,
+                                                    reference=None, created_at=0))
+
+    await svc.store.transact(racing_debit)
+    await svc.ledger.flush()
+    charged = {r: amount for r, amount, _ in await _debits(svc, tid)}
+    # As settles one by one would: each may take only what the later ones do not hold.
+    assert charged == {requests[1]: 20_000, requests[2]: 30_000}
+    assert await svc.ledger.balance(tid) == 0 and await svc.ledger.verify(3_600_000) == []

@@ -12,6 +12,8 @@ from typing import ClassVar
 import orjson
 from starlette.responses import Response
 
+from tollway.money import format_usd
+
 
 class TollwayError(Exception):
     status: ClassVar[int] = 500
@@ -54,6 +56,11 @@ class InsufficientFunds(TollwayError):
         # The official SDKs retry anything they do not recognise unless told not to.
         super().__init__(message, headers={"x-should-retry": "false"})
 
+    @classmethod
+    def to_reserve(cls, amount_micros: int) -> InsufficientFunds:
+        return cls(f"Your wallet balance does not cover this request (up to {format_usd(amount_micros)} USD "
+                   f"must be reserved). Top up to continue.")
+
 
 class NotFound(TollwayError):
     status, type, code = 404, "invalid_request_error", "not_found"
@@ -77,6 +84,12 @@ class RateLimited(TollwayError):
 
 class SpendLimitExceeded(RateLimited):
     code = "spend_limit_exceeded"
+
+    @classmethod
+    def for_key(cls, limit_micros: int, amount_micros: int) -> SpendLimitExceeded:
+        return cls(f"This API key's spend limit of {format_usd(limit_micros)} USD for this period would be "
+                   f"exceeded (this request may cost up to {format_usd(amount_micros)} USD). Raise the key's "
+                   f"limit or wait for the next period.")
 
     def __init__(self, message: str) -> None:
         super().__init__(message, headers={"x-should-retry": "false"})

@@ -26,10 +26,10 @@ look dead), its settle arrives later and charges the request then, once, capped 
 balance (`_settle_late`).
 
 Where one process serves from an SQLite database (the embedded default), holds are kept
-in that process's memory instead (holds.py), and a settle appends its charge to the charge
-journal (journal.py), which applies the charges gathered every few milliseconds in one
-transaction: the `:debit` entry and the usage row of each, as a settle of its own would
-write them. The wallet row holds what the ledger sums to; what is held in memory
+in that process's memory instead (ledger_memory.py, holds.py), and a settle appends its
+charge to the charge journal (journal.py), which applies the charges gathered every few
+milliseconds in one transaction: the `:debit` entry, key spend and usage row of each, as
+a settle of its own would write them (`_charge`). The wallet row holds what the ledger sums to; what is held in memory
 (reservations, and charges not yet applied) is deducted when a balance is read.
 
 Entry ids: `<request>:reserve`, `<request>:release` (or `:swept`), `<request>:debit`;
@@ -50,13 +50,13 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from tollway import ledger_onestep
 from tollway.errors import InsufficientFunds, NotFound, SpendLimitExceeded
-from tollway.holds import Hold, MemoryHolds
-from tollway.journal import Charge, Journal, JournalFiles, recover
+from tollway.holds import MemoryHolds
+from tollway.journal import Charge, Journal
+from tollway.ledger_memory import MemoryPath, recover_charges
 from tollway.money import format_usd
 from tollway.store.db import Store, now_ms
 from tollway.store.prepared import Prepared
 from tollway.store.schema import key_spend, ledger_entries, reservations, tenants, usage_events, wallets
-from tollway.telemetry import log
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -83,9 +83,6 @@ _TAKE = Prepared(wallets.update()
 _UNRESERVE = Prepared(reservations.delete().where(reservations.c.request_id == _P("rid"))
               .returning(reservations.c.tenant_id, reservations.c.amount_micros,
                          reservations.c.key_id, reservations.c.key_period))
-_BALANCE = Prepared(sa.select(wallets.c.balance_micros).where(wallets.c.tenant_id == _P("tenant")))
-_KEY_SPENT = Prepared(sa.select(key_spend.c.spent_micros)
-                      .where(key_spend.c.key_id == _P("key"), key_spend.c.period == _P("period")))
 
 
 class Ledger:
@@ -103,9 +100,7 @@ class Ledger:
             raise ValueError("holds in memory need the embedded database and one serving process")
         self.store = store
         self.holds = holds
-        self.journal: Journal | None = None
-        if journaled and holds is not None and store.sqlite_file is not None:
-            self.journal = Journal(JournalFiles(store.sqlite_file), store, holds, self._apply_charge)
+        self.memory = MemoryPath(store, holds, self._charges, journaled=journaled) if holds is not None else None
         self._insert: Any = postgresql.insert if not store.is_sqlite else sqlite.insert
         # A usage row already there means this request was recorded: keep the first.
         self._insert_usage = Prepared(self._insert(usage_events).on_conflict_do_nothing())
@@ -186,15 +181,14 @@ class Ledger:
         if amount_micros < 0:
             raise ValueError("a reservation cannot be negative")
         limit = key_limit_micros if key_limit_micros is not None and key_period is not None else None
-        if self.holds is not None:
-            return self._reserve_in_memory(self.holds, tenant_id, request_id, amount_micros, key_id, limit,
-                                           key_period)
+        if self.memory is not None:
+            return self.memory.reserve(tenant_id, request_id, amount_micros, key_id, limit, key_period)
         if limit is None and not self.store.is_sqlite:
             found = await self.store.statement(ledger_onestep.RESERVE, {
                 "tenant": tenant_id, "amount": amount_micros, "ts": now_ms(), "rid": request_id,
                 "entry_id": f"{request_id}:reserve", "key_id": key_id, "worker_id": worker_id})
             if not found:
-                raise _insufficient(amount_micros)
+                raise InsufficientFunds.to_reserve(amount_micros)
             return int(found[0][0])
         return await self.store.transact(
             self._reserve, tenant_id, request_id, amount_micros, key_id, limit, key_period, worker_id)
@@ -204,7 +198,7 @@ class Ledger:
         ts = now_ms()
         row = _RESERVE.first(conn, {"tenant": tenant_id, "amount": amount, "ts": ts})
         if row is None:
-            raise _insufficient(amount)
+            raise InsufficientFunds.to_reserve(amount)
         if key_limit is not None:
             self._hold_key_spend(conn, key_id or "", key_period or "", amount, key_limit)
         new = row[0]
@@ -214,23 +208,6 @@ class Ledger:
             "key_period": key_period if key_limit is not None else None, "worker_id": worker_id,
             "amount_micros": amount, "created_at": ts})
         return int(new)
-
-    def _reserve_in_memory(self, holds: MemoryHolds, tenant_id: str, request_id: str, amount: int,
-                           key_id: str | None, key_limit: int | None, key_period: str | None) -> int:
-        # No await from the reads to holds.add: nothing else of this process runs in between
-        # (holds.py says why no other process can). A request id held twice: add() refuses.
-        found = self.store.read_now(_BALANCE, {"tenant": tenant_id})
-        free = int(found[0][0]) - holds.held(tenant_id) if found else -1
-        if free < amount:
-            raise _insufficient(amount)
-        key = None
-        if key_limit is not None:
-            key = (key_id or "", key_period or "")
-            spent = self.store.read_now(_KEY_SPENT, {"key": key[0], "period": key[1]})
-            if (int(spent[0][0]) if spent else 0) + holds.key_held(key) + amount > key_limit:
-                raise _over_key_limit(key_limit, amount)
-        holds.add(request_id, Hold(tenant_id, amount, key))
-        return free - amount
 
     def _hold_key_spend(self, conn: Connection, key_id: str, period: str, amount: int, limit: int) -> None:
         # Same shape as the wallet: one conditional upsert, atomic under concurrency.
@@ -242,7 +219,7 @@ class Ledger:
         ).returning(key_spend.c.spent_micros)
         spent = conn.execute(stmt).scalar() if amount <= limit else None
         if spent is None:
-            raise _over_key_limit(limit, amount)
+            raise SpendLimitExceeded.for_key(limit, amount)
 
     def _add_key_spend(self, conn: Connection, key_id: str, period: str, amount: int) -> None:
         stmt = self._insert(key_spend).values(key_id=key_id, period=period, spent_micros=amount)
@@ -251,8 +228,9 @@ class Ledger:
 
     async def settle(self, request_id: str, charge_micros: int, usage: dict[str, Any] | None = None) -> int | None:
         """Charge the actual cost, release the rest of the hold, and record the usage row,
-        in one transaction. Returns what was charged, or None if there was nothing to
-        settle (a replay: settling twice charges once).
+        in one transaction (a hold in memory: one journal append). Returns what was
+        charged, or None if there was nothing to settle (a replay: settling twice charges
+        once).
 
         The charge is capped at what was reserved plus what the wallet still holds, so
         the balance never goes negative."""
@@ -260,15 +238,9 @@ class Ledger:
             # Executed with parameters, unknown keys would be dropped silently.
             raise ValueError(f"not usage_events columns: {sorted(usage.keys() - _USAGE_COLUMNS)}")
         charge = max(0, charge_micros)
-        if self.holds is not None:
-            hold = self.holds.claim(request_id)
-            if hold is not None:
-                if self.journal is not None:
-                    charged = self._settle_journaled(self.journal, request_id, hold, charge, usage)
-                    if charged is not None:
-                        return charged
-                return await self._settle_in_memory(self.holds, request_id, hold, charge, usage)
-            # Not held here: a hold committed by an earlier run (its sweep or late settle), or none.
+        if self.memory is not None and (hold := self.memory.holds.claim(request_id)) is not None:
+            return await self.memory.settle(request_id, hold, charge, usage)
+        # Not held here: a hold committed (by an earlier run: its sweep or late settle), or none.
         try:
             if not self.store.is_sqlite:
                 charged = await self._settle_in_one_statement(request_id, charge, usage)
@@ -278,36 +250,6 @@ class Ledger:
         except sa.exc.IntegrityError:
             # Two late settles of the same swept request raced; the other one charged it.
             return None
-
-    def _settle_journaled(self, journal: Journal, request_id: str, hold: Hold, charge: int,
-                          usage: dict[str, Any] | None) -> int | None:
-        """The charge, journaled (journal.py) in this one step of the loop; None if the
-        journal could not be written (the caller then settles in a transaction)."""
-        holds, tenant_id = journal.holds, hold.tenant_id
-        charged = charge
-        if charge > hold.amount_micros:
-            # Beyond its hold a charge may take only money nobody else holds, as in `_take`.
-            found = self.store.read_now(_BALANCE, {"tenant": tenant_id})
-            others = holds.held(tenant_id) - hold.amount_micros
-            charged = max(hold.amount_micros, min(charge, int(found[0][0]) - others)) if found else hold.amount_micros
-        if charged == 0 and usage is None:
-            holds.drop(request_id)  # a release with nothing to record
-            return 0
-        try:
-            journal.record(Charge(request_id, tenant_id, charged, hold.key, usage, now_ms()), hold)
-        except OSError:
-            log.error("charge_journal_write_failed", request_id=request_id, exc_info=True)
-            return None
-        return charged
-
-    def _apply_charge(self, conn: Connection, charge: Charge, others: int) -> None:
-        """A journaled charge, written as any settle of a hold in memory (`_charge`); only a
-        dispute debit racing a request can cap it (holds.py)."""
-        try:
-            self._charge(conn, charge, others)
-        except NotFound:
-            # The tenant was deleted by another process meanwhile: there is no wallet to charge.
-            log.warning("charge_for_deleted_tenant", request_id=charge.request_id, tenant_id=charge.tenant_id)
 
     def _charge(self, conn: Connection, charge: Charge, others: int) -> int:
         """The writes of a settled hold in memory: the charge, capped so the balance stays >= 0
@@ -321,21 +263,55 @@ class Ledger:
         self._usage(conn, rid, tenant_id, charged, charge.usage, charge.at_ms)
         return charged
 
-    def _apply_charge_once(self, conn: Connection, charge: Charge) -> bool:
-        """Recovery's apply: skipped if this request's charge is in the ledger already."""
-        rid = charge.request_id
-        if _exists(conn, f"{rid}:debit") or conn.execute(
-                sa.select(usage_events.c.request_id).where(usage_events.c.request_id == rid)).first() is not None:
-            return False
-        self._apply_charge(conn, charge, 0)
-        return True
+    def _charges(self, conn: Connection, charges: list[Charge], others: int) -> int:
+        """One tenant's charges (a journal flush), written as `_charge` writes each, with the
+        same rows and balances after, but one wallet update for their sum and one insert
+        statement per table: per-charge statements were most of a flush's cost. Returns the
+        total charged. If the wallet cannot cover the sum with `others` left (a debit raced
+        them; holds.py), each is charged on its own, capped, in order."""
+        if len(charges) == 1:
+            return self._charge(conn, charges[0], others)
+        total = sum(c.amount_micros for c in charges)
+        tenant_id = charges[0].tenant_id
+        row = _TAKE.first(conn, {"tenant": tenant_id, "held": 0, "others": others, "charge": total,
+                                 "ts": now_ms()})
+        if row is None:
+            charged, later = 0, total
+            for charge in charges:
+                later -= charge.amount_micros  # later charges of the batch are still held
+                charged += self._charge(conn, charge, others + later)
+            return charged
+        after, entries, usage_rows = int(row[0]) + total, [], []
+        spend: dict[tuple[str, str], int] = {}
+        for charge in charges:
+            rid, amount = charge.request_id, charge.amount_micros
+            after -= amount
+            if amount:
+                entries.append({"id": f"{rid}:debit", "tenant_id": tenant_id, "kind": "debit",
+                                "amount_micros": -amount, "balance_after_micros": after, "reference": rid,
+                                "created_at": charge.at_ms})
+                if charge.key is not None:
+                    spend[charge.key] = spend.get(charge.key, 0) + amount
+            if charge.usage is not None:
+                usage_rows.append(_usage_row(rid, tenant_id, amount, charge.usage, charge.at_ms))
+        if entries:
+            _INSERT_ENTRY.many(conn, entries)
+        for (key_id, period), amount in spend.items():
+            self._add_key_spend(conn, key_id, period, amount)
+        by_columns: dict[frozenset[str], list[dict[str, Any]]] = {}
+        for usage_row in usage_rows:  # one executemany needs the same columns in every row
+            by_columns.setdefault(frozenset(usage_row), []).append(usage_row)
+        for same in by_columns.values():
+            self._insert_usage.many(conn, same)
+        return total
 
     async def recover_charges(self) -> int:
-        """Apply what a previous process left in the charge journal (journal.py); SQLite only."""
-        if self.store.sqlite_file is None:
-            return 0
-        files = self.journal.files if self.journal is not None else JournalFiles(self.store.sqlite_file)
-        return await recover(self.store, files, self._apply_charge_once)
+        """Apply what a previous process left in the charge journal (ledger_memory.py)."""
+        return await recover_charges(self.store, self._charges)
+
+    @property
+    def journal(self) -> Journal | None:
+        return self.memory.journal if self.memory is not None else None
 
     async def flush(self) -> None:
         """Apply the journaled charges now, so the ledger tables show every settled request."""
@@ -349,31 +325,6 @@ class Ledger:
     async def close(self) -> None:
         if self.journal is not None:
             await self.journal.close()
-
-    async def _settle_in_memory(self, holds: MemoryHolds, request_id: str, hold: Hold, charge: int,
-                                usage: dict[str, Any] | None) -> int | None:
-        # The hold leaves memory inside the transaction, with its charge: the next settle of
-        # the same commit batch must not count it as held any more, and a rolled-back COMMIT
-        # puts it back before anything else runs (`undo`). So a hold still here was never
-        # charged, and any failure leaves it open for the caller's retry (pipeline.py) or
-        # the sweep.
-        try:
-            return await self.store.transact_undoable(
-                lambda conn: self._settle_held(conn, holds, request_id, hold, charge, usage),
-                undo=lambda: holds.add(request_id, hold))
-        except BaseException:
-            holds.unclaim(request_id)
-            raise
-
-    def _settle_held(self, conn: Connection, holds: MemoryHolds, request_id: str, hold: Hold, charge: int,
-                     usage: dict[str, Any] | None) -> int:
-        # What the other requests hold is read here, in the transaction: a charge beyond this
-        # hold may take only money nobody else holds, as with committed holds.
-        tenant_id = hold.tenant_id
-        charged = self._charge(conn, Charge(request_id, tenant_id, charge, hold.key, usage, now_ms()),
-                               holds.held(tenant_id) - hold.amount_micros)
-        holds.drop(request_id)
-        return charged
 
     async def _settle_in_one_statement(self, request_id: str, charge: int,
                                        usage: dict[str, Any] | None) -> int | None:
@@ -483,11 +434,8 @@ class Ledger:
 
     def _usage(self, conn: Connection, request_id: str, tenant_id: str, charged: int,
                usage: dict[str, Any] | None, ts: int) -> None:
-        if usage is None:
-            return
-        row = {**usage, "request_id": request_id, "tenant_id": tenant_id, "cost_micros": charged}
-        row.setdefault("created_at", ts)
-        self._insert_usage.rows(conn, row)
+        if usage is not None:
+            self._insert_usage.rows(conn, _usage_row(request_id, tenant_id, charged, usage, ts))
 
     def _balance(self, conn: Connection, tenant_id: str, lock: bool = False) -> int:
         q = sa.select(wallets.c.balance_micros).where(wallets.c.tenant_id == tenant_id)
@@ -510,18 +458,10 @@ class Ledger:
 
     async def balance(self, tenant_id: str) -> int:
         """What the tenant can still spend: holds deducted, wherever they are kept."""
-        if self.holds is not None:
-            return self._balance_now(self.holds, tenant_id)
+        if self.memory is not None:
+            return self.memory.balance(tenant_id)
         async with self.store.read() as conn:
             return await conn.run_sync(self._balance, tenant_id)
-
-    def _balance_now(self, holds: MemoryHolds, tenant_id: str) -> int:
-        # Read with the holds in one step of the loop (as reserve does), so a settle cannot
-        # commit between the two and count its hold twice or not at all.
-        found = self.store.read_now(_BALANCE, {"tenant": tenant_id})
-        if not found:
-            raise NotFound(f"no wallet for tenant {tenant_id}")
-        return int(found[0][0]) - holds.held(tenant_id)
 
     async def wallet(self, tenant_id: str) -> dict[str, Any]:
         bal = await self.balance(tenant_id)
@@ -605,16 +545,10 @@ class Ledger:
         await conn.execute(wallets.insert().values(tenant_id=tenant_id, balance_micros=0, updated_at=now_ms()))
 
 
-def _over_key_limit(limit: int, amount: int) -> SpendLimitExceeded:
-    return SpendLimitExceeded(
-        f"This API key's spend limit of {format_usd(limit)} USD for this period would be exceeded "
-        f"(this request may cost up to {format_usd(amount)} USD). Raise the key's limit or wait "
-        f"for the next period.")
-
-
-def _insufficient(amount: int) -> InsufficientFunds:
-    return InsufficientFunds(f"Your wallet balance does not cover this request (up to {format_usd(amount)} USD "
-                             f"must be reserved). Top up to continue.")
+def _usage_row(request_id: str, tenant_id: str, charged: int, usage: dict[str, Any], ts: int) -> dict[str, Any]:
+    row = {**usage, "request_id": request_id, "tenant_id": tenant_id, "cost_micros": charged}
+    row.setdefault("created_at", ts)
+    return row
 
 
 def _exists(conn: Connection, entry_id: str) -> bool:

@@ -1,0 +1,162 @@
+"""The embedded default's request path: holds in this process's memory, charges journaled.
+
+Why a path of its own: where one process is the sole server of an SQLite database
+(services.build), no other process reserves from its wallets (holds.py says why), so a
+reservation needs no write at all and a settle needs no transaction of its own
+(journal.py); together they were most of a request's CPU (bench/README.md). What stays
+the same as on the committed path (ledger.py): the wallet row holds what the ledger sums
+to, a request's charge is written as its `:debit` entry, key spend and usage row
+(`Ledger._charges`, passed in as `write_charges`), and every balance, reservation and
+key-limit check deducts what is held, here in memory, so nothing can be spent twice.
+
+A reserve or a balance read is one step of the event loop: the wallet row and the holds
+are read with no await in between, so no settle can commit between the two and count
+a hold twice or not at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import Connection
+
+from tollway.errors import InsufficientFunds, NotFound, SpendLimitExceeded
+from tollway.holds import Hold, MemoryHolds
+from tollway.journal import Charge, Journal, JournalFiles, recover
+from tollway.store.db import Store, now_ms
+from tollway.store.prepared import Prepared
+from tollway.store.schema import key_spend, ledger_entries, usage_events, wallets
+from tollway.telemetry import log
+
+# (the transaction's connection, charges of one tenant, what its other requests hold) -> charged
+WriteCharges = Callable[[Connection, list[Charge], int], int]
+
+_P = sa.bindparam
+_BALANCE = Prepared(sa.select(wallets.c.balance_micros).where(wallets.c.tenant_id == _P("tenant")))
+_KEY_SPENT = Prepared(sa.select(key_spend.c.spent_micros)
+                      .where(key_spend.c.key_id == _P("key"), key_spend.c.period == _P("period")))
+# A request's charge is in the ledger once either of its rows is (a zero charge writes no entry).
+_RECORDED = Prepared(sa.select(ledger_entries.c.id).where(ledger_entries.c.id == _P("debit"))
+                     .union_all(sa.select(usage_events.c.request_id).where(usage_events.c.request_id == _P("rid"))))
+
+
+class MemoryPath:
+    """Reserve, settle and read balances with the holds in memory (holds.py); with
+    `journaled`, a settle appends to the charge journal (journal.py) instead of
+    running its own transaction."""
+
+    def __init__(self, store: Store, holds: MemoryHolds, write_charges: WriteCharges, *, journaled: bool) -> None:
+        self.store = store
+        self.holds = holds
+        self._write_charges = write_charges
+        self.journal: Journal | None = None
+        if journaled and store.sqlite_file is not None:
+            self.journal = Journal(JournalFiles(store.sqlite_file), store, holds, self._apply)
+
+    def reserve(self, tenant_id: str, request_id: str, amount: int, key_id: str | None, key_limit: int | None,
+                key_period: str | None) -> int:
+        """Hold `amount` or raise 402 / 429, holding nothing; returns the balance left.
+        A request id held twice: MemoryHolds.add refuses."""
+        free = self._free(tenant_id)
+        if free is None or free < amount:
+            raise InsufficientFunds.to_reserve(amount)
+        key = None
+        if key_limit is not None:
+            key = (key_id or "", key_period or "")
+            spent = self.store.read_now(_KEY_SPENT, {"key": key[0], "period": key[1]})
+            if (int(spent[0][0]) if spent else 0) + self.holds.key_held(key) + amount > key_limit:
+                raise SpendLimitExceeded.for_key(key_limit, amount)
+        self.holds.add(request_id, Hold(tenant_id, amount, key))
+        return free - amount
+
+    def balance(self, tenant_id: str) -> int:
+        """What the tenant can still spend: the wallet row less every hold, charged or not."""
+        free = self._free(tenant_id)
+        if free is None:
+            raise NotFound(f"no wallet for tenant {tenant_id}")
+        return free
+
+    def _free(self, tenant_id: str) -> int | None:
+        found = self.store.read_now(_BALANCE, {"tenant": tenant_id})
+        return int(found[0][0]) - self.holds.held(tenant_id) if found else None
+
+    async def settle(self, request_id: str, hold: Hold, charge: int, usage: dict[str, Any] | None) -> int:
+        """Charge a hold this process claimed (MemoryHolds.claim); returns what was charged."""
+        if self.journal is not None:
+            charged = self._journal(self.journal, request_id, hold, charge, usage)
+            if charged is not None:
+                return charged
+        return await self._settle_in_transaction(request_id, hold, charge, usage)
+
+    def _journal(self, journal: Journal, request_id: str, hold: Hold, charge: int,
+                 usage: dict[str, Any] | None) -> int | None:
+        """The charge, journaled in this one step of the loop; None if the journal could not
+        be written (the caller then settles in a transaction)."""
+        tenant_id = hold.tenant_id
+        charged = charge
+        if charge > hold.amount_micros:
+            # Beyond its hold a charge may take only money nobody else holds, as in `Ledger._take`.
+            free = self._free(tenant_id)
+            charged = hold.amount_micros if free is None else max(hold.amount_micros,
+                                                                  min(charge, free + hold.amount_micros))
+        if charged == 0 and usage is None:
+            self.holds.drop(request_id)  # a release with nothing to record
+            return 0
+        try:
+            journal.record(Charge(request_id, tenant_id, charged, hold.key, usage, now_ms()), hold)
+        except OSError:
+            log.error("charge_journal_write_failed", request_id=request_id, exc_info=True)
+            return None
+        return charged
+
+    async def _settle_in_transaction(self, request_id: str, hold: Hold, charge: int,
+                                     usage: dict[str, Any] | None) -> int:
+        # The hold leaves memory inside the transaction, with its charge: the next settle of
+        # the same commit batch must not count it as held any more, and a rolled-back COMMIT
+        # puts it back before anything else runs (`undo`). So a hold still here was never
+        # charged, and any failure leaves it open for the caller's retry (pipeline.py) or
+        # the sweep.
+        def settle_held(conn: Connection) -> int:
+            # What the other requests hold is read here, in the transaction.
+            others = self.holds.held(hold.tenant_id) - hold.amount_micros
+            charged = self._write_charges(conn, [Charge(request_id, hold.tenant_id, charge, hold.key, usage,
+                                                        now_ms())], others)
+            self.holds.drop(request_id)
+            return charged
+
+        try:
+            return await self.store.transact_undoable(settle_held, undo=lambda: self.holds.add(request_id, hold))
+        except BaseException:
+            self.holds.unclaim(request_id)
+            raise
+
+    def _apply(self, conn: Connection, charges: list[Charge], others: int) -> None:
+        """Journaled charges of one tenant, written as any settle of a hold in memory; only a
+        dispute debit racing the requests can cap them (holds.py)."""
+        _apply(self._write_charges, conn, charges, others)
+
+
+async def recover_charges(store: Store, write_charges: WriteCharges) -> int:
+    """Apply what a previous process left in the charge journal, each charge at most once
+    (skipped if the ledger has it already); SQLite only. Returns how many were applied."""
+    if store.sqlite_file is None:
+        return 0
+
+    def apply_once(conn: Connection, charge: Charge) -> bool:
+        rid = charge.request_id
+        if _RECORDED.first(conn, {"debit": f"{rid}:debit", "rid": rid}) is not None:
+            return False
+        _apply(write_charges, conn, [charge], 0)
+        return True
+
+    return await recover(store, JournalFiles(store.sqlite_file), apply_once)
+
+
+def _apply(write_charges: WriteCharges, conn: Connection, charges: list[Charge], others: int) -> None:
+    try:
+        write_charges(conn, charges, others)
+    except NotFound:
+        # The tenant was deleted by another process meanwhile: there is no wallet to charge.
+        log.warning("charge_for_deleted_tenant", tenant_id=charges[0].tenant_id, count=len(charges))
