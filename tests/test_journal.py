@@ -181,3 +181,35 @@ async def test_a_flush_the_wallet_cannot_cover_whole_charges_each_capped_in_orde
     # As settles one by one would: each may take only what the later ones do not hold.
     assert charged == {requests[1]: 20_000, requests[2]: 30_000}
     assert await svc.ledger.balance(tid) == 0 and await svc.ledger.verify(3_600_000) == []
+
+
+async def test_settle_at_once_journals_in_the_same_step_or_leaves_the_settle_to_settle(svc: Services) -> None:
+    # The pipeline's common settle (Ledger.settle_at_once) awaits nothing; where it cannot
+    # journal, it must leave the hold exactly as `settle` needs it, charged nowhere.
+    assert svc.ledger.journal is not None and svc.store.writer is not None
+    tid = await new_tenant(svc, 1_000_000)
+    first, second = rid(), rid()
+    await svc.ledger.reserve(tid, first, 200_000)
+    await svc.ledger.reserve(tid, second, 200_000)
+    assert svc.ledger.settle_at_once(first, 1_000, usage()) == 1_000
+    assert svc.ledger.settle_at_once(first, 1_000, usage()) is None  # claimed already: not twice
+    assert await svc.ledger.settle(first, 1_000, usage()) is None
+    assert svc.ledger.settle_at_once(rid(), 1_000, usage()) is None  # never reserved
+
+    files = svc.ledger.journal.files
+
+    def disk_full(_: bytes) -> None:
+        raise OSError(28, "No space left on device")
+
+    real_append, files.append = files.append, disk_full  # type: ignore[method-assign]
+    try:
+        assert svc.ledger.settle_at_once(second, 2_000, usage()) is None
+        assert svc.ledger.held_in_memory() == [second]  # still held, and claimable again
+        before = svc.store.writer.transactions
+        assert await svc.ledger.settle(second, 2_000, usage()) == 2_000  # committed in its own transaction
+        assert svc.store.writer.transactions == before + 1
+    finally:
+        files.append = real_append  # type: ignore[method-assign]
+    await svc.ledger.flush()
+    assert await _rows(svc, first) == (1, 1) and await _rows(svc, second) == (1, 1)
+    assert await svc.ledger.balance(tid) == 1_000_000 - 3_000 and await svc.ledger.verify(3_600_000) == []

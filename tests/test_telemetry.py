@@ -121,6 +121,33 @@ def _sample(name: str, **labels: str) -> float:
     return telemetry.REGISTRY.get_sample_value(name, labels) or 0.0
 
 
+def test_request_line_is_the_line_structlog_writes(capsys: pytest.CaptureFixture[str]) -> None:
+    # record_request writes its line without structlog's chain (telemetry._request_line):
+    # it must be the same line, key order included, but for the time.
+    telemetry.configure_metrics(["acme/m1"], ["p1"], tenant_labels=False)
+    fields: dict[str, Any] = {
+        "request_id": "req_x", "tenant_id": "tn_1", "key_id": "key_1", "model": "acme/m1", "provider": "p1",
+        "method": "POST", "path": "/v1/chat/completions", "stream": False, "status": 200, "error_type": None,
+        "error_code": None, "upstream_status": 200, "prompt_tokens": 3, "completion_tokens": 4,
+        "cached_tokens": 0, "reasoning_tokens": 0, "estimated": False, "cost_micros": 12,
+        "cost_usd": "0.000012", "latency_ms": 5, "messages": [SECRET], "prompt": SECRET}
+    telemetry.record_request(**fields)
+    telemetry.log.info("request", **fields)
+    out = capsys.readouterr().out
+    assert SECRET not in out
+    ours, structlogs = lines(out)
+    assert list(ours) == list(structlogs)
+    assert {k: v for k, v in ours.items() if k != "timestamp"} == {
+        k: v for k, v in structlogs.items() if k != "timestamp"}
+    assert ours["timestamp"].endswith("Z") and ours["timestamp"][:16] == structlogs["timestamp"][:16]
+    telemetry.configure_logging(logging.WARNING)
+    try:
+        telemetry.record_request(**fields)
+        assert capsys.readouterr().out == ""  # below the level: no line, as with structlog
+    finally:
+        telemetry.configure_logging()
+
+
 def test_record_request_feeds_bounded_metrics(capsys: pytest.CaptureFixture[str]) -> None:
     telemetry.configure_metrics(["acme/m1"], ["p1"], tenant_labels=False)
     before = {

@@ -84,16 +84,18 @@ class MemoryPath:
 
     async def settle(self, request_id: str, hold: Hold, charge: int, usage: dict[str, Any] | None) -> int:
         """Charge a hold this process claimed (MemoryHolds.claim); returns what was charged."""
-        if self.journal is not None:
-            charged = self._journal(self.journal, request_id, hold, charge, usage)
-            if charged is not None:
-                return charged
+        charged = self.journal_charge(request_id, hold, charge, usage)
+        if charged is not None:
+            return charged
         return await self._settle_in_transaction(request_id, hold, charge, usage)
 
-    def _journal(self, journal: Journal, request_id: str, hold: Hold, charge: int,
-                 usage: dict[str, Any] | None) -> int | None:
-        """The charge, journaled in this one step of the loop; None if the journal could not
-        be written (the caller then settles in a transaction)."""
+    def journal_charge(self, request_id: str, hold: Hold, charge: int, usage: dict[str, Any] | None) -> int | None:
+        """The charge of a claimed hold, journaled in this one step of the loop; None if
+        there is no journal or it could not be written (the hold stays claimed: the caller
+        settles it in a transaction, or unclaims it)."""
+        journal = self.journal
+        if journal is None:
+            return None
         tenant_id = hold.tenant_id
         charged = charge
         if charge > hold.amount_micros:

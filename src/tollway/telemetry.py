@@ -18,6 +18,7 @@ worker answering /metrics reports the sum over all of them.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import re
@@ -130,7 +131,14 @@ def _orjson_text(obj: Any, **_: Any) -> str:
 _JSON = structlog.processors.JSONRenderer(serializer=_orjson_text)
 
 
+class _Level:
+    """The level structlog filters at, for the request line written without it."""
+
+    value = logging.INFO
+
+
 def _structlog_config(level: int) -> None:
+    _Level.value = level
     structlog.configure(
         processors=[*_SHARED, _own_event_name, _allow_listed, _JSON],
         wrapper_class=structlog.make_filtering_bound_logger(level),
@@ -264,7 +272,7 @@ def record_request(**fields: Any) -> None:
     if fields.get("model") is not None:
         # The slug a client sent is text it chose: only configured slugs are written down.
         fields["model"] = model
-    log.info("request", **fields)
+    _request_line(fields)
     status = fields.get("status")
     status_label = str(status) if isinstance(status, int) and 100 <= status <= 599 else _OTHER
     error_type = _error_label(fields.get("error_type"))
@@ -287,6 +295,22 @@ def record_request(**fields: Any) -> None:
             TENANT_COST.labels(tenant).inc(cost)
 
 
+def _request_line(fields: dict[str, Any]) -> None:
+    """The line `log.info("request", **fields)` writes, byte for byte but the time, built
+    here without structlog's chain: it is written once per /v1 request and the chain cost
+    twice the line itself (bench/README.md). Same allow-list (loggable), same key order
+    (the fields, then event, level, timestamp), same renderer; the fields hold no
+    exception and "request" is a valid event name, so the other processors have nothing
+    to do. test_telemetry compares the two lines."""
+    if _Level.value > logging.INFO:
+        return
+    line = loggable(fields)
+    line.update(event="request", level="info",
+                timestamp=datetime.datetime.now(tz=datetime.UTC).isoformat().replace("+00:00", "Z"))
+    _LINES.msg(_orjson_text(line))
+
+
+_LINES = LineWriter()
 _children: dict[tuple[Any, tuple[str, ...]], Any] = {}
 
 

@@ -11,7 +11,7 @@ Money rules kept here:
   the bound only limits what concurrent requests can overspend.
 * Every reservation is settled exactly once: with the metered cost on success, with an
   estimate (base.py) when a started call reported no usage, with 0 on every error path.
-  Settles run shielded from cancellation.
+  Settles run shielded from cancellation, or within one step of the loop, where nothing can cancel them.
 """
 
 from __future__ import annotations
@@ -246,7 +246,9 @@ class Pipeline:
         usage = route.adapter.read_response(route.target, data)
         if usage is None:
             usage = self._estimate(call, text_bytes_of(data, _TEXT_KEYS))
-        charge = await shielded(self._settle(call, usage))
+        charge = self._settle_at_once(call, usage)
+        if charge is None:
+            charge = await shielded(self._settle(call, usage))
         body = orjson.dumps(data)
         out = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         if charge is not None:
@@ -307,12 +309,9 @@ class Pipeline:
             call.error_type, call.error_code = type(end.error).__name__, end.error.instance_code
         await self._settle(call, usage)
 
-    async def _settle(self, call: Call, usage: Usage | None) -> int | None:
-        """Charge (or release, usage None) the reservation; write the usage row; log."""
+    def _charge_and_row(self, call: Call, usage: Usage | None) -> tuple[int, dict[str, Any]]:
+        """What the settle charges (0: a release) and the usage row it writes."""
         assert call.principal is not None and call.route is not None
-        if call.settled:
-            return None
-        call.settled = True
         route = call.route
         charge = cost(usage, route.prices) if usage is not None else 0
         u = usage or Usage()
@@ -321,6 +320,32 @@ class Pipeline:
                "cached_tokens": u.cached_tokens, "reasoning_tokens": u.reasoning_tokens,
                "estimated": u.estimated, "status": call.status, "error_type": call.error_type,
                "latency_ms": int((time.perf_counter() - call.started) * 1000)}
+        return charge, row
+
+    def _settle_at_once(self, call: Call, usage: Usage | None) -> int | None:
+        """`_settle` within this step of the loop where the ledger can do it so (a hold in
+        memory, journaled: Ledger.settle_at_once), so it needs no shield: nothing can cancel
+        a call that does not await. Returns what was charged, or None if nothing was done
+        and `_settle` must run."""
+        if call.settled:
+            return None
+        charge, row = self._charge_and_row(call, usage)
+        try:
+            settled = self.svc.ledger.settle_at_once(call.request_id, charge, usage=row)
+        except Exception:
+            return None  # nothing was charged; `_settle` retries it and logs what fails
+        if settled is None:
+            return None
+        call.settled = True
+        self._record(call, usage, settled)
+        return settled
+
+    async def _settle(self, call: Call, usage: Usage | None) -> int | None:
+        """Charge (or release, usage None) the reservation; write the usage row; log."""
+        if call.settled:
+            return None
+        call.settled = True
+        charge, row = self._charge_and_row(call, usage)
         try:
             # A database restart must not turn an answered request into a free one: settle
             # is idempotent (the reservation row, or the hold in memory, is the gate), so retry until it is back.
