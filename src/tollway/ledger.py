@@ -69,6 +69,12 @@ DEBIT_KINDS = ("debit", "refund", "dispute", "adjust_debit")
 # request (bench/README.md, Findings); the SQL sent is the same.
 _P = sa.bindparam
 _USAGE_COLUMNS = frozenset(usage_events.c.keys())
+
+
+def _check_usage(usage: dict[str, Any] | None) -> None:
+    if usage is not None and not usage.keys() <= _USAGE_COLUMNS:
+        # Executed with parameters, unknown keys would be dropped silently.
+        raise ValueError(f"not usage_events columns: {sorted(usage.keys() - _USAGE_COLUMNS)}")
 _INSERT_ENTRY = Prepared(ledger_entries.insert())
 _INSERT_RESERVATION = Prepared(reservations.insert())
 _RESERVE = Prepared(wallets.update()
@@ -234,9 +240,7 @@ class Ledger:
 
         The charge is capped at what was reserved plus what the wallet still holds, so
         the balance never goes negative."""
-        if usage is not None and not usage.keys() <= _USAGE_COLUMNS:
-            # Executed with parameters, unknown keys would be dropped silently.
-            raise ValueError(f"not usage_events columns: {sorted(usage.keys() - _USAGE_COLUMNS)}")
+        _check_usage(usage)
         charge = max(0, charge_micros)
         if self.memory is not None and (hold := self.memory.holds.claim(request_id)) is not None:
             return await self.memory.settle(request_id, hold, charge, usage)
@@ -254,27 +258,15 @@ class Ledger:
     def settle_at_once(self, request_id: str, charge_micros: int, usage: dict[str, Any] | None = None
                        ) -> int | None:
         """`settle` done within this step of the loop, where it can be: a hold in this
-        process's memory whose charge the journal takes. Returns what was charged, or None
-        if it cannot be done so (no such hold, no journal, or its write failed): the caller
-        then awaits `settle`, which does the rest as before. Why: the common settle then
-        needs no task and no shield from cancellation (pipeline.py), which was ~7% of a
-        non-streaming request's CPU at one connection (bench/README.md)."""
-        memory = self.memory
-        if memory is None or memory.journal is None:
+        process's memory whose charge the journal takes (MemoryPath.settle_at_once).
+        Returns what was charged, or None if it cannot be done so: the caller then awaits
+        `settle`, which does the rest as before. Why: the common settle then needs no task
+        and no shield from cancellation (pipeline.py), which was ~7% of a non-streaming
+        request's CPU at one connection (bench/README.md)."""
+        if self.memory is None:
             return None
-        if usage is not None and not usage.keys() <= _USAGE_COLUMNS:
-            raise ValueError(f"not usage_events columns: {sorted(usage.keys() - _USAGE_COLUMNS)}")
-        hold = memory.holds.claim(request_id)
-        if hold is None:
-            return None
-        try:
-            charged = memory.journal_charge(request_id, hold, max(0, charge_micros), usage)
-        except BaseException:
-            memory.holds.unclaim(request_id)
-            raise
-        if charged is None:
-            memory.holds.unclaim(request_id)  # `settle` claims it again and commits it
-        return charged
+        _check_usage(usage)
+        return self.memory.settle_at_once(request_id, max(0, charge_micros), usage)
 
     def _charge(self, conn: Connection, charge: Charge, others: int) -> int:
         """The writes of a settled hold in memory: the charge, capped so the balance stays >= 0

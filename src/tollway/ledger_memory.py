@@ -89,6 +89,24 @@ class MemoryPath:
             return charged
         return await self._settle_in_transaction(request_id, hold, charge, usage)
 
+    def settle_at_once(self, request_id: str, charge: int, usage: dict[str, Any] | None) -> int | None:
+        """Claim the hold and journal its charge in this one step of the loop; None if there
+        is no such hold or journal, or the write failed: the hold is then left unclaimed,
+        as `settle` needs it."""
+        if self.journal is None:
+            return None
+        hold = self.holds.claim(request_id)
+        if hold is None:
+            return None
+        try:
+            charged = self.journal_charge(request_id, hold, charge, usage)
+        except BaseException:
+            self.holds.unclaim(request_id)
+            raise
+        if charged is None:
+            self.holds.unclaim(request_id)
+        return charged
+
     def journal_charge(self, request_id: str, hold: Hold, charge: int, usage: dict[str, Any] | None) -> int | None:
         """The charge of a claimed hold, journaled in this one step of the loop; None if
         there is no journal or it could not be written (the hold stays claimed: the caller

@@ -18,7 +18,6 @@ worker answering /metrics reports the sum over all of them.
 
 from __future__ import annotations
 
-import datetime
 import logging
 import os
 import re
@@ -115,9 +114,10 @@ def _allow_listed(_: Any, __: str, event: MutableMapping[str, Any]) -> Mapping[s
     return loggable(event)
 
 
+_TIMESTAMP = structlog.processors.TimeStamper(fmt="iso", utc=True)
 _SHARED: list[Any] = [
     structlog.processors.add_log_level,
-    structlog.processors.TimeStamper(fmt="iso", utc=True),
+    _TIMESTAMP,
     _exceptions_by_type_and_place,
 ]
 
@@ -129,6 +129,7 @@ def _orjson_text(obj: Any, **_: Any) -> str:
 
 
 _JSON = structlog.processors.JSONRenderer(serializer=_orjson_text)
+_LINES = LineWriter()
 
 
 class _Level:
@@ -305,12 +306,10 @@ def _request_line(fields: dict[str, Any]) -> None:
     if _Level.value > logging.INFO:
         return
     line = loggable(fields)
-    line.update(event="request", level="info",
-                timestamp=datetime.datetime.now(tz=datetime.UTC).isoformat().replace("+00:00", "Z"))
-    _LINES.msg(_orjson_text(line))
+    line.update(event="request", level="info")
+    _LINES.msg(_orjson_text(_TIMESTAMP(None, "info", line)))
 
 
-_LINES = LineWriter()
 _children: dict[tuple[Any, tuple[str, ...]], Any] = {}
 
 
