@@ -33,8 +33,8 @@ from tollway import telemetry
 from tollway.accesslog import AccessLogWriter
 from tollway.app import create_app
 from tollway.edge import Edge
-from tollway.holds import MemoryHolds
-from tollway.ledger import Ledger
+from tollway.ledger.holds import MemoryHolds
+from tollway.ledger.transactions import Ledger
 from tollway.money import Usage, cost, format_usd
 from tollway.privacy import forwarded_headers
 from tollway.providers.base import CHAT, merge_headers

@@ -5,7 +5,7 @@
 The gateway spends most of its CPU per request in the ledger's two write transactions
 (reserve, settle). This takes the same transactions on the real schema (migrated by
 Store.migrate) several ways. Each is still one atomic transaction per step with the
-conditional wallet UPDATE, so ledger.py's concurrency argument holds for all of them;
+conditional wallet UPDATE, so ledger/transactions.py's concurrency argument holds for all of them;
 nothing is batched.
 
 SQLite (default):
@@ -44,7 +44,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 
-from tollway.ledger import Ledger
+from tollway.ledger.transactions import Ledger
 from tollway.store.db import Store
 from tollway.store.schema import ledger_entries, reservations, tenants, usage_events, wallets
 

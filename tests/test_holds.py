@@ -1,4 +1,4 @@
-"""Holds kept in memory by the one process serving an SQLite database (holds.py): the
+"""Holds kept in memory by the one process serving an SQLite database (ledger/holds.py): the
 lock that makes that process the only one, what a failed COMMIT does to a hold, the
 sweep's backstop, and a tenant deleted while one of its requests holds money.
 The ledger's own guarantees (idempotency, no overspend, key limits, the state machine)
@@ -24,7 +24,7 @@ from tests.conftest import free_port
 from tests.test_ledger import new_tenant, rid, usage
 from tollway.app import create_app
 from tollway.config import Config
-from tollway.holds import DatabaseInUse, ServingLock
+from tollway.ledger.holds import DatabaseInUse, ServingLock
 from tollway.services import Services, build
 from tollway.store.schema import ledger_entries, usage_events
 
@@ -64,7 +64,8 @@ def test_one_process_with_holds_in_memory_excludes_every_other_server(tmp_path: 
 def test_the_lock_dies_with_its_process(tmp_path: Path) -> None:
     db = tmp_path / "tollway.db"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from tollway.holds import ServingLock; "
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; "
+         "from tollway.ledger.holds import ServingLock; "
          "lock = ServingLock(Path(sys.argv[1]), exclusive=True); lock.acquire(); print('held', flush=True); "
          "time.sleep(60)",
          str(db)], stdout=subprocess.PIPE, text=True)
@@ -148,7 +149,7 @@ def _commit_will_fail(svc: Services) -> Callable[[Any], None]:
 
 async def test_a_settle_rolled_back_at_commit_puts_its_hold_back_for_the_retry(svc: Services) -> None:
     """The settle in a transaction of its own: what the ledger does when the charge
-    journal cannot be written (journal.py)."""
+    journal cannot be written (ledger/journal.py)."""
     assert svc.store.writer is not None and svc.ledger.holds is not None
     svc.ledger.memory.journal = None
     tid = await new_tenant(svc, 1_000_000)

@@ -1,4 +1,4 @@
-"""The charge journal (journal.py): a settle appends one line; a flush applies the lines in
+"""The charge journal (ledger/journal.py): a settle appends one line; a flush applies the lines in
 one transaction; a crash leaves files the next start-up applies, each charge once."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from tests.test_holds import _commit_will_fail
 from tests.test_holds import svc as svc  # the sole server's services, holds in memory
 from tests.test_ledger import new_tenant, rid, usage
 from tollway.config import Config
-from tollway.journal import JournalFiles
+from tollway.ledger.journal import JournalFiles
 from tollway.services import Services, build
 from tollway.store.schema import key_spend, ledger_entries, usage_events, wallets
 
@@ -160,7 +160,7 @@ async def test_a_flush_writes_each_charge_as_its_own_settle_would(svc: Services)
 
 
 async def test_a_flush_the_wallet_cannot_cover_whole_charges_each_capped_in_order(svc: Services) -> None:
-    """A dispute debit committed between the settles and the flush (holds.py: the one race
+    """A dispute debit committed between the settles and the flush (ledger/holds.py: the one race
     left) takes money the charges held: each is then charged on its own, never below zero."""
     tid = await new_tenant(svc, 100_000)
     requests = [rid() for _ in range(3)]

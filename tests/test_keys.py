@@ -25,9 +25,9 @@ from sqlalchemy import event
 
 from tests.conftest import ServerThread
 from tollway.app import create_app
+from tollway.auth.keys import Keys, KeySecret, load_key_secret
 from tollway.config import Config
 from tollway.errors import BadRequest, SpendLimitExceeded, Unauthorized
-from tollway.keys import Keys, KeySecret, load_key_secret
 from tollway.services import Services, build
 from tollway.store.schema import api_keys
 

@@ -89,7 +89,7 @@ def usage(key_id: str | None = None) -> dict[str, Any]:
 
 
 async def count(svc: Services, table: sa.Table, *where: Any) -> int:
-    await svc.ledger.flush()  # charges journaled by this process (journal.py) into the tables
+    await svc.ledger.flush()  # charges journaled by this process (ledger/journal.py) into the tables
     async with svc.store.read() as conn:
         return int((await conn.execute(sa.select(sa.func.count()).select_from(table).where(*where))).scalar_one())
 
@@ -157,14 +157,14 @@ async def test_reserve_and_settle_are_one_transaction_each(svc: Services) -> Non
         assert (await svc.ledger.wallet(tid))["reserved_micros"] == 400_000
     assert await svc.ledger.settle(r, 1_234, usage("key_x")) == 1_234
     if svc.ledger.journal is not None:
-        # Journaled (journal.py): no transaction of its own; the flush applies it in one shared one.
+        # Journaled (ledger/journal.py): no transaction of its own; the flush applies it in one shared one.
         assert writer is not None and writer.transactions == transactions
         assert await svc.ledger.balance(tid) == 1_000_000 - 1_234
         await svc.ledger.flush()
     if writer is not None:
         assert writer.transactions - transactions == (1 if svc.ledger.holds is not None else 2)
     else:
-        # PostgreSQL: one statement each, no BEGIN/COMMIT round trips (ledger_onestep.py)
+        # PostgreSQL: one statement each, no BEGIN/COMMIT round trips (ledger/postgres.py)
         assert svc.store.queries - statements == 2
     assert await svc.ledger.balance(tid) == 1_000_000 - 1_234
     assert (await svc.ledger.wallet(tid))["reserved_micros"] == 0

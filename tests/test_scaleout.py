@@ -39,7 +39,7 @@ from tests.conftest import (
     run_aside,
     to_toml,
 )
-from tollway.workers import STALE
+from tollway.auth.workers import STALE
 
 pytestmark = pytest.mark.slow
 

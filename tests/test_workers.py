@@ -17,15 +17,15 @@ import pytest
 import sqlalchemy as sa
 
 from tests.conftest import REDIS_URL, ServerThread, fresh_pg_database, need_redis
-from tollway import workers as workers_mod
 from tollway.app import create_app
+from tollway.auth import workers as workers_mod
+from tollway.auth.keys import Principal
+from tollway.auth.workers import STALE, dead_workers, process_identity, provably_dead, sweep
 from tollway.config import Config
 from tollway.errors import Unauthorized
-from tollway.keys import Principal
 from tollway.services import Services, build
 from tollway.store.db import now_ms
 from tollway.store.schema import reservations, workers
-from tollway.workers import STALE, dead_workers, process_identity, provably_dead, sweep
 
 HOUR_MS = 3_600_000
 
@@ -93,7 +93,7 @@ def record_calls(obj: Any, name: str) -> list[tuple[Any, ...]]:
 
 def dead_process_identity() -> str:
     """The identity a worker in a process that has since died would have registered."""
-    code = "from tollway.workers import process_identity; print(process_identity())"
+    code = "from tollway.auth.workers import process_identity; print(process_identity())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     return out.stdout.strip()
 

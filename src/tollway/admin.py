@@ -125,7 +125,7 @@ def admin_app(svc: Services) -> FastAPI:
         """A Stripe Checkout Session; the wallet is credited by the verified webhook only."""
         from tollway.webhooks.stripe import start_topup  # stripe-python loads only when used
 
-        return await start_topup(svc, tenant_id, body.amount_usd, idempotency_key=body.idempotency_key)
+        return await start_topup(svc.payments, tenant_id, body.amount_usd, idempotency_key=body.idempotency_key)
 
     @api.get("/ledger/verify")
     async def verify() -> dict[str, Any]:

@@ -26,7 +26,7 @@ from tollway.accesslog import AccessLogWriter
 from tollway.config import Config
 from tollway.edge import Edge
 from tollway.errors import TollwayError, render_json
-from tollway.holds import DatabaseInUse, ServingLock
+from tollway.ledger.holds import DatabaseInUse, ServingLock
 from tollway.services import Services, build
 
 # (path, methods, who may call it, what it does)
@@ -93,7 +93,7 @@ def create_app(cfg: Config, *, services: Services | None = None, migrate: bool |
     """Build the gateway. `services` and `provider_keys` may be injected by tests;
     `tune_gc` (the serving process) applies `serve_gc` once started. `sole_server`
     False: other processes serve from the same database (`serve --workers N`); on SQLite
-    True keeps holds in memory and refuses to start beside another server (holds.py)."""
+    True keeps holds in memory and refuses to start beside another server (ledger/holds.py)."""
     worker_id = "wk_" + secrets.token_hex(6)
     svc = services or build(cfg, worker_id=worker_id, sole_server=sole_server)
     if svc.workers.worker_id is None:
@@ -114,7 +114,7 @@ def create_app(cfg: Config, *, services: Services | None = None, migrate: bool |
     if svc.payments is not None:  # /webhooks/stripe exists only with a [stripe] table
         from tollway.webhooks.stripe import stripe_routes
 
-        routes += stripe_routes(svc)
+        routes += stripe_routes(svc.payments)
     if cfg.metrics.enabled:
         routes.append(Route("/metrics", telemetry.metrics_endpoint, methods=["GET"]))
     telemetry.configure_logging()
@@ -123,7 +123,7 @@ def create_app(cfg: Config, *, services: Services | None = None, migrate: bool |
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        # Held from before the first query to after the last (holds.py says why).
+        # Held from before the first query to after the last (ledger/holds.py says why).
         with contextlib.ExitStack() as held:
             if svc.store.sqlite_file is not None:
                 try:
@@ -141,7 +141,7 @@ def create_app(cfg: Config, *, services: Services | None = None, migrate: bool |
         elif not await svc.store.migrations_current():
             await svc.close()
             raise RuntimeError("database migrations are not current; run `tollway migrate` first")
-        # Charges a predecessor journaled but did not apply go into the ledger first (journal.py).
+        # Charges a predecessor journaled but did not apply go into the ledger first (ledger/journal.py).
         recovered = await svc.ledger.recover_charges()
         if recovered:
             telemetry.log.info("charge_journal_recovered", count=recovered)

@@ -23,7 +23,7 @@ import click
 from tollway import config as config_mod
 from tollway.config import Config, ConfigError
 from tollway.errors import TollwayError
-from tollway.holds import DatabaseInUse, ServingLock
+from tollway.ledger.holds import DatabaseInUse, ServingLock
 from tollway.money import MoneyError, format_usd, parse_usd
 from tollway.services import Services, build
 
@@ -147,7 +147,7 @@ def serve(config_path: str | None, host: str | None, port: int | None, workers: 
 
 def _check_database_free(db: Path | None, workers: int) -> None:
     """Say in one line, before any worker starts, that the SQLite database is already
-    served in a way this run cannot join (holds.py); each worker's start-up checks again
+    served in a way this run cannot join (ledger/holds.py); each worker's start-up checks again
     and holds the lock."""
     if db is None:
         return

@@ -7,14 +7,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tollway.auth.keys import Keys, load_key_secret
+from tollway.auth.workers import WorkerRegistry
 from tollway.config import Config, resolve_secret
-from tollway.holds import MemoryHolds
-from tollway.keys import Keys, load_key_secret
-from tollway.ledger import Ledger
+from tollway.ledger.holds import MemoryHolds
+from tollway.ledger.transactions import Ledger
 from tollway.store.cache import Cache, MemoryCache, make_cache
 from tollway.store.db import Store, sqlite_path
 from tollway.tenants import Tenants
-from tollway.workers import WorkerRegistry
 
 if TYPE_CHECKING:
     from tollway.webhooks.stripe import Payments
@@ -53,14 +53,14 @@ def _password(cfg: Config, env: str, section: str) -> str | None:
 def build(cfg: Config, *, worker_id: str | None = None, sole_server: bool = False) -> Services:
     """worker_id None: a client process (CLI) that serves no requests. `sole_server`: this
     process will be the only one serving from its database; on SQLite it then keeps its
-    holds in memory (holds.py), and the app's lifespan takes the lock that makes it so."""
+    holds in memory (ledger/holds.py), and the app's lifespan takes the lock that makes it so."""
     base = config_dir(cfg)
     store = Store(cfg.database.url, base_dir=base, password=_password(cfg, cfg.database.password_env, "database"),
                   pool_size=cfg.database.pool_size, pool_timeout=cfg.database.pool_timeout_seconds)
     cache = make_cache(cfg.cache.url, password=_password(cfg, cfg.cache.password_env, "cache"))
     secret, notice = load_key_secret(cfg.server.key_secret_env, sqlite_path(cfg.database.url, base))
     # Each worker keeps verified keys in memory; with Redis that is a layer in front of it,
-    # which saves a Redis round trip per request (keys.py). The revocation bus evicts from it.
+    # which saves a Redis round trip per request (auth/keys.py). The revocation bus evicts from it.
     registry = WorkerRegistry(store, MemoryCache() if cache.shared else cache, worker_id)
     keys = Keys(store, cache, secret, ttl=cfg.cache.key_ttl_seconds, negative_ttl=cfg.cache.negative_ttl_seconds,
                 bus=registry)

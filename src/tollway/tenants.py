@@ -41,9 +41,9 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from tollway.auth.keys import new_id
 from tollway.errors import Conflict, NotFound
-from tollway.keys import new_id
-from tollway.ledger import Ledger
+from tollway.ledger.transactions import Ledger
 from tollway.money import format_usd
 from tollway.store.db import Store, now_ms
 from tollway.store.schema import (
@@ -62,7 +62,7 @@ from tollway.store.schema import (
 from tollway.telemetry import log
 
 if TYPE_CHECKING:
-    from tollway.keys import Keys
+    from tollway.auth.keys import Keys
 
 # Every table with a tenant_id column, and what deletion does to it (a test checks that
 # a new table holding tenant ids cannot be added without deciding this).

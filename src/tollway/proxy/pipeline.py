@@ -25,6 +25,7 @@ import orjson
 from starlette.types import Receive, Scope, Send
 
 from tollway import config as config_mod
+from tollway.auth.keys import Principal, bearer_key
 from tollway.config import ModelConfig
 from tollway.edge import new_request_id
 from tollway.errors import (
@@ -38,7 +39,6 @@ from tollway.errors import (
     UpstreamTimeout,
     render_json,
 )
-from tollway.keys import Principal, bearer_key
 from tollway.money import Prices, Usage, cost, format_usd, max_cost
 from tollway.privacy import forwarded_headers, returned_headers, scrub
 from tollway.providers import ADAPTERS
@@ -352,7 +352,7 @@ class Pipeline:
             settled = await retry_while_unavailable(
                 lambda: self.svc.ledger.settle(call.request_id, charge, usage=row), within=SETTLE_RETRY_SECONDS)
         except Exception:
-            # The reservation stays; the sweep releases it in full (ledger.py policy).
+            # The reservation stays; the sweep releases it in full (ledger/transactions.py policy).
             log.error("settle_failed", request_id=call.request_id, exc_info=True)
             self._record(call, usage, None)
             return None

@@ -14,9 +14,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from tollway.auth.keys import bearer_key
 from tollway.config import ModelConfig
 from tollway.errors import ModelNotFound
-from tollway.keys import bearer_key
 from tollway.providers.base import CHAT, COMPLETIONS, EMBEDDINGS, MESSAGES
 from tollway.proxy.pipeline import Pipeline
 from tollway.services import Services

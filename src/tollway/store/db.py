@@ -225,7 +225,7 @@ class Store:
     def read_now(self, prepared: Prepared, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
         """SQLite only: one read statement on the writer's connection, without awaiting, so
         a caller can check what it read and act on it in the same step of the loop (the
-        in-memory holds, holds.py). Sees every money transaction this process committed."""
+        in-memory holds, ledger/holds.py). Sees every money transaction this process committed."""
         assert self.writer is not None, "read_now is for the embedded database"
         try:
             return self.writer.read_now(lambda conn: prepared.rows(conn, params))
@@ -238,7 +238,7 @@ class Store:
         """Run ONE statement by itself and return its rows. On PostgreSQL it runs outside
         any transaction, so the server commits it on its own (atomically, data-modifying
         CTEs included): one round trip, straight on the pooled asyncpg connection, with
-        row locks held only while the server runs it (ledger_onestep.py says why that
+        row locks held only while the server runs it (ledger/postgres.py says why that
         matters). Errors come back as SQLAlchemy's (IntegrityError, ...) or as
         ServiceUnavailable, the same as from `transact`. On SQLite it is a `transact`."""
         if self.is_sqlite:

@@ -155,7 +155,7 @@ workers = Table(
     Column("id", String(40), primary_key=True),
     Column("acked_seq", BigInteger, nullable=False),
     Column("heartbeat_at", BigInteger, nullable=False),
-    Column("process", String(200), nullable=True),         # boot id|pid namespace|pid|start: see workers.py
+    Column("process", String(200), nullable=True),         # boot id|pid namespace|pid|start: see auth/workers.py
 )
 
 stripe_events = Table(

@@ -97,7 +97,7 @@ class SQLiteWriter:
         """Run `fn(conn)` as one transaction.
 
         `undo`: for an `fn` that also changes this process's memory when it succeeds (the
-        in-memory holds, holds.py): called, in the same step of the loop, if what `fn` did is
+        in-memory holds, ledger/holds.py): called, in the same step of the loop, if what `fn` did is
         rolled back after it returned (a failed COMMIT), so memory never disagrees with the
         database while anything else can run.
 

@@ -25,7 +25,7 @@ configured one is refused and recorded.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import sqlalchemy as sa
 import sqlalchemy.exc
@@ -38,14 +38,11 @@ from starlette.routing import BaseRoute, Route
 
 from tollway.config import ConfigError, StripeConfig, resolve_secret
 from tollway.errors import BadRequest, NotFound, PayloadTooLarge, ServiceUnavailable, UpstreamError
-from tollway.ledger import Ledger
+from tollway.ledger.transactions import Ledger
 from tollway.money import MICROS_PER_USD, MoneyError, decimal_to_micros_ceil, format_usd, from_minor_units, parse_usd
 from tollway.store.db import Store, now_ms
 from tollway.store.schema import ledger_entries, stripe_events, tenants, topups
 from tollway.telemetry import log
-
-if TYPE_CHECKING:
-    from tollway.services import Services
 
 TENANT_META = "tollway_tenant_id"  # metadata key on the session and its PaymentIntent
 MAX_EVENT_BYTES = 1 << 20          # Stripe events are a few kB; refuse anything absurd
@@ -364,28 +361,28 @@ def _debited(what: str, amount: int, res: dict[str, Any]) -> str:
     return f"debited {format_usd(taken)} for {what}{short}"
 
 
-def payments(svc: Services) -> Payments:
-    if svc.payments is None:
+def payments(configured: Payments | None) -> Payments:
+    if configured is None:
         raise NotFound("Stripe top-ups are off (no [stripe] table in the config).", code="payments_disabled")
-    return svc.payments
+    return configured
 
 
-async def start_topup(svc: Services, tenant_id: str, amount_usd: str, *,
+async def start_topup(configured: Payments | None, tenant_id: str, amount_usd: str, *,
                       idempotency_key: str | None = None) -> dict[str, Any]:
     """The admin API's and the dashboard's way to begin a top-up: {"checkout_url", "session_id", ...}."""
     try:
         amount = parse_usd(amount_usd)
     except MoneyError as exc:
         raise BadRequest(f"amount_usd: {exc}", param="amount_usd") from None
-    return await payments(svc).create_checkout(tenant_id, amount, idempotency_key=idempotency_key)
+    return await payments(configured).create_checkout(tenant_id, amount, idempotency_key=idempotency_key)
 
 
-def stripe_routes(svc: Services) -> list[BaseRoute]:
-    """The webhook route when [stripe] is configured. Checked at startup, so a missing
-    secret is one line from `tollway serve` rather than a failed payment later."""
-    if svc.payments is None:
+def stripe_routes(p: Payments | None) -> list[BaseRoute]:
+    """The webhook route when [stripe] is configured (`Services.payments`). Checked at
+    startup, so a missing secret is one line from `tollway serve` rather than a failed
+    payment later."""
+    if p is None:
         return []
-    p = svc.payments
     p.secrets()
     if p.cfg.webhook_tolerance_seconds <= 0:
         # stripe-python skips the timestamp check for 0: captured events could be replayed forever.

@@ -1,10 +1,10 @@
 """The embedded default's request path: holds in this process's memory, charges journaled.
 
 Why a path of its own: where one process is the sole server of an SQLite database
-(services.build), no other process reserves from its wallets (holds.py says why), so a
+(services.build), no other process reserves from its wallets (ledger/holds.py says why), so a
 reservation needs no write at all and a settle needs no transaction of its own
-(journal.py); together they were most of a request's CPU (bench/README.md). What stays
-the same as on the committed path (ledger.py): the wallet row holds what the ledger sums
+(ledger/journal.py); together they were most of a request's CPU (bench/README.md). What stays
+the same as on the committed path (ledger/transactions.py): the wallet row holds what the ledger sums
 to, a request's charge is written as its `:debit` entry, key spend and usage row
 (`Ledger._charges`, passed in as `write_charges`), and every balance, reservation and
 key-limit check deducts what is held, here in memory, so nothing can be spent twice.
@@ -23,8 +23,8 @@ import sqlalchemy as sa
 from sqlalchemy import Connection
 
 from tollway.errors import InsufficientFunds, NotFound, SpendLimitExceeded
-from tollway.holds import Hold, MemoryHolds
-from tollway.journal import Charge, Journal, JournalFiles, recover
+from tollway.ledger.holds import Hold, MemoryHolds
+from tollway.ledger.journal import Charge, Journal, JournalFiles, recover
 from tollway.store.db import Store, now_ms
 from tollway.store.prepared import Prepared
 from tollway.store.schema import key_spend, ledger_entries, usage_events, wallets
@@ -43,8 +43,8 @@ _RECORDED = Prepared(sa.select(ledger_entries.c.id).where(ledger_entries.c.id ==
 
 
 class MemoryPath:
-    """Reserve, settle and read balances with the holds in memory (holds.py); with
-    `journaled`, a settle appends to the charge journal (journal.py) instead of
+    """Reserve, settle and read balances with the holds in memory (ledger/holds.py); with
+    `journaled`, a settle appends to the charge journal (ledger/journal.py) instead of
     running its own transaction."""
 
     def __init__(self, store: Store, holds: MemoryHolds, write_charges: WriteCharges, *, journaled: bool) -> None:
@@ -154,7 +154,7 @@ class MemoryPath:
 
     def _apply(self, conn: Connection, charges: list[Charge], others: int) -> None:
         """Journaled charges of one tenant, written as any settle of a hold in memory; only a
-        dispute debit racing the requests can cap them (holds.py)."""
+        dispute debit racing the requests can cap them (ledger/holds.py)."""
         _apply(self._write_charges, conn, charges, others)
 
 

@@ -1,7 +1,7 @@
 """The charge journal: how the embedded default makes a request's charge durable with one
 append to a file instead of a write transaction of its own.
 
-Why. With holds in memory (holds.py) the settle was the one write transaction left per
+Why. With holds in memory (ledger/holds.py) the settle was the one write transaction left per
 request, and at one connection a lone SQLite transaction (BEGIN IMMEDIATE, its
 statements, COMMIT, ~5 pages of WAL, a turn of the event loop) was ~30% of a request's
 CPU (bench/README.md, eighth pass). A charge only has to be durable before the answer
@@ -16,7 +16,7 @@ returns, where it survives the process (SIGKILL, a crash), just as a COMMIT does
 SQLite's synchronous=NORMAL; neither survives a power loss unflushed. A line half
 written by a power loss is skipped (its JSON does not parse).
 
-Until it is applied a charge stays in memory as a charged hold (holds.py): it is
+Until it is applied a charge stays in memory as a charged hold (ledger/holds.py): it is
 deducted from every balance read, reservation check and key-limit check, so nothing
 can spend the money twice, and nothing is counted twice once it is applied, because the
 hold leaves memory in the same step of the loop as the transaction that applies it
@@ -44,7 +44,7 @@ from typing import Any
 import orjson
 from sqlalchemy import Connection
 
-from tollway.holds import Hold, MemoryHolds
+from tollway.ledger.holds import Hold, MemoryHolds
 from tollway.store.db import Store
 from tollway.telemetry import log
 

@@ -16,18 +16,18 @@ balance >= 0 even against a bug here.
 
 One request costs two short write transactions, reserve (before forwarding) and settle
 (after; it also writes the usage row); nothing is batched in memory, so a crash loses
-no spend. On PostgreSQL each is one statement in the common case (ledger_onestep.py:
+no spend. On PostgreSQL each is one statement in the common case (ledger/postgres.py:
 the same writes, atomic the same way, in one round trip). The reservation row is
 settle's idempotency gate: settle deletes it and only the transaction that deleted it
 moves money. An open reservation whose worker died is released in full by the sweep
-(workers.py), recorded as `<request>:swept`: a customer is never charged for a request
+(auth/workers.py), recorded as `<request>:swept`: a customer is never charged for a request
 whose outcome Tollway never saw. If the worker was in fact alive (a long stall made it
 look dead), its settle arrives later and charges the request then, once, capped at the
 balance (`_settle_late`).
 
 Where one process serves from an SQLite database (the embedded default), holds are kept
-in that process's memory instead (ledger_memory.py, holds.py), and a settle appends its
-charge to the charge journal (journal.py), which applies the charges gathered every few
+in that process's memory instead (ledger/embedded.py, ledger/holds.py), and a settle appends its
+charge to the charge journal (ledger/journal.py), which applies the charges gathered every few
 milliseconds in one transaction: the `:debit` entry, key spend and usage row of each, as
 a settle of its own would write them (`_charge`). The wallet row holds what the ledger sums to; what is held in memory
 (reservations, and charges not yet applied) is deducted when a balance is read.
@@ -48,11 +48,11 @@ from sqlalchemy import Connection
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from tollway import ledger_onestep
 from tollway.errors import InsufficientFunds, NotFound, SpendLimitExceeded
-from tollway.holds import MemoryHolds
-from tollway.journal import Charge, Journal
-from tollway.ledger_memory import MemoryPath, recover_charges
+from tollway.ledger import postgres
+from tollway.ledger.embedded import MemoryPath, recover_charges
+from tollway.ledger.holds import MemoryHolds
+from tollway.ledger.journal import Charge, Journal
 from tollway.money import format_usd
 from tollway.store.db import Store, now_ms
 from tollway.store.prepared import Prepared
@@ -99,9 +99,9 @@ class Ledger:
     function runs there (`AsyncConnection.run_sync`), so there is one code path for money."""
 
     def __init__(self, store: Store, holds: MemoryHolds | None = None, *, journaled: bool = False) -> None:
-        """`holds`: keep reservations in this process's memory (holds.py); only for a
+        """`holds`: keep reservations in this process's memory (ledger/holds.py); only for a
         process that is the sole server of an SQLite database. `journaled` (with holds):
-        settle through the charge journal (journal.py)."""
+        settle through the charge journal (ledger/journal.py)."""
         if holds is not None and not store.is_sqlite:
             raise ValueError("holds in memory need the embedded database and one serving process")
         self.store = store
@@ -190,7 +190,7 @@ class Ledger:
         if self.memory is not None:
             return self.memory.reserve(tenant_id, request_id, amount_micros, key_id, limit, key_period)
         if limit is None and not self.store.is_sqlite:
-            found = await self.store.statement(ledger_onestep.RESERVE, {
+            found = await self.store.statement(postgres.RESERVE, {
                 "tenant": tenant_id, "amount": amount_micros, "ts": now_ms(), "rid": request_id,
                 "entry_id": f"{request_id}:reserve", "key_id": key_id, "worker_id": worker_id})
             if not found:
@@ -285,7 +285,7 @@ class Ledger:
         same rows and balances after, but one wallet update for their sum and one insert
         statement per table: per-charge statements were most of a flush's cost. Returns the
         total charged. If the wallet cannot cover the sum with `others` left (a debit raced
-        them; holds.py), each is charged on its own, capped, in order."""
+        them; ledger/holds.py), each is charged on its own, capped, in order."""
         if len(charges) == 1:
             return self._charge(conn, charges[0], others)
         total = sum(c.amount_micros for c in charges)
@@ -323,7 +323,7 @@ class Ledger:
         return total
 
     async def recover_charges(self) -> int:
-        """Apply what a previous process left in the charge journal (ledger_memory.py)."""
+        """Apply what a previous process left in the charge journal (ledger/embedded.py)."""
         return await recover_charges(self.store, self._charges)
 
     @property
@@ -345,7 +345,7 @@ class Ledger:
 
     async def _settle_in_one_statement(self, request_id: str, charge: int,
                                        usage: dict[str, Any] | None) -> int | None:
-        """PostgreSQL's common case (ledger_onestep.py). None: not settled here, because no
+        """PostgreSQL's common case (ledger/postgres.py). None: not settled here, because no
         reservation was open or the charge exceeds the hold plus the balance; `_settle`
         then decides, in a transaction."""
         params = {"rid": request_id, "charge": charge, "ts": now_ms(), "release_id": f"{request_id}:release",
@@ -353,7 +353,7 @@ class Ledger:
         if usage is not None:
             params.update({f"usage_{k}": v for k, v in usage.items()})
         try:
-            found = await self.store.statement(ledger_onestep.settle_statement(usage), params)
+            found = await self.store.statement(postgres.settle_statement(usage), params)
         except sa.exc.IntegrityError:
             return None  # the wallet's CHECK: the statement wrote nothing
         return charge if found else None

@@ -16,7 +16,7 @@ guarantees without any per-request cost:
   (their PID no longer runs the process that registered). The second test is what
   lets a restarted gateway release its killed predecessor's reservations at once.
   As a backstop, any reservation older than the longest request is released too, and
-  so is any hold this process keeps in memory (holds.py) for that long.
+  so is any hold this process keeps in memory (ledger/holds.py) for that long.
 
 Heartbeats and staleness use the database's clock on PostgreSQL, so workers on hosts
 with skewed clocks still agree on who is silent.
@@ -42,7 +42,7 @@ from tollway.store.prepared import Prepared
 from tollway.store.schema import reservations, revocations, workers
 
 if TYPE_CHECKING:
-    from tollway.ledger import Ledger
+    from tollway.ledger.transactions import Ledger
 
 POLL = 0.1              # seconds between polls of the revocations table
 HEARTBEAT_EVERY = 0.5   # a heartbeat is written at least this often

@@ -9,7 +9,7 @@ A statement of data-modifying CTEs is atomic by itself (PostgreSQL autocommits i
 it runs outside a transaction), costs one round trip, and holds the row lock only while
 the server runs it.
 
-The guarantees are ledger.py's, unchanged:
+The guarantees are ledger/transactions.py's, unchanged:
 - reserve: the wallet UPDATE is conditional (`balance >= amount`) and the ledger entry
   and reservation rows are inserted FROM its RETURNING, so when funds are short the
   statement returns no row and writes nothing;
@@ -18,7 +18,7 @@ The guarantees are ledger.py's, unchanged:
   above the hold plus the balance would break the wallet's CHECK (balance >= 0) and
   the whole statement fails, so nothing is half-written.
 Whatever the statements do not cover (key spend limits, a settle that found no
-reservation, a charge that exceeds what is there) goes through ledger.py's
+reservation, a charge that exceeds what is there) goes through ledger/transactions.py's
 transactions, which remain the reference.
 
 All CTEs of a statement run on one snapshot and cannot see each other's writes to the

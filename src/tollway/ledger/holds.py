@@ -1,7 +1,7 @@
 """Reservations held in the serving process's memory: the embedded default's holds.
 
 Why. A hold only has to outlive the request it guards. Committed to the database (the
-reservation row and its reserve entry, ledger.py) it costs a write transaction of its own
+reservation row and its reserve entry, ledger/transactions.py) it costs a write transaction of its own
 before the provider is called; on SQLite, keeping it here instead measured 16-24% less
 CPU per request at one connection (bench/README.md, seventh pass). Where one
 process is the only one serving from the database, the same guarantee holds with the
@@ -9,11 +9,11 @@ hold kept here: the check "free balance covers the hold" and the taking of the h
 in one synchronous step on the event loop, so no other request of the process can slip
 between them, and no other process reserves from this wallet at all (`ServingLock`).
 The charge is made durable before the answer leaves: appended to the charge journal
-(journal.py) and applied to the ledger moments later, held here until then.
+(ledger/journal.py) and applied to the ledger moments later, held here until then.
 
 What a crash does: the holds vanish with the requests they guarded; nothing was charged
 for those requests and nothing needs releasing, which is what the sweep of a dead
-worker's committed holds achieves the slow way (workers.py). What a failed settle does:
+worker's committed holds achieves the slow way (auth/workers.py). What a failed settle does:
 the hold stays until the sweep's backstop releases it, like a committed one, once it is
 older than the longest request.
 
@@ -48,7 +48,7 @@ class Hold:
     amount_micros: int
     key: KeyPeriod | None  # set when the key has a spend limit
     settling: bool = False
-    charged: bool = False  # settled and journaled, not yet applied to the ledger (journal.py)
+    charged: bool = False  # settled and journaled, not yet applied to the ledger (ledger/journal.py)
     since_ms: int = field(default_factory=lambda: time.monotonic_ns() // 1_000_000)
 
 

@@ -21,7 +21,7 @@ Revocation reaches every worker before `revoke` returns. Each worker keeps verif
 in memory: with memory:// that is the cache; with Redis it is a layer in front of it, so
 a request costs no Redis round trip (that lookup was ~20% of the gateway's CPU per
 request on PostgreSQL + Redis, bench/README.md, fifth pass). A per-worker entry is
-trusted only while the worker's heartbeat is fresh, and the revocation bus (workers.py)
+trusted only while the worker's heartbeat is fresh, and the revocation bus (auth/workers.py)
 waits until every live worker has evicted the key; in Redis the entry is deleted and a
 tombstone blocks re-caching, so a worker that misses in memory cannot pick it up again.
 """
@@ -46,11 +46,11 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from tollway.auth.workers import WorkerRegistry
 from tollway.errors import BadRequest, NotFound, Unauthorized
 from tollway.store.cache import Cache
 from tollway.store.db import Store, now_ms
 from tollway.store.schema import api_keys, tenants
-from tollway.workers import WorkerRegistry
 
 PREFIX = "ak_"
 _RANDOM_BYTES = 32

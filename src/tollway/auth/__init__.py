@@ -1,0 +1,24 @@
+"""Customer keys: issue, verify, cache, revoke, and the worker liveness revocation relies on.
+
+Promises kept here: a customer key is stored only as a keyed hash; random or forged keys
+cost no lookup; a verification is cached for at most `cache.key_ttl_seconds`; and a revoke
+returns only once no live worker will admit the key again.
+
+Modules, in reading order:
+  keys.py     `Keys`: the key format, hashing at rest, verification with its cache layers
+              (each worker's memory, then Redis when configured, then the database),
+              create / list / revoke, expiry and spend-limit fields.
+  workers.py  `WorkerRegistry`: each serving process's row and heartbeat, the revocation
+              bus every worker polls and acknowledges, and the sweep that releases the
+              holds of workers that are dead.
+
+The revocation bound, by deployment:
+  embedded default (one process, memory://)   immediate: the revoke evicts the process's
+                                              own cache before it returns
+  `--workers N` / PostgreSQL (+ Redis)        immediate for every live worker: the revoke
+                                              waits for each worker's acknowledgement; a
+                                              worker too silent to be waited for stops
+                                              trusting its memory layer first
+The verification cache's storage (memory and Redis behind one protocol) is
+store/cache.py.
+"""
