@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 import pytest
 import uvicorn
 
+from tests import audit_guide
 from tollway import config as config_mod
 
 PG_HOST, PG_PORT = "127.0.0.1", 5432
@@ -35,6 +36,22 @@ REQUIRE_SERVICES = os.environ.get("TOLLWAY_REQUIRE_SERVICES") == "1"
 T = TypeVar("T")
 
 os.environ.setdefault("TOLLWAY_KEY_SECRET", "test-key-secret-" + "x" * 16)
+
+
+# --- one marker per promise of docs/audit.md: `./dev.sh test -m custody` ------------------
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for p in audit_guide.promises():
+        config.addinivalue_line("markers", f"{p.marker}: docs/audit.md's tests of promise {p.number}, {p.title}")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    listed = audit_guide.markers_by_test()
+    for item in items:
+        name = getattr(item, "originalname", item.name)
+        for marker in listed.get((item.path.relative_to(config.rootpath).as_posix(), name), []):
+            item.add_marker(marker)
 
 
 def _reachable(host: str, port: int) -> bool:
