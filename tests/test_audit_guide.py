@@ -70,3 +70,11 @@ def test_a_marker_runs_exactly_the_tests_the_guide_lists() -> None:
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     collected = {re.sub(r"\[.*\]$", "", line) for line in out.stdout.splitlines() if "::" in line}
     assert collected == {f"{file}::{name}" for file, name in promise.tests}
+
+
+def test_the_ledger_docs_matrix_names_only_what_exists() -> None:
+    text = (ROOT / "docs" / "ledger.md").read_text(encoding="utf-8")
+    cells = re.findall(r"`((?:ledger|auth)/\w+\.py)::([\w.]+)`", text)
+    assert len(cells) >= 12  # three paths x reserve, settle, crash recovery, sweep
+    for file, name in cells:
+        assert name in definitions(ROOT / "src" / "tollway" / file), f"docs/ledger.md: {file} has no {name}"
