@@ -213,7 +213,7 @@ def test_serve_with_workers_reports_metrics_summed_over_processes(make_config: C
                                                                   tmp_path: Path) -> None:
     cfg = make_config()
     port = free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOLLWAY_ADMIN_TOKEN": "short-admin-token"}
     env.pop(telemetry.MULTIPROC_ENV, None)
     out_path, err_path = tmp_path / "out.txt", tmp_path / "err.txt"
     with out_path.open("w") as out, err_path.open("w") as err:
@@ -245,6 +245,10 @@ def test_serve_with_workers_reports_metrics_summed_over_processes(make_config: C
     records = lines(out_path.read_text())  # every stdout line is one JSON object
     assert any(r["event"] == "serving" for r in records)
     assert "Traceback" not in err_path.read_text()
+    # An exposure warning (surface.warnings) is logged once per `serve`, not once per worker.
+    notices = [r["notice"] for r in records if r["event"] == "startup_notice"]
+    assert len([n for n in notices if "TOLLWAY_ADMIN_TOKEN is 17 bytes" in n]) == 1, notices
+    assert "short-admin-token" not in out_path.read_text() + err_path.read_text()
 
 
 def test_info_lines_are_flushed_by_the_loop_warnings_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

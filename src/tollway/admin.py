@@ -52,6 +52,12 @@ def usd(text: str, what: str) -> int:
     return micros
 
 
+def operator_token_ok(authorization: str, token: str) -> bool:
+    """`Authorization: Bearer <token>`, compared in constant time; never true for an unset token."""
+    scheme, _, value = authorization.partition(" ")
+    return bool(token) and scheme.lower() == "bearer" and hmac.compare_digest(value.encode(), token.encode())
+
+
 def admin_app(svc: Services) -> FastAPI:
     token_env = svc.config.server.admin_token_env
 
@@ -59,9 +65,7 @@ def admin_app(svc: Services) -> FastAPI:
         token = os.environ.get(token_env, "")
         if not token:
             raise NotFound("the admin API is off (set the admin token environment variable)")
-        auth = request.headers.get("authorization", "")
-        scheme, _, value = auth.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(value.encode(), token.encode()):
+        if not operator_token_ok(request.headers.get("authorization", ""), token):
             raise Unauthorized("Invalid admin token.")
 
     api = FastAPI(title="Tollway admin API", version="1", openapi_url=None, docs_url=None, redoc_url=None,

@@ -11,7 +11,7 @@ import contextlib
 import gc
 import os
 import secrets
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from starlette.applications import Starlette
@@ -25,7 +25,7 @@ from tollway import retention, telemetry
 from tollway.accesslog import AccessLogWriter
 from tollway.config import Config
 from tollway.edge import Edge
-from tollway.errors import TollwayError, render_json
+from tollway.errors import TollwayError, Unauthorized, render_json
 from tollway.ledger.holds import DatabaseInUse, ServingLock
 from tollway.services import Services, build
 
@@ -87,6 +87,20 @@ def serve_gc() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
+def _metrics_endpoint(cfg: Config) -> Callable[[Request], Awaitable[Response]]:
+    if not cfg.metrics.require_admin_token:
+        return telemetry.metrics_endpoint
+    from tollway.admin import operator_token_ok
+
+    async def metrics_for_the_operator(request: Request) -> Response:
+        token = os.environ.get(cfg.server.admin_token_env, "")
+        if not operator_token_ok(request.headers.get("authorization", ""), token):
+            return render_json(Unauthorized("/metrics needs the admin token (metrics.require_admin_token)."))
+        return await telemetry.metrics_endpoint(request)
+
+    return metrics_for_the_operator
+
+
 def create_app(cfg: Config, *, services: Services | None = None, migrate: bool | None = None,
                provider_keys: dict[str, Any] | None = None, tune_gc: bool = False,
                sole_server: bool = True) -> Starlette:
@@ -116,7 +130,7 @@ def create_app(cfg: Config, *, services: Services | None = None, migrate: bool |
 
         routes += stripe_routes(svc.payments)
     if cfg.metrics.enabled:
-        routes.append(Route("/metrics", telemetry.metrics_endpoint, methods=["GET"]))
+        routes.append(Route("/metrics", _metrics_endpoint(cfg), methods=["GET"]))
     telemetry.configure_logging()
     telemetry.configure_metrics([m.id for m in cfg.models], cfg.providers, cfg.metrics.tenant_labels)
     access = AccessLogWriter(svc.store)

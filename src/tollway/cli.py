@@ -133,7 +133,9 @@ def serve(config_path: str | None, host: str | None, port: int | None, workers: 
     notices = with_services(cfg, prepare)  # SQLite: migrations applied once, before workers fork
     h, p = host or cfg.server.host, port or cfg.server.port
     telemetry.configure_logging()
-    telemetry.log_startup(h, p, workers, notices)
+    from tollway.surface import warnings
+
+    telemetry.log_startup(h, p, workers, notices + warnings(cfg, h))
     with contextlib.ExitStack() as stack:
         if workers > 1 and not os.environ.get(telemetry.MULTIPROC_ENV):
             # One metrics folder shared by this run's workers: /metrics sums them all.

@@ -114,6 +114,9 @@ class AttributionConfig:
 class MetricsConfig:
     enabled: bool = doc("Serve Prometheus metrics at /metrics.", True)
     tenant_labels: bool = doc("Label metrics by tenant id (unbounded label set; off).", False)
+    require_admin_token: bool = doc(
+        "Answer /metrics only to `Authorization: Bearer <admin token>`, as /admin does (off: anyone "
+        "who reaches the listener).", False)
 
 
 @dataclass(frozen=True)

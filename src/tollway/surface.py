@@ -6,6 +6,7 @@ neither can say anything the configuration does not do.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from typing import Any
 
@@ -21,6 +22,36 @@ def _redact(url: str) -> str:
     return f"{scheme}://{creds.split(':', 1)[0]}{':***' if ':' in creds else ''}@{host}"
 
 
+ADMIN_TOKEN_MIN_BYTES = 32  # 256 bits: a bearer token is as strong as its length
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def warnings(cfg: Config, host: str | None = None) -> list[str]:
+    """What this configuration exposes that an operator should decide on purpose.
+    `config check` prints these and `tollway serve` logs them once at start."""
+    host = host or cfg.server.host
+    found = []
+    if cfg.metrics.enabled and not cfg.metrics.require_admin_token and not _loopback(host):
+        found.append(f"/metrics is open to anyone who can reach {host}:{cfg.server.port}; set "
+                     "metrics.require_admin_token = true, or metrics.enabled = false, or listen on loopback")
+    token = os.environ.get(cfg.server.admin_token_env, "")
+    if token and len(token.encode()) < ADMIN_TOKEN_MIN_BYTES:
+        found.append(f"${cfg.server.admin_token_env} is {len(token.encode())} bytes; use at least "
+                     f"{ADMIN_TOKEN_MIN_BYTES} random bytes (e.g. `openssl rand -hex 32`)")
+    if cfg.metrics.require_admin_token and not token:
+        found.append(f"metrics.require_admin_token is set but ${cfg.server.admin_token_env} is unset: "
+                     "/metrics refuses every request")
+    return found
+
+
 def describe(cfg: Config) -> dict[str, Any]:
     from tollway.app import ROUTE_TABLE
 
@@ -29,7 +60,8 @@ def describe(cfg: Config) -> dict[str, Any]:
         "config_file": cfg.source,
         "listener": {"host": cfg.server.host, "port": cfg.server.port, "max_body_bytes": cfg.server.max_body_bytes},
         "routes": [
-            {"path": p, "methods": m, "auth": a, "purpose": d,
+            {"path": p, "methods": m, "purpose": d,
+             "auth": "operator token" if p == "/metrics" and cfg.metrics.require_admin_token else a,
              **({"enabled": admin_on} if p.startswith("/admin") else {}),
              **({"enabled": cfg.stripe is not None} if p.startswith("/webhooks/stripe") else {}),
              **({"enabled": cfg.metrics.enabled} if p == "/metrics" else {})}
@@ -60,16 +92,24 @@ def describe(cfg: Config) -> dict[str, Any]:
                     "upstream_headers_returned": sorted(RETURNED_RESPONSE_HEADERS)},
         "payments": {"stripe": {"currency": cfg.stripe.currency, "api_base": cfg.stripe.api_base}}
         if cfg.stripe else None,
+        "warnings": warnings(cfg),
     }
+
+
+def _columns(rows: list[list[str]]) -> list[str]:
+    """Rows as text, each column as wide as its longest value plus two spaces, so long
+    values never run into the next column."""
+    widths = [max(len(r[i]) for r in rows) + 2 for i in range(len(rows[0]) - 1)] if rows else []
+    return ["  " + "".join(v.ljust(w) for v, w in zip(r, widths, strict=False)) + r[-1] for r in rows]
 
 
 def render_text(s: dict[str, Any]) -> str:
     lines = [f"config: {s['config_file']}  (valid)", "",
              f"listener  http://{s['listener']['host']}:{s['listener']['port']}  "
              f"(bodies up to {s['listener']['max_body_bytes']} bytes)", "", "routes"]
-    for r in s["routes"]:
-        state = "" if r.get("enabled", True) else "  [off]"
-        lines.append(f"  {r['methods']:<9}{r['path']:<24}{r['auth']:<22}{r['purpose']}{state}")
+    off = {True: "", False: "  [off]"}
+    lines += _columns([[r["methods"], r["path"], r["auth"], r["purpose"] + off[r.get("enabled", True)]]
+                       for r in s["routes"]])
     lines += ["", "providers"]
     for p in s["providers"]:
         lines.append(f"  {p['name']:<14}{p['type']:<10}{p['base_url']}  key: ${p['key_env'] or '-'}"
@@ -90,4 +130,6 @@ def render_text(s: dict[str, Any]) -> str:
     lg = s["logging"]
     lines += ["", "logged (metadata only): " + ", ".join(lg["recorded_fields"]),
               "never recorded: " + "; ".join(lg["never_recorded"])]
+    if s["warnings"]:
+        lines += ["", "warnings"] + [f"  ! {w}" for w in s["warnings"]]
     return "\n".join(lines)
