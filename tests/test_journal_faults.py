@@ -219,3 +219,19 @@ async def test_a_tenant_deletion_pseudonymises_its_set_aside_charges(svc: Servic
     # Still resolvable against the wallet the deletion moved (the balance the operator refunds).
     assert (await resolve(svc.ledger, rows[0]["request_id"], charge=True))["charged_usd"] == "0.004000"
     assert await svc.ledger.verify(3_600_000) == []
+
+
+async def test_a_charge_the_journal_cannot_encode_leaves_its_hold_to_the_sweep(svc: Services) -> None:
+    """A value no JSON line holds (an int beyond 64 bits) must not leave the hold claimed
+    for ever, where the sweep's backstop never releases it."""
+    assert svc.ledger.holds is not None
+    tid = await new_tenant(svc, 1_000_000)
+    r = rid()
+    await svc.ledger.reserve(tid, r, 100_000)
+    huge = {**usage(), "completion_tokens": 2**64}
+    assert svc.ledger.settle_at_once(r, 1_000, huge) is None
+    with pytest.raises(OverflowError):
+        await svc.ledger.settle(r, 1_000, huge)
+    assert svc.ledger.holds.older_than(-1_000) == [r]  # claimable again: the sweep releases it
+    assert await svc.ledger.release_stale_in_memory(-1_000) == 1
+    assert await svc.ledger.balance(tid) == 1_000_000 and await svc.ledger.verify(3_600_000) == []

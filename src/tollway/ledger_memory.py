@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
 from sqlalchemy import Connection
 
@@ -129,7 +130,9 @@ class MemoryPath:
             return 0
         try:
             journal.record(Charge(request_id, tenant_id, charged, hold.key, usage, now_ms()), hold)
-        except OSError:
+        except (OSError, orjson.JSONEncodeError):
+            # (a value JSON cannot hold, e.g. an int beyond 64 bits: nothing was written; the
+            # transaction then refuses it too, and leaves the hold for the sweep, not claimed forever)
             log.error("charge_journal_write_failed", request_id=request_id, exc_info=True)
             return None
         return charged
