@@ -157,7 +157,7 @@ def test_two_workers_recovering_the_same_files_apply_each_charge_once(
         if threading.current_thread().name == "first":
             second_listed.wait(2)  # (a lock may keep the second from listing at all)
         else:
-            first_done.wait(10)
+            first_done.wait(5)  # (if the second holds a lock the first waits for, this times out)
         return real_read(path)
 
     monkeypatch.setattr(JournalFiles, "leftovers", leftovers)
@@ -184,7 +184,7 @@ def test_two_workers_recovering_the_same_files_apply_each_charge_once(
         t.start()
     for t in threads:
         t.join(30)
-    assert results == {"first": 3, "second": 0}, results
+    assert sorted(results.values()) == [0, 3], results  # (either may take a lock first)
 
     async def check() -> None:
         s = build(cfg)

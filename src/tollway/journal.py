@@ -34,13 +34,13 @@ size before it), or, if even that fails, its file is closed and the next charge 
 new one: the next line never lands on a torn one, where reading it would skip both.
 
 A charge the ledger refuses (a value no column holds, a wallet that is gone) must not
-stop the others: a flush applies each tenant's charges in a SAVEPOINT, and if that is
-refused, each charge in its own; one still refused is set aside, as its journal line, in
-`set_aside_charges`, in the same transaction that applies the rest, and logged.
-`ledger verify` reports it until an operator resolves it (docs/ledger.md). Recovery does
-the same per charge, so a start-up never fails on one. Only a refusal is set aside; an
-error of the database itself (locked, disk full, gone) fails the whole flush, which is
-tried again, as before.
+stop the others: a flush applies its charges in a SAVEPOINT; if that is refused, each
+tenant's in one, then each of that tenant's charges in one; one still refused is set
+aside, as its journal line, in `set_aside_charges`, in the same transaction that applies
+the rest, and logged. `ledger verify` reports it until an operator resolves it
+(docs/ledger.md). Recovery does the same per charge, so a start-up never fails on one.
+Only a refusal is set aside; an error of the database itself (locked, disk full, gone)
+fails the whole flush, which is tried again, as before.
 
 Recovery is serialised by an advisory lock on `<database>-charges.lock` (the workers of
 `serve --workers N` all start by recovering): the second finds the files gone; a file
@@ -215,6 +215,22 @@ def refused(exc: BaseException) -> bool:
     return isinstance(exc, sa.exc.StatementError | OverflowError | ValueError | TypeError | NotFound)
 
 
+def apply_groups(conn: Connection, groups: list[tuple[list[Charge], int]], apply: Apply) -> None:
+    """Each tenant's (charges, what its other requests hold), all in one SAVEPOINT (two
+    statements per flush in the common case); if the ledger refuses any, again tenant by
+    tenant (`apply_each`)."""
+    try:
+        with conn.begin_nested():
+            for charges, others in groups:
+                apply(conn, charges, others)
+        return
+    except Exception as exc:
+        if not refused(exc):
+            raise
+    for charges, others in groups:
+        apply_each(conn, charges, others, apply)
+
+
 def apply_each(conn: Connection, charges: list[Charge], others: int, apply: Apply) -> list[Charge]:
     """`apply` one tenant's charges in a SAVEPOINT; if the ledger refuses them, each in its
     own (the later ones still held, as `Ledger._charges` caps them), setting aside those it
@@ -317,8 +333,8 @@ class Journal:
                 for charge, hold in batch:
                     by_tenant.setdefault(charge.tenant_id, []).append(charge)
                     in_batch[charge.tenant_id] = in_batch.get(charge.tenant_id, 0) + hold.amount_micros
-                for tenant_id, charges in by_tenant.items():
-                    apply_each(conn, charges, self.holds.held(tenant_id) - in_batch[tenant_id], self.apply)
+                apply_groups(conn, [(charges, self.holds.held(tenant_id) - in_batch[tenant_id])
+                                    for tenant_id, charges in by_tenant.items()], self.apply)
                 for charge, _ in batch:  # in the COMMIT's step of the loop (journal's docstring)
                     self.holds.drop(charge.request_id)
                 state["ran"] = True
