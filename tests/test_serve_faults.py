@@ -171,3 +171,18 @@ def test_the_cli_hands_a_tenant_deletion_to_the_running_gateway(
         assert verify.returncode == 0, verify.stdout
     finally:
         _stop(proc)
+
+
+def test_a_cli_deletion_first_applies_what_a_dead_gateway_journaled(make_config: Callable[..., Config]) -> None:
+    """A gateway killed before its flush leaves charges in the journal; deleting the tenant
+    from the CLI before the next start must not leave them without a wallet."""
+    cfg = make_config()
+    [(tid, _)] = _tenants(cfg, 1)
+    database = Path(cfg.database.url.removeprefix("sqlite:///"))
+    _journal_by_hand(database, [Charge(rid(), tid, 2_000, None, dict(_poison(), completion_tokens=3), 1)])
+    deleted = _cli(cfg, "tenants", "delete", tid)
+    assert deleted.returncode == 0, deleted.stderr
+    assert json.loads(deleted.stdout)["balance_usd"] == "9.998000"  # the charge went into the books first
+    assert not list(database.parent.glob(database.name + "-charges.[0-9]*"))
+    verify = _cli(cfg, "ledger", "verify")
+    assert verify.returncode == 0, verify.stdout

@@ -234,7 +234,7 @@ def tenants_delete(config_path: str | None, tenant_id: str, as_json: bool) -> No
         # Held while deleting: a gateway that keeps holds in memory cannot start meanwhile.
         lock = ServingLock(db, exclusive=False) if db is not None else contextlib.nullcontext()
         with lock:
-            result = with_services(cfg, lambda s: s.tenants.delete(tenant_id))
+            result = with_services(cfg, lambda s: _recover_then_delete(s, tenant_id))
     except DatabaseInUse:
         # That gateway holds this tenant's in-flight and journaled charges, which this
         # process cannot see: only it can delete the tenant without dropping them.
@@ -243,6 +243,13 @@ def tenants_delete(config_path: str | None, tenant_id: str, as_json: bool) -> No
         except ServerDeleteError as exc:
             raise CliError(str(exc)) from None
     emit(result, as_json)
+
+
+async def _recover_then_delete(svc: Services, tenant_id: str) -> dict[str, Any]:
+    # No gateway holds the database alone (the lock): charges one left in its journal when
+    # it died go into the books before they are moved, not later, to a wallet that is gone.
+    await svc.ledger.recover_charges()
+    return await svc.tenants.delete(tenant_id)
 
 
 @tenants.command("export")

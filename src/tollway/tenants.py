@@ -140,6 +140,7 @@ class Tenants:
                                   .order_by(topups.c.created_at))
             access = await rows(sa.select(access_log).where(access_log.c.tenant_id == tenant_id)
                                 .order_by(access_log.c.created_at))
+            set_aside = await rows(sa.select(set_aside_charges).where(set_aside_charges.c.tenant_id == tenant_id))
         return {
             "format": "tollway-tenant-export/1",
             "exported_at": _iso(now_ms()),
@@ -150,6 +151,7 @@ class Tenants:
             "usage": usage,
             "payments": payments,
             "access_log": access,
+            "set_aside_charges": set_aside,  # journaled charges not applied (docs/ledger.md)
         }
 
     # --- deletion ---------------------------------------------------------------------------
