@@ -93,7 +93,9 @@ class Charge:
     def parse(cls, line: bytes) -> Charge | None:
         try:
             rid, tenant, amount, key, usage, at = orjson.loads(line)
-            return cls(str(rid), str(tenant), int(amount), (str(key[0]), str(key[1])) if key else None,
+            if type(amount) is not int or not 0 <= amount < 2**63:
+                return None  # no charge this process writes; applied, a negative one would credit
+            return cls(str(rid), str(tenant), amount, (str(key[0]), str(key[1])) if key else None,
                        dict(usage) if usage is not None else None, int(at))
         except (orjson.JSONDecodeError, TypeError, ValueError, IndexError):
             return None
