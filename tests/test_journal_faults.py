@@ -63,51 +63,38 @@ def _journal_by_hand(database: Path, charges: list[Charge]) -> None:
     files.close()
 
 
-async def test_a_start_up_sets_aside_what_it_cannot_apply_and_applies_the_rest(
-        make_config: Callable[..., Config]) -> None:
-    cfg = make_config()
-    svc = build(cfg, sole_server=True)
-    await svc.store.migrate()
-    try:
-        tid = await new_tenant(svc, 1_000_000)
-        assert svc.store.sqlite_file is not None
-        bad, good = rid(), rid()
-        _journal_by_hand(svc.store.sqlite_file, [Charge(bad, tid, 9_000, None, _poison(), 1),
-                                                 Charge(good, tid, 3_000, None, usage(), 2)])
-        assert await svc.ledger.recover_charges() == 1  # raised OverflowError before: `serve` exited 3
-        assert await _rows(svc, good) == (1, 1) and await _rows(svc, bad) == (0, 0)
-        assert await svc.ledger.balance(tid) == 997_000
-        assert svc.ledger.journal is not None and svc.ledger.journal.files.leftovers() == []
-        problems = await svc.ledger.verify(3_600_000)
-        assert len(problems) == 1 and bad in problems[0], problems
-        assert await svc.ledger.recover_charges() == 0
-        # The operator decides: charge it now (once), and verify passes again.
-        assert (await resolve(svc.ledger, bad, charge=True))["charged_usd"] == "0.009000"
-        with pytest.raises(NotFound):
-            await resolve(svc.ledger, bad, charge=True)
-        assert await svc.ledger.balance(tid) == 988_000 and await svc.ledger.verify(3_600_000) == []
-    finally:
-        await svc.close()
+async def test_a_start_up_sets_aside_what_it_cannot_apply_and_applies_the_rest(svc: Services) -> None:
+    tid = await new_tenant(svc, 1_000_000)
+    assert svc.store.sqlite_file is not None
+    bad, good = rid(), rid()
+    _journal_by_hand(svc.store.sqlite_file, [Charge(bad, tid, 9_000, None, _poison(), 1),
+                                             Charge(good, tid, 3_000, None, usage(), 2)])
+    assert await svc.ledger.recover_charges() == 1  # raised OverflowError before: `serve` exited 3
+    assert await _rows(svc, good) == (1, 1) and await _rows(svc, bad) == (0, 0)
+    assert await svc.ledger.balance(tid) == 997_000
+    assert svc.ledger.journal is not None and svc.ledger.journal.files.leftovers() == []
+    problems = await svc.ledger.verify(3_600_000)
+    assert len(problems) == 1 and bad in problems[0], problems
+    assert await svc.ledger.recover_charges() == 0
+    # The operator decides: charge it now (once), and verify passes again.
+    assert (await resolve(svc.ledger, bad, charge=True))["charged_usd"] == "0.009000"
+    with pytest.raises(NotFound):
+        await resolve(svc.ledger, bad, charge=True)
+    assert await svc.ledger.balance(tid) == 988_000 and await svc.ledger.verify(3_600_000) == []
 
 
-async def test_a_start_up_skips_a_line_whose_amount_no_charge_can_have(make_config: Callable[..., Config]) -> None:
+async def test_a_start_up_skips_a_line_whose_amount_no_charge_can_have(svc: Services) -> None:
     """Such a line (a corrupted file) once failed the start-up, or, negative, credited money."""
-    cfg = make_config()
-    svc = build(cfg, sole_server=True)
-    await svc.store.migrate()
-    try:
-        tid = await new_tenant(svc, 1_000_000)
-        assert svc.store.sqlite_file is not None
-        good = rid()
-        _journal_by_hand(svc.store.sqlite_file, [Charge(rid(), tid, 2**63, None, usage(), 1),
-                                                 Charge(rid(), tid, -50_000, None, usage(), 2),
-                                                 Charge(rid(), tid, 1.5, None, usage(), 3),  # type: ignore[arg-type]
-                                                 Charge(good, tid, 3_000, None, usage(), 4)])
-        assert await svc.ledger.recover_charges() == 1
-        assert await _rows(svc, good) == (1, 1) and await svc.ledger.balance(tid) == 997_000
-        assert await svc.ledger.verify(3_600_000) == []
-    finally:
-        await svc.close()
+    tid = await new_tenant(svc, 1_000_000)
+    assert svc.store.sqlite_file is not None
+    good = rid()
+    _journal_by_hand(svc.store.sqlite_file, [Charge(rid(), tid, 2**63, None, usage(), 1),
+                                             Charge(rid(), tid, -50_000, None, usage(), 2),
+                                             Charge(rid(), tid, 1.5, None, usage(), 3),  # type: ignore[arg-type]
+                                             Charge(good, tid, 3_000, None, usage(), 4)])
+    assert await svc.ledger.recover_charges() == 1
+    assert await _rows(svc, good) == (1, 1) and await svc.ledger.balance(tid) == 997_000
+    assert await svc.ledger.verify(3_600_000) == []
 
 
 async def test_a_failed_append_leaves_no_partial_line_for_the_next_charge(
