@@ -170,10 +170,20 @@ def pg_template() -> str:
 @contextlib.contextmanager
 def fresh_pg_database(migrated: bool = True) -> Iterator[str]:
     """A new database, dropped afterwards; migrated to head unless migrated=False."""
+    global _template_name
     need_postgres()
     name = "tollway_t_" + secrets.token_hex(6)
-    template = pg_template() if migrated else "template0"
-    _pg_run(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+    for attempt in range(3):
+        template = pg_template() if migrated else "template0"
+        try:
+            _pg_run(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+            break
+        except Exception as exc:
+            # A run on other migration files (another checkout) dropped this template as
+            # out of date: build it again.
+            if not migrated or "does not exist" not in str(exc) or attempt == 2:
+                raise
+            _template_name = None
     try:
         yield _pg_url(name)
     finally:

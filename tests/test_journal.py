@@ -7,12 +7,14 @@ import asyncio
 import shutil
 from collections.abc import Callable
 
+import pytest
 import sqlalchemy as sa
 
 from tests.test_holds import _commit_will_fail
 from tests.test_holds import svc as svc  # the sole server's services, holds in memory
 from tests.test_ledger import new_tenant, rid, usage
 from tollway.config import Config
+from tollway.ledger import journal as journal_mod
 from tollway.ledger.journal import JournalFiles
 from tollway.services import Services, build
 from tollway.store.schema import key_spend, ledger_entries, usage_events, wallets
@@ -28,8 +30,11 @@ async def _rows(svc: Services, request_id: str) -> tuple[int, int]:
     return int(debits), int(used)
 
 
-async def test_a_settle_is_journaled_at_once_and_applied_by_the_flush(svc: Services) -> None:
+async def test_a_settle_is_journaled_at_once_and_applied_by_the_flush(svc: Services,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     assert svc.ledger.journal is not None and svc.store.writer is not None
+    # A timer long enough that this loaded machine reads the tables before it fires.
+    monkeypatch.setattr(journal_mod, "FLUSH_SECONDS", 1.0)
     tid = await new_tenant(svc, 1_000_000)
     r = rid()
     await svc.ledger.reserve(tid, r, 400_000)
@@ -41,15 +46,20 @@ async def test_a_settle_is_journaled_at_once_and_applied_by_the_flush(svc: Servi
     files = svc.ledger.journal.files
     assert [len(JournalFiles.read(p)[0]) for p in files.leftovers()] == [1]
     assert await _rows(svc, r) == (0, 0)
-    await asyncio.sleep(0.2)  # the flush timer
+    for _ in range(100):  # the flush timer
+        if await _rows(svc, r) == (1, 1):
+            break
+        await asyncio.sleep(0.05)
     assert await _rows(svc, r) == (1, 1) and files.leftovers() == []
     assert svc.ledger.unapplied(tid) == 0 and await svc.ledger.balance(tid) == 1_000_000 - 1_234
     assert await svc.ledger.settle(r, 1_234, usage()) is None  # a replay charges nothing
     assert await svc.ledger.verify(3_600_000) == []
 
 
-async def test_a_flush_whose_commit_fails_keeps_its_charges_for_the_next(svc: Services) -> None:
+async def test_a_flush_whose_commit_fails_keeps_its_charges_for_the_next(svc: Services,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     assert svc.ledger.journal is not None and svc.store.writer is not None
+    monkeypatch.setattr(journal_mod, "FLUSH_SECONDS", 60.0)  # only this test's flushes run
     tid = await new_tenant(svc, 1_000_000)
     r = rid()
     await svc.ledger.reserve(tid, r, 300_000)

@@ -17,6 +17,7 @@ from tollway.money import Usage
 from tollway.providers import ADAPTERS
 from tollway.providers.anthropic import AnthropicAdapter, messages_url
 from tollway.providers.base import (
+    InvalidUsage,
     Target,
     UpstreamRequest,
     escaped_text_bytes,
@@ -70,8 +71,9 @@ def test_parse_usage_reads_details_and_deepseek_cache_fields() -> None:
                             "prompt_cache_hit_tokens": 6, "prompt_cache_miss_tokens": 4})
     assert deepseek is not None and deepseek.cached_tokens == 6
     assert parse_usage(None) is None and parse_usage({"total_tokens": 3}) is None
-    junk = parse_usage({"prompt_tokens": "9", "completion_tokens": -4, "prompt_tokens_details": None})
-    assert junk == Usage(0, 0)
+    # A count that is not a whole number of tokens in bounds is a provider error (test_usage_bounds.py).
+    with pytest.raises(InvalidUsage):
+        parse_usage({"prompt_tokens": "9", "completion_tokens": 4, "prompt_tokens_details": None})
 
 
 def _chunk(model: str, content: str | None, usage: Any = "absent", choices: bool = True) -> bytes:

@@ -25,7 +25,8 @@ from tollway.config import Config, ConfigError
 from tollway.errors import TollwayError
 from tollway.ledger.holds import DatabaseInUse, ServingLock
 from tollway.money import MoneyError, format_usd, parse_usd
-from tollway.services import Services, build
+from tollway.services import Services, build, config_dir
+from tollway.store.db import sqlite_path
 
 T = TypeVar("T")
 
@@ -225,9 +226,32 @@ def tenants_show(config_path: str | None, tenant_id: str, as_json: bool) -> None
 @json_option
 @handle_errors
 def tenants_delete(config_path: str | None, tenant_id: str, as_json: bool) -> None:
-    """Revoke the tenant's keys, erase its personal data, pseudonymise its usage and ledger."""
+    """Revoke the tenant's keys, erase its personal data, pseudonymise its usage and ledger.
+    Through the running gateway's admin API when one serves the database alone."""
+    from tollway.tenant_delete import ServerDeleteError, delete_through_server
+
     cfg = load_config(config_path)
-    emit(with_services(cfg, lambda s: s.tenants.delete(tenant_id)), as_json)
+    db = sqlite_path(cfg.database.url, config_dir(cfg))
+    try:
+        # Held while deleting: a gateway that keeps holds in memory cannot start meanwhile.
+        lock = ServingLock(db, exclusive=False) if db is not None else contextlib.nullcontext()
+        with lock:
+            result = with_services(cfg, lambda s: _recover_then_delete(s, tenant_id))
+    except DatabaseInUse:
+        # That gateway holds this tenant's in-flight and journaled charges, which this
+        # process cannot see: only it can delete the tenant without dropping them.
+        try:
+            result = delete_through_server(cfg, tenant_id)
+        except ServerDeleteError as exc:
+            raise CliError(str(exc)) from None
+    emit(result, as_json)
+
+
+async def _recover_then_delete(svc: Services, tenant_id: str) -> dict[str, Any]:
+    # No gateway holds the database alone (the lock): charges one left in its journal when
+    # it died go into the books before they are moved, not later, to a wallet that is gone.
+    await svc.ledger.recover_charges()
+    return await svc.tenants.delete(tenant_id)
 
 
 @tenants.command("export")
@@ -359,6 +383,23 @@ def ledger_verify(config_path: str | None, as_json: bool) -> None:
         if not as_json:
             click.echo(f"error: {problems[0]}", err=True)
         sys.exit(1)
+
+
+@ledger.command("resolve")
+@config_option
+@click.argument("request_id")
+@click.option("--charge", "action", flag_value="charge", help="debit the set-aside amount now")
+@click.option("--drop", "action", flag_value="drop", help="charge nothing")
+@json_option
+@handle_errors
+def ledger_resolve(config_path: str | None, request_id: str, action: str | None, as_json: bool) -> None:
+    """Resolve a charge the journal set aside (`ledger verify` lists them; docs/ledger.md)."""
+    from tollway.ledger.set_aside import resolve
+
+    if action is None:
+        raise CliError("say --charge or --drop")
+    cfg = load_config(config_path)
+    emit(with_services(cfg, lambda s: resolve(s.ledger, request_id, charge=action == "charge")), as_json)
 
 
 def _redact_url(url: str) -> str:

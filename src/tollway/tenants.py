@@ -43,6 +43,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from tollway.auth.keys import new_id
 from tollway.errors import Conflict, NotFound
+from tollway.ledger.journal import Charge
 from tollway.ledger.transactions import Ledger
 from tollway.money import format_usd
 from tollway.store.db import Store, now_ms
@@ -53,6 +54,7 @@ from tollway.store.schema import (
     key_spend,
     ledger_entries,
     reservations,
+    set_aside_charges,
     stripe_events,
     tenants,
     topups,
@@ -75,6 +77,7 @@ TENANT_TABLES: dict[str, str] = {
     "reservations": "released before erasure (none remain)",
     "topups": "moved to the pseudonym (Stripe ids kept)",
     "access_log": "moved to the pseudonym; client IPs erased",
+    "set_aside_charges": "moved to the pseudonym; request and key ids pseudonymised",
     "deletion_requests": "kept: the record of the request and its completion",
 }
 _REQUEST_KINDS = frozenset({"reserve", "release", "debit"})
@@ -137,6 +140,7 @@ class Tenants:
                                   .order_by(topups.c.created_at))
             access = await rows(sa.select(access_log).where(access_log.c.tenant_id == tenant_id)
                                 .order_by(access_log.c.created_at))
+            set_aside = await rows(sa.select(set_aside_charges).where(set_aside_charges.c.tenant_id == tenant_id))
         return {
             "format": "tollway-tenant-export/1",
             "exported_at": _iso(now_ms()),
@@ -147,6 +151,7 @@ class Tenants:
             "usage": usage,
             "payments": payments,
             "access_log": access,
+            "set_aside_charges": set_aside,  # journaled charges not applied (docs/ledger.md)
         }
 
     # --- deletion ---------------------------------------------------------------------------
@@ -218,6 +223,7 @@ class Tenants:
             await _move_ledger(conn, tenant_id, anon, pseudo)
             await _move_usage(conn, tenant_id, anon, pseudo)
             await _move_access_log(conn, tenant_id, anon, pseudo)
+            await _move_set_aside(conn, tenant_id, anon, pseudo)
             await conn.execute(topups.update().where(topups.c.tenant_id == tenant_id).values(tenant_id=anon))
             await conn.execute(  # outcomes name the tenant ("credited 5.00 to tn_...")
                 stripe_events.update().where(stripe_events.c.outcome.contains(tenant_id, autoescape=True))
@@ -328,6 +334,23 @@ async def _move_usage(conn: AsyncConnection, tenant_id: str, anon: str, pseudo: 
         await conn.execute(
             usage_events.update().where(usage_events.c.request_id == sa.bindparam("b_old"))
             .values(request_id=sa.bindparam("b_rid"), key_id=sa.bindparam("b_key"), tenant_id=anon), updates)
+
+
+async def _move_set_aside(conn: AsyncConnection, tenant_id: str, anon: str, pseudo: _Pseudonyms) -> None:
+    """Charges the journal set aside (ledger/journal.py) stay for the operator to resolve against
+    the moved wallet, under the same pseudonyms as the rest of the books."""
+    rows = (await conn.execute(sa.select(set_aside_charges.c.request_id, set_aside_charges.c.charge)
+                               .where(set_aside_charges.c.tenant_id == tenant_id))).all()
+    for rid, line in rows:
+        charge = Charge.parse(line.encode())
+        if charge is not None:
+            charge.request_id, charge.tenant_id = pseudo.request(rid), anon
+            charge.key = (pseudo.key(charge.key[0]) or "", charge.key[1]) if charge.key else None
+            if charge.usage is not None:
+                charge.usage["key_id"] = pseudo.key(charge.usage.get("key_id"))
+        await conn.execute(set_aside_charges.update().where(set_aside_charges.c.request_id == rid).values(
+            request_id=pseudo.request(rid), tenant_id=anon,
+            charge=charge.line().decode().strip() if charge is not None else "unreadable"))
 
 
 async def _move_access_log(conn: AsyncConnection, tenant_id: str, anon: str, pseudo: _Pseudonyms) -> None:

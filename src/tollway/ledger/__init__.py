@@ -15,6 +15,8 @@ Modules, in reading order:
   embedded.py      the embedded default's path: reserve against memory, settle into the
                    journal, apply and recover the journal's charges.
   postgres.py      PostgreSQL's reserve and settle as one statement each.
+  set_aside.py     `tollway ledger resolve`: an operator's decision on a journaled charge
+                   the ledger refused (set aside, reported by `ledger verify`).
 
 Which path runs where, and where a charge becomes durable:
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
 from sqlalchemy import Connection
 
@@ -27,7 +28,7 @@ from tollway.ledger.holds import Hold, MemoryHolds
 from tollway.ledger.journal import Charge, Journal, JournalFiles, recover
 from tollway.store.db import Store, now_ms
 from tollway.store.prepared import Prepared
-from tollway.store.schema import key_spend, ledger_entries, usage_events, wallets
+from tollway.store.schema import key_spend, ledger_entries, set_aside_charges, usage_events, wallets
 from tollway.telemetry import log
 
 # (the transaction's connection, charges of one tenant, what its other requests hold) -> charged
@@ -38,8 +39,11 @@ _BALANCE = Prepared(sa.select(wallets.c.balance_micros).where(wallets.c.tenant_i
 _KEY_SPENT = Prepared(sa.select(key_spend.c.spent_micros)
                       .where(key_spend.c.key_id == _P("key"), key_spend.c.period == _P("period")))
 # A request's charge is in the ledger once either of its rows is (a zero charge writes no entry).
-_RECORDED = Prepared(sa.select(ledger_entries.c.id).where(ledger_entries.c.id == _P("debit"))
-                     .union_all(sa.select(usage_events.c.request_id).where(usage_events.c.request_id == _P("rid"))))
+# One set aside (journal.py) is not tried again.
+_RECORDED = Prepared(sa.union_all(
+    sa.select(ledger_entries.c.id).where(ledger_entries.c.id == _P("debit")),
+    sa.select(usage_events.c.request_id).where(usage_events.c.request_id == _P("rid")),
+    sa.select(set_aside_charges.c.request_id).where(set_aside_charges.c.request_id == _P("rid"))))
 
 
 class MemoryPath:
@@ -126,7 +130,9 @@ class MemoryPath:
             return 0
         try:
             journal.record(Charge(request_id, tenant_id, charged, hold.key, usage, now_ms()), hold)
-        except OSError:
+        except (OSError, orjson.JSONEncodeError):
+            # (a value JSON cannot hold, e.g. an int beyond 64 bits: nothing was written; the
+            # transaction then refuses it too, and leaves the hold for the sweep, not claimed forever)
             log.error("charge_journal_write_failed", request_id=request_id, exc_info=True)
             return None
         return charged
@@ -160,23 +166,19 @@ class MemoryPath:
 
 async def recover_charges(store: Store, write_charges: WriteCharges) -> int:
     """Apply what a previous process left in the charge journal, each charge at most once
-    (skipped if the ledger has it already); SQLite only. Returns how many were applied."""
+    (skipped if the ledger has it, or set it aside, already); SQLite only. Returns how many
+    were applied."""
     if store.sqlite_file is None:
         return 0
 
-    def apply_once(conn: Connection, charge: Charge) -> bool:
+    def recorded(conn: Connection, charge: Charge) -> bool:
         rid = charge.request_id
-        if _RECORDED.first(conn, {"debit": f"{rid}:debit", "rid": rid}) is not None:
-            return False
-        _apply(write_charges, conn, [charge], 0)
-        return True
+        return _RECORDED.first(conn, {"debit": f"{rid}:debit", "rid": rid}) is not None
 
-    return await recover(store, JournalFiles(store.sqlite_file), apply_once)
+    return await recover(store, JournalFiles(store.sqlite_file), recorded,
+                         lambda conn, charges, others: _apply(write_charges, conn, charges, others))
 
 
 def _apply(write_charges: WriteCharges, conn: Connection, charges: list[Charge], others: int) -> None:
-    try:
-        write_charges(conn, charges, others)
-    except NotFound:
-        # The tenant was deleted by another process meanwhile: there is no wallet to charge.
-        log.warning("charge_for_deleted_tenant", tenant_id=charges[0].tenant_id, count=len(charges))
+    # A tenant deleted meanwhile raises NotFound: the charge is set aside (journal.py), not dropped.
+    write_charges(conn, charges, others)

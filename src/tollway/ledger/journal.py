@@ -28,24 +28,46 @@ at most once: a request whose `:debit` entry or usage row exists is skipped, in 
 same write transaction that would insert them. Then the files are deleted.
 
 Files: a flush closes the current file and the next charge opens a new one, so a file
-is deleted once every line in it has been applied, without rewriting anything.
+is deleted once every line in it has been applied, without rewriting anything. An append
+that fails part-way (a short write, then ENOSPC or EIO) is cut off again (ftruncate to the
+size before it), or, if even that fails, its file is closed and the next charge starts a
+new one: the next line never lands on a torn one, where reading it would skip both.
+
+A charge the ledger refuses (a value no column holds, a wallet that is gone) must not
+stop the others: a flush applies its charges in a SAVEPOINT; if that is refused, each
+tenant's in one, then each of that tenant's charges in one; one still refused is set
+aside, as its journal line, in `set_aside_charges`, in the same transaction that applies
+the rest, and logged. `ledger verify` reports it until an operator resolves it
+(docs/ledger.md). Recovery does the same per charge, so a start-up never fails on one.
+Only a refusal is set aside; an error of the database itself (locked, disk full, gone)
+fails the whole flush, which is tried again, as before.
+
+Recovery is serialised by an advisory lock on `<database>-charges.lock` (the workers of
+`serve --workers N` all start by recovering): the second finds the files gone; a file
+that vanishes between listing and reading was applied by another, and skipping it is
+safe because whether a charge was applied is checked in the transaction that applies it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import orjson
+import sqlalchemy as sa
 from sqlalchemy import Connection
+from sqlalchemy.dialects import sqlite
 
+from tollway.errors import NotFound
 from tollway.ledger.holds import Hold, MemoryHolds
-from tollway.store.db import Store
+from tollway.store.db import Store, now_ms
+from tollway.store.schema import set_aside_charges
 from tollway.telemetry import log
 
 FLUSH_SECONDS = 0.01  # how long a charge may wait to be applied; the CLI's reads lag by as much
@@ -71,7 +93,9 @@ class Charge:
     def parse(cls, line: bytes) -> Charge | None:
         try:
             rid, tenant, amount, key, usage, at = orjson.loads(line)
-            return cls(str(rid), str(tenant), int(amount), (str(key[0]), str(key[1])) if key else None,
+            if type(amount) is not int or not 0 <= amount < 2**63:
+                return None  # no charge this process writes; applied, a negative one would credit
+            return cls(str(rid), str(tenant), amount, (str(key[0]), str(key[1])) if key else None,
                        dict(usage) if usage is not None else None, int(at))
         except (orjson.JSONDecodeError, TypeError, ValueError, IndexError):
             return None
@@ -85,16 +109,33 @@ class JournalFiles:
         self.prefix = database.name + "-charges."
         self._fd: int | None = None
         self._path: Path | None = None
+        self._size = 0  # of the open file: this process is its only writer (O_APPEND)
+        self._closed: list[Path] = []  # given up after a failed append, not yet handed to a flush
         self._next = 0
 
     def append(self, data: bytes) -> None:
-        """One write; raises OSError (disk full, ...) with nothing recorded but perhaps a torn line."""
+        """One line, whole or not at all: raises OSError (disk full, ...) with nothing recorded."""
         if self._fd is None:
             self._open()
         assert self._fd is not None
         view = memoryview(data)
-        while view:
-            view = view[os.write(self._fd, view):]
+        try:
+            while view:
+                view = view[os.write(self._fd, view):]
+        except OSError:
+            self._cut_back()
+            raise
+        self._size += len(data)
+
+    def _cut_back(self) -> None:
+        """Remove what a failed append wrote (module docstring)."""
+        assert self._fd is not None
+        try:
+            os.ftruncate(self._fd, self._size)
+        except OSError:
+            assert self._path is not None
+            self._closed.append(self._path)
+            self.close()
 
     def _open(self) -> None:
         if self._next == 0:
@@ -104,17 +145,32 @@ class JournalFiles:
         self._next += 1
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self._path = path
+        self._size = 0
 
     def rotate(self) -> list[Path]:
-        """Close the current file (the next append opens a new one); returns it, if any."""
+        """Close the current file (the next append opens a new one); returns the files
+        closed since the last rotate."""
         path = self._path
         self.close()
-        return [path] if path is not None else []
+        closed, self._closed = self._closed, []
+        return closed + ([path] if path is not None else [])
 
     def close(self) -> None:
         if self._fd is not None:
-            os.close(self._fd)
+            with contextlib.suppress(OSError):  # (close after a failed write may report it again)
+                os.close(self._fd)
         self._fd = self._path = None
+
+    @contextlib.asynccontextmanager
+    async def recovery_lock(self) -> AsyncIterator[None]:
+        """Held while recovering (module docstring); waited for off the event loop."""
+        path = self.directory / f"{self.prefix}lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the flock
 
     def leftovers(self) -> list[Path]:
         found = [p for p in self.directory.glob(f"{self.prefix}*") if _number(p) >= 0]
@@ -122,7 +178,8 @@ class JournalFiles:
 
     @staticmethod
     def read(path: Path) -> tuple[list[Charge], int]:
-        """The charges in a file and how many lines could not be read (a torn last line)."""
+        """The charges in a file and how many lines could not be read (a torn last line).
+        Raises FileNotFoundError if the file is gone."""
         charges, bad = [], 0
         for line in path.read_bytes().splitlines():
             if not line.strip():
@@ -148,6 +205,70 @@ def _number(path: Path) -> int:
 
 # (the transaction's connection, charges of one tenant, what its other requests hold) -> None
 Apply = Callable[[Connection, list[Charge], int], None]
+_SET_ASIDE = sqlite.insert(set_aside_charges).on_conflict_do_nothing()  # the journal is SQLite's
+
+
+def refused(exc: BaseException) -> bool:
+    """The ledger refused this charge (a value no column holds, a constraint, no wallet),
+    as opposed to the database failing (locked, disk full, gone): only the first is set aside."""
+    if isinstance(exc, sa.exc.DBAPIError):
+        return isinstance(exc, sa.exc.IntegrityError | sa.exc.DataError)
+    # (a StatementError that is no DBAPIError wraps a Python error raised binding a value)
+    return isinstance(exc, sa.exc.StatementError | OverflowError | ValueError | TypeError | NotFound)
+
+
+def apply_groups(conn: Connection, groups: list[tuple[list[Charge], int]], apply: Apply) -> None:
+    """Each tenant's (charges, what its other requests hold), all in one SAVEPOINT (two
+    statements per flush in the common case); if the ledger refuses any, again tenant by
+    tenant (`apply_each`)."""
+    try:
+        with conn.begin_nested():
+            for charges, others in groups:
+                apply(conn, charges, others)
+        return
+    except Exception as exc:
+        if not refused(exc):
+            raise
+    for charges, others in groups:
+        apply_each(conn, charges, others, apply)
+
+
+def apply_each(conn: Connection, charges: list[Charge], others: int, apply: Apply) -> list[Charge]:
+    """`apply` one tenant's charges in a SAVEPOINT; if the ledger refuses them, each in its
+    own (the later ones still held, as `Ledger._charges` caps them), setting aside those it
+    still refuses. Returns the charges set aside."""
+    try:
+        with conn.begin_nested():
+            apply(conn, charges, others)
+        return []
+    except Exception as exc:
+        if not refused(exc):
+            raise
+        if len(charges) == 1:
+            set_aside(conn, charges[0], exc)
+            return charges
+    aside: list[Charge] = []
+    later = sum(c.amount_micros for c in charges)
+    for charge in charges:
+        later -= charge.amount_micros
+        try:
+            with conn.begin_nested():
+                apply(conn, [charge], others + later)
+        except Exception as exc:
+            if not refused(exc):
+                raise
+            set_aside(conn, charge, exc)
+            aside.append(charge)
+    return aside
+
+
+def set_aside(conn: Connection, charge: Charge, exc: BaseException) -> None:
+    cause = getattr(exc, "orig", None) or exc  # the driver's message: it names no parameter values
+    conn.execute(_SET_ASIDE, {"request_id": charge.request_id, "tenant_id": charge.tenant_id,
+                              "amount_micros": charge.amount_micros, "charge": charge.line().decode().strip(),
+                              "reason": f"{type(cause).__name__}: {cause}"[:200], "created_at": now_ms()})
+    log.error("charge_set_aside", request_id=charge.request_id, tenant_id=charge.tenant_id,
+              cost_micros=charge.amount_micros, exc_type=type(cause).__name__)
 
 
 class Journal:
@@ -214,8 +335,8 @@ class Journal:
                 for charge, hold in batch:
                     by_tenant.setdefault(charge.tenant_id, []).append(charge)
                     in_batch[charge.tenant_id] = in_batch.get(charge.tenant_id, 0) + hold.amount_micros
-                for tenant_id, charges in by_tenant.items():
-                    self.apply(conn, charges, self.holds.held(tenant_id) - in_batch[tenant_id])
+                apply_groups(conn, [(charges, self.holds.held(tenant_id) - in_batch[tenant_id])
+                                    for tenant_id, charges in by_tenant.items()], self.apply)
                 for charge, _ in batch:  # in the COMMIT's step of the loop (journal's docstring)
                     self.holds.drop(charge.request_id)
                 state["ran"] = True
@@ -252,18 +373,28 @@ class Journal:
         self.files.close()
 
 
-async def recover(store: Store, files: JournalFiles, apply_once: Callable[[Connection, Charge], bool]) -> int:
+async def recover(store: Store, files: JournalFiles, recorded: Callable[[Connection, Charge], bool],
+                  apply: Apply) -> int:
     """Apply the journal files a previous process left (module docstring), then delete them.
-    Returns how many charges were applied now (not before)."""
-    paths = files.leftovers()
-    if not paths:
-        return 0
-    charges: list[Charge] = []
-    for path in paths:
-        found, bad = files.read(path)
-        charges += found
-        if bad:
-            log.warning("charge_journal_unreadable_lines", count=bad)
-    applied = await store.transact(lambda conn: sum(1 for c in charges if apply_once(conn, c)))
-    files.discard(paths)
-    return applied
+    A charge `recorded` already is skipped, one the ledger refuses is set aside. Returns how
+    many charges were applied now (not before, not set aside)."""
+    async with files.recovery_lock():
+        paths = files.leftovers()
+        if not paths:
+            return 0
+        charges: list[Charge] = []
+        for path in paths:
+            try:
+                found, bad = files.read(path)
+            except FileNotFoundError:
+                continue  # applied and deleted by another worker's recovery
+            charges += found
+            if bad:
+                log.warning("charge_journal_unreadable_lines", count=bad)
+
+        def apply_new(conn: Connection) -> int:
+            return sum(1 for c in charges if not recorded(conn, c) and not apply_each(conn, [c], 0, apply))
+
+        applied = await store.transact(apply_new)
+        files.discard(paths)
+        return applied

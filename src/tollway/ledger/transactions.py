@@ -56,7 +56,15 @@ from tollway.ledger.journal import Charge, Journal
 from tollway.money import format_usd
 from tollway.store.db import Store, now_ms
 from tollway.store.prepared import Prepared
-from tollway.store.schema import key_spend, ledger_entries, reservations, tenants, usage_events, wallets
+from tollway.store.schema import (
+    key_spend,
+    ledger_entries,
+    reservations,
+    set_aside_charges,
+    tenants,
+    usage_events,
+    wallets,
+)
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -536,6 +544,12 @@ class Ledger:
                 sa.select(reservations.c.request_id, reservations.c.tenant_id)
                 .where(reservations.c.created_at < cutoff))):
                 problems.append(f"tenant {tenant_id}: reservation {rid} older than the longest request")
+            for rid, tenant_id, amount, reason in (await conn.execute(
+                sa.select(set_aside_charges.c.request_id, set_aside_charges.c.tenant_id,
+                          set_aside_charges.c.amount_micros, set_aside_charges.c.reason)
+                .order_by(set_aside_charges.c.created_at))):
+                problems.append(f"tenant {tenant_id}: charge of request {rid} ({format_usd(amount)} USD) set aside, "
+                                f"not applied: {reason} (docs/ledger.md: set-aside charges)")
         return problems
 
     async def open_requests(self, tenant_id: str) -> list[str]:

@@ -18,6 +18,7 @@ from tollway.money import Usage
 from tollway.providers.base import (
     MESSAGES,
     USER_AGENT,
+    InvalidUsage,
     Target,
     UpstreamRequest,
     count,
@@ -39,11 +40,11 @@ def messages_url(base_url: str) -> str:
 
 
 def to_usage(u: dict[str, Any]) -> Usage:
-    cache_read = count(u.get("cache_read_input_tokens"))
-    cache_write = count(u.get("cache_creation_input_tokens"))
+    cache_read = count(u.get("cache_read_input_tokens"), "cache_read_input_tokens")
+    cache_write = count(u.get("cache_creation_input_tokens"), "cache_creation_input_tokens")
     return Usage(
-        prompt_tokens=count(u.get("input_tokens")) + cache_read + cache_write,
-        completion_tokens=count(u.get("output_tokens")),
+        prompt_tokens=count(u.get("input_tokens"), "input_tokens") + cache_read + cache_write,
+        completion_tokens=count(u.get("output_tokens"), "output_tokens"),
         cached_tokens=cache_read,
         cache_write_tokens=cache_write,
     )
@@ -83,7 +84,7 @@ class AnthropicAdapter:
 class AnthropicStream:
     """Parses only message_start and message_delta events (a handful per stream)."""
 
-    __slots__ = ("_counts", "_final", "_seen", "_slug", "done", "text_bytes")
+    __slots__ = ("_counts", "_final", "_seen", "_slug", "done", "invalid", "text_bytes")
 
     def __init__(self, slug: str) -> None:
         self._slug = slug
@@ -91,6 +92,7 @@ class AnthropicStream:
         self._seen = False
         self._final = False  # a message_delta arrived: output_tokens is the real total
         self.done = False
+        self.invalid: InvalidUsage | None = None
         self.text_bytes = 0
 
     def usage(self) -> Usage | None:
@@ -123,7 +125,10 @@ class AnthropicStream:
         if isinstance(u, dict):
             for field in _USAGE_FIELDS:
                 if field in u:
-                    self._counts[field] = count(u[field])  # running totals: replace, never add
+                    try:
+                        self._counts[field] = count(u[field], field)  # running totals: replace, never add
+                    except InvalidUsage as exc:
+                        self.invalid = exc  # the stream goes on; the pipeline charges the reservation
             self._seen = True
 
     def _start(self, event: bytes) -> bytes:

@@ -26,7 +26,7 @@ import orjson
 
 from tollway import __version__
 from tollway.config import ProviderConfig
-from tollway.errors import TollwayError
+from tollway.errors import TollwayError, UpstreamError
 from tollway.money import Usage
 
 USER_AGENT = f"tollway/{__version__}"
@@ -91,6 +91,7 @@ class StreamMeter(Protocol):
 
     text_bytes: int  # JSON-escaped bytes of generated text seen so far (for estimates)
     done: bool  # the stream reached its normal end marker
+    invalid: InvalidUsage | None  # the stream's usage report was refused (`count`)
 
     def feed(self, event: bytes) -> bytes | None: ...
 
@@ -142,9 +143,30 @@ def join_url(base_url: str, path: str) -> str:
 # --- usage helpers -------------------------------------------------------------------------
 
 
-def count(value: Any) -> int:
-    """A token count from an upstream body: a non-negative int, anything else is 0."""
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+# The most one count of a provider's usage report may say: above any model's context or
+# output by orders of magnitude, and small enough that no price, sum or column overflows
+# with it (a count of 2^63 once stopped every journal flush and every restart).
+MAX_TOKENS = 1_000_000_000
+
+
+class InvalidUsage(UpstreamError):
+    """A usage report with a count that is not a whole number of tokens in [0, MAX_TOKENS]:
+    the request is charged its reservation (docs/proxy.md, "Usage a provider reports")."""
+
+    def __init__(self, field: str) -> None:
+        super().__init__(f"The model provider reported an invalid token count ({field}).",
+                         code="upstream_invalid_usage")
+        self.field = field
+
+
+def count(value: Any, field: str = "usage") -> int:
+    """A token count from an upstream body: absent (None) is 0; anything but an int in
+    [0, MAX_TOKENS] (a bool, a float, a string, a negative or absurd number) raises InvalidUsage."""
+    if value is None:
+        return 0
+    if type(value) is not int or not 0 <= value <= MAX_TOKENS:
+        raise InvalidUsage(field)
+    return value
 
 
 def tokens_from_bytes(n: int) -> int:

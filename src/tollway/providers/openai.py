@@ -18,6 +18,7 @@ from tollway.providers.base import (
     COMPLETIONS,
     EMBEDDINGS,
     USER_AGENT,
+    InvalidUsage,
     Target,
     UpstreamRequest,
     count,
@@ -46,13 +47,14 @@ def parse_usage(u: Any) -> Usage | None:
     cd = u.get("completion_tokens_details")
     pd = pd if isinstance(pd, dict) else {}
     cd = cd if isinstance(cd, dict) else {}
-    cached = count(u["prompt_cache_hit_tokens"]) if "prompt_cache_hit_tokens" in u else count(pd.get("cached_tokens"))
+    cached = (count(u["prompt_cache_hit_tokens"], "prompt_cache_hit_tokens") if "prompt_cache_hit_tokens" in u
+              else count(pd.get("cached_tokens"), "cached_tokens"))
     return Usage(
-        prompt_tokens=count(u.get("prompt_tokens")),
-        completion_tokens=count(u.get("completion_tokens")),
+        prompt_tokens=count(u.get("prompt_tokens"), "prompt_tokens"),
+        completion_tokens=count(u.get("completion_tokens"), "completion_tokens"),
         cached_tokens=cached,
-        cache_write_tokens=count(pd.get("cache_write_tokens")),
-        reasoning_tokens=count(cd.get("reasoning_tokens")),
+        cache_write_tokens=count(pd.get("cache_write_tokens"), "cache_write_tokens"),
+        reasoning_tokens=count(cd.get("reasoning_tokens"), "reasoning_tokens"),
     )
 
 
@@ -101,7 +103,7 @@ class OpenAIStream:
     """Meters one chat/completions stream with byte searches; a chunk is parsed only
     when it carries a usage object (normally once per stream)."""
 
-    __slots__ = ("_learned", "_slug_field", "_strip", "_usage", "done", "text_bytes")
+    __slots__ = ("_learned", "_slug_field", "_strip", "_usage", "done", "invalid", "text_bytes")
 
     def __init__(self, slug: str, strip_usage: bool) -> None:
         self._slug_field = b'"model":' + orjson.dumps(slug)
@@ -109,6 +111,7 @@ class OpenAIStream:
         self._strip = strip_usage  # the client did not ask for include_usage
         self._usage: Usage | None = None
         self.done = False
+        self.invalid: InvalidUsage | None = None
         self.text_bytes = 0
 
     def usage(self) -> Usage | None:
@@ -144,7 +147,10 @@ class OpenAIStream:
             return event
         if not isinstance(chunk, dict):
             return event
-        found = usage_of(chunk)
+        try:
+            found = usage_of(chunk)
+        except InvalidUsage as exc:
+            found, self.invalid = None, exc  # the stream goes on; the pipeline charges the reservation
         if found is not None:
             self._usage = found
         if not self._strip or "usage" not in chunk:

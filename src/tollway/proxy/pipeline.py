@@ -46,6 +46,7 @@ from tollway.providers.base import (
     EMBEDDINGS,
     MESSAGES,
     Adapter,
+    InvalidUsage,
     Target,
     Transport,
     UpstreamResponse,
@@ -85,8 +86,8 @@ class Route:
 class Call:
     """One request's facts, for the settle, the usage row and the log line."""
 
-    __slots__ = ("body", "endpoint", "error_code", "error_type", "principal", "recorded", "request_id", "route",
-                 "settled", "started", "status", "stream", "upstream_status")
+    __slots__ = ("body", "charge_reserved", "endpoint", "error_code", "error_type", "principal", "recorded",
+                 "request_id", "reserved", "route", "settled", "started", "status", "stream", "upstream_status")
 
     def __init__(self, request_id: str, endpoint: str) -> None:
         self.request_id = request_id
@@ -102,6 +103,8 @@ class Call:
         self.upstream_status: int | None = None
         self.settled = False
         self.recorded = False
+        self.reserved = 0
+        self.charge_reserved = False  # the provider's usage report was refused (`_invalid_usage`)
 
     def failed(self, exc: TollwayError) -> None:
         self.status = exc.status
@@ -174,9 +177,10 @@ class Pipeline:
         if route.transport is None:
             raise ServiceUnavailable(f"The model '{route.target.slug}' is not available right now: its provider "
                                      f"has no key configured on this gateway.")
+        call.reserved = max_cost(len(raw), sh.completion_bound, route.prices)
         try:
             await self.svc.ledger.reserve(
-                principal.tenant_id, call.request_id, max_cost(len(raw), sh.completion_bound, route.prices),
+                principal.tenant_id, call.request_id, call.reserved,
                 key_id=principal.key_id, key_limit_micros=principal.spend_limit_micros,
                 key_period=principal.spend_period(), worker_id=self.svc.workers.worker_id)
         except asyncio.CancelledError:
@@ -243,7 +247,10 @@ class Pipeline:
         if not isinstance(data, dict):
             raise UpstreamError("The model provider returned a response that is not a JSON object.",
                                 code="upstream_invalid_response")
-        usage = route.adapter.read_response(route.target, data)
+        try:
+            usage = route.adapter.read_response(route.target, data)
+        except InvalidUsage as exc:
+            usage = self._invalid_usage(call, exc, text_bytes_of(data, _TEXT_KEYS))
         if usage is None:
             usage = self._estimate(call, text_bytes_of(data, _TEXT_KEYS))
         charge = self._settle_at_once(call, usage)
@@ -301,7 +308,9 @@ class Pipeline:
 
     async def _stream_ended(self, call: Call, end: StreamEnd) -> None:
         usage = end.meter.usage()
-        if usage is None or usage.estimated:
+        if end.meter.invalid is not None:
+            usage = self._invalid_usage(call, end.meter.invalid, end.meter.text_bytes)
+        elif usage is None or usage.estimated:
             usage = self._estimate(call, end.meter.text_bytes, usage)
         if end.client_gone:
             call.status, call.error_type = 499, "client_disconnected"
@@ -309,11 +318,20 @@ class Pipeline:
             call.error_type, call.error_code = type(end.error).__name__, end.error.instance_code
         await self._settle(call, usage)
 
+    def _invalid_usage(self, call: Call, exc: InvalidUsage, completion_text_bytes: int) -> Usage:
+        """A usage report with a count out of bounds (base.count): the answer, delivered, is
+        charged its reservation, the most it could cost; its row keeps the estimate of its
+        tokens, flagged (docs/proxy.md)."""
+        call.error_type, call.error_code, call.charge_reserved = type(exc).__name__, exc.instance_code, True
+        log.warning("upstream_invalid_usage", request_id=call.request_id, error_code=exc.instance_code,
+                    provider=call.route.target.provider if call.route else None)
+        return self._estimate(call, completion_text_bytes)
+
     def _charge_and_row(self, call: Call, usage: Usage | None) -> tuple[int, dict[str, Any]]:
         """What the settle charges (0: a release) and the usage row it writes."""
         assert call.principal is not None and call.route is not None
         route = call.route
-        charge = cost(usage, route.prices) if usage is not None else 0
+        charge = call.reserved if call.charge_reserved else cost(usage, route.prices) if usage is not None else 0
         u = usage or Usage()
         row = {"key_id": call.principal.key_id, "model": route.target.slug, "provider": route.target.provider,
                "prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
