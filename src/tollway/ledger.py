@@ -56,7 +56,8 @@ from tollway.ledger_memory import MemoryPath, recover_charges
 from tollway.money import format_usd
 from tollway.store.db import Store, now_ms
 from tollway.store.prepared import Prepared
-from tollway.store.schema import key_spend, ledger_entries, reservations, tenants, usage_events, wallets
+from tollway.store.schema import api_keys, key_spend, ledger_entries, reservations, tenants, usage_events, wallets
+from tollway.telemetry import log
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -391,6 +392,8 @@ class Ledger:
         if res is None:
             return None if swept else self._settle_late(conn, request_id, charge, usage)
         tenant_id, held, key_id, key_period = res[0], int(res[1]), res[2], res[3]
+        if charge > held and key_period is not None:
+            charge = self._within_key_limit(conn, request_id, key_id, key_period, held, charge)
         charged, new = self._take(conn, tenant_id, held, charge)
         ts = now_ms()
         rows = [dict(id=f"{request_id}:{'swept' if swept else 'release'}", tenant_id=tenant_id, kind="release",
@@ -406,6 +409,20 @@ class Ledger:
                 .values(spent_micros=key_spend.c.spent_micros - held + charged))
         self._usage(conn, request_id, tenant_id, charged, usage, ts)
         return charged
+
+    def _within_key_limit(self, conn: Connection, request_id: str, key_id: str, period: str, held: int,
+                          charge: int) -> int:
+        """A charge above its hold takes only what the key's spend limit has left (the
+        committed spend counts every open hold, this one included), as in
+        MemoryPath._within_key_limit; under the spend row's lock on PostgreSQL, so two
+        settles cannot both take what is left."""
+        limit = conn.execute(sa.select(api_keys.c.spend_limit_micros).where(api_keys.c.id == key_id)).scalar()
+        q = sa.select(key_spend.c.spent_micros).where(key_spend.c.key_id == key_id, key_spend.c.period == period)
+        spent = conn.execute(q if self.store.is_sqlite else q.with_for_update()).scalar() or 0
+        capped = charge if limit is None else min(charge, held + max(0, int(limit) - int(spent)))
+        log.warning("charge_above_hold", request_id=request_id, key_id=key_id, cost_micros=charge,
+                    notice="capped by the key's spend limit" if capped < charge else "taken from the free balance")
+        return capped
 
     def _settle_late(self, conn: Connection, request_id: str, charge: int,
                      usage: dict[str, Any] | None) -> int | None:
