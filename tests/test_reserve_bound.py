@@ -18,9 +18,12 @@ from tests.conftest import ServerThread
 from tests.fakes.anthropic_upstream import FakeAnthropic
 from tests.fakes.greedy_upstream import FakeGreedy
 from tests.fakes.harness import ANTHROPIC_KEY, PRICES, PROVIDER_KEY, Gateway, fake_models
-from tests.test_ledger import svc  # noqa: F401 - the three ways a ledger holds money
-from tollway.errors import SpendLimitExceeded
+from tests.test_ledger import committed, svc, usage  # noqa: F401 - the ways a ledger holds money
+from tollway.config import Config, ConfigError
+from tollway.errors import BadRequest, SpendLimitExceeded
 from tollway.money import Prices, Usage, cost, parse_usd
+from tollway.providers.base import CHAT, MESSAGES
+from tollway.proxy import priced
 from tollway.services import Services
 from tollway.store.schema import key_spend, ledger_entries
 
@@ -257,6 +260,21 @@ async def test_charges_above_their_holds_share_what_the_key_limit_has_left(svc: 
     assert await svc.ledger.verify(3_600_000) == []
 
 
+async def test_a_late_settle_is_capped_by_the_key_limit_too(committed: Services) -> None:  # noqa: F811
+    ledger = committed.ledger
+    tid = str((await committed.tenants.create("Ada"))["tenant_id"])
+    await ledger.credit(tid, 100_000_000, "fund")
+    key = await committed.keys.create(tid, spend_limit_micros=500_000, spend_limit_period="day")
+    principal = await committed.keys.authenticate(str(key["key"]))
+    await ledger.reserve(tid, "req_late", 100_000, key_id=principal.key_id, key_limit_micros=500_000,
+                         key_period=principal.spend_period(), worker_id="wk_dead")
+    assert await ledger.release_swept(["req_late"]) == 1
+    # The worker was alive after all; the provider billed far more than the hold was.
+    assert await ledger.settle("req_late", 10_000_000, usage(principal.key_id)) == 500_000
+    assert await ledger.balance(tid) == 100_000_000 - 500_000
+    assert await ledger.verify(3_600_000) == []
+
+
 def test_a_charge_above_its_hold_cannot_take_a_key_past_its_spend_limit(gw_both: Gateway) -> None:
     gw = gw_both
     limit = 100_000
@@ -318,3 +336,26 @@ def test_concurrent_requests_cannot_consume_more_than_the_balance(gw_both: Gatew
 
     balance, problems = gw.on_server(final)
     assert balance == credit - billed and problems == []
+
+
+def test_what_the_bodys_size_cannot_bound_is_found_wherever_it_is() -> None:
+    image = {"type": "image", "source": {"type": "url", "url": "https://example.invalid/a.png"}}
+    nested = [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t",
+                                            "content": [{"type": "text", "text": "x"}, image]}]}]
+    assert priced.check_body(MESSAGES, {"messages": nested}).media == "messages[0].content[0].content[1]"
+    text_doc = {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "hi"}}
+    assert priced.check_body(MESSAGES, {"messages": [{"role": "user", "content": [text_doc]}]}) == priced.Extra(0, None)
+    assert priced.check_body(CHAT, {"messages": MSG, "functions": [{"name": "f"}]}).prompt_tokens == 1_024
+    tools = [{"name": "f", "input_schema": {}}, {"type": "computer_20250124", "name": "computer"}]
+    assert priced.check_body(MESSAGES, {"messages": MSG, "tools": tools}).prompt_tokens == 1_024 + 2_048
+    with pytest.raises(BadRequest) as refused:
+        priced.check_body(MESSAGES, {"messages": MSG, "cache_control": {"type": "ephemeral", "ttl": "1h"}})
+    assert refused.value.param == "cache_control.ttl"
+
+
+@pytest.mark.parametrize("key", ["max_output_tokens", "max_input_tokens"])
+def test_model_bounds_must_be_positive(make_config: Callable[..., Config], key: str) -> None:
+    model = {"id": "demo/echo", "provider": "echo", "upstream": "echo-1", "input_usd_per_mtok": "1",
+             "output_usd_per_mtok": "1", key: 0}
+    with pytest.raises(ConfigError, match=rf"models\[0\]\.{key}: expected a positive integer"):
+        make_config(models=[model])

@@ -410,18 +410,24 @@ class Ledger:
         self._usage(conn, request_id, tenant_id, charged, usage, ts)
         return charged
 
-    def _within_key_limit(self, conn: Connection, request_id: str, key_id: str, period: str, held: int,
+    def _within_key_limit(self, conn: Connection, request_id: str, key_id: str, period: str | None, held: int,
                           charge: int) -> int:
         """A charge above its hold takes only what the key's spend limit has left (the
         committed spend counts every open hold, this one included), as in
         MemoryPath._within_key_limit; under the spend row's lock on PostgreSQL, so two
-        settles cannot both take what is left."""
-        limit = conn.execute(sa.select(api_keys.c.spend_limit_micros).where(api_keys.c.id == key_id)).scalar()
+        settles cannot both take what is left. `period` None: the key's current one (a late
+        settle, whose hold and period went with the sweep)."""
+        key = conn.execute(sa.select(api_keys.c.spend_limit_micros, api_keys.c.spend_limit_period)
+                           .where(api_keys.c.id == key_id)).first()
+        if key is None or key[0] is None:
+            return charge
+        if period is None:
+            period = datetime.now(UTC).strftime("%Y-%m-%d" if key[1] == "day" else "%Y-%m")
         q = sa.select(key_spend.c.spent_micros).where(key_spend.c.key_id == key_id, key_spend.c.period == period)
         spent = conn.execute(q if self.store.is_sqlite else q.with_for_update()).scalar() or 0
-        capped = charge if limit is None else min(charge, held + max(0, int(limit) - int(spent)))
+        capped = min(charge, held + max(0, int(key[0]) - int(spent)))
         log.warning("charge_above_hold", request_id=request_id, key_id=key_id, cost_micros=charge,
-                    notice="capped by the key's spend limit" if capped < charge else "taken from the free balance")
+                    notice="capped by the key's spend limit" if capped < charge else "within the key's spend limit")
         return capped
 
     def _settle_late(self, conn: Connection, request_id: str, charge: int,
@@ -436,9 +442,11 @@ class Ledger:
             return None  # never reserved, or already settled
         tenant_id = found[swept_id]
         ts = now_ms()
+        key_id = (usage or {}).get("key_id")
+        if charge and key_id:  # no hold is left: all of it is above the hold
+            charge = self._within_key_limit(conn, request_id, key_id, None, 0, charge)
         charged, new = self._take(conn, tenant_id, 0, charge)
         _entry(conn, debit_id, tenant_id, "debit", -charged, new, request_id, ts)
-        key_id = (usage or {}).get("key_id")
         if charged and key_id:
             # The hold's period went with the reservation row; count it in the current one.
             now = datetime.now(UTC)

@@ -13,7 +13,6 @@ at, on the body already parsed: no second parse, and no walk into any text.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,9 +90,10 @@ def check_body(endpoint: str, body: dict[str, Any]) -> Extra:
         return Extra(0, None)
     anthropic = endpoint == MESSAGES
     fields, values = (_ANTHROPIC_FIELDS, _ANTHROPIC_VALUES) if anthropic else (_OPENAI_FIELDS, _OPENAI_VALUES)
-    for name, why in fields.items():
-        if name in body:
-            raise refuse(name, why)
+    refused = body.keys() & fields.keys()  # one set operation: most bodies have none of them
+    if refused:
+        name = min(refused)
+        raise refuse(name, fields[name])
     for name, allowed in values.items():
         value = body.get(name)
         if value is not None and value not in allowed:
@@ -101,16 +101,8 @@ def check_body(endpoint: str, body: dict[str, Any]) -> Extra:
     modalities = body.get("modalities")
     if modalities is not None and not (isinstance(modalities, list) and all(m == "text" for m in modalities)):
         raise refuse("modalities", "only text output is priced")
-    extra = _tools(body.get("tools"), anthropic)
-    media = None
-    for where, part in _parts(body):
-        kind = part.get("type")
-        if kind in _REFUSED_PARTS:
-            raise refuse(where, _REFUSED_PARTS[kind])
-        if anthropic:
-            _cache_ttl(part, where)
-        if media is None and kind in _MEDIA and not _bounded_text(part):
-            media = where
+    extra = _tools(body.get("tools"), anthropic) or (TOOLS_PROMPT_TOKENS if body.get("functions") else 0)
+    media = _media(body.get("messages"), anthropic)
     if anthropic:
         for i, block in enumerate(_blocks(body.get("system"))):
             _cache_ttl(block, f"system[{i}]")
@@ -138,25 +130,38 @@ def _tools(tools: Any, anthropic: bool) -> int:
     return extra
 
 
-def _parts(body: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Every content part of every message, with where it is; tool results' parts too."""
-    messages = body.get("messages")
+def _media(messages: Any, anthropic: bool) -> str | None:
+    """Refuse the content parts that change the price; return where the first one whose
+    bytes do not bound its tokens is, if any. A plain text part costs one lookup: the
+    path to a part is spelled out only for a part that needs it."""
+    found = None
     if not isinstance(messages, list):
-        return
+        return None
     for i, message in enumerate(messages):
         content = message.get("content") if isinstance(message, dict) else None
         if not isinstance(content, list):
             continue
         for j, part in enumerate(content):
-            if not isinstance(part, dict):
-                continue
-            where = f"messages[{i}].content[{j}]"
-            yield where, part
-            inner = part.get("content")
-            if isinstance(inner, list):  # Anthropic tool_result blocks carry parts of their own
-                for k, sub in enumerate(inner):
-                    if isinstance(sub, dict):
-                        yield f"{where}.content[{k}]", sub
+            if isinstance(part, dict) and (part.get("type") != "text" or "cache_control" in part):
+                where = f"messages[{i}].content[{j}]"
+                media = _part(part, where, anthropic)
+                found = found or media
+                inner = part.get("content")
+                if isinstance(inner, list):  # Anthropic tool_result blocks carry parts of their own
+                    for k, sub in enumerate(inner):
+                        if isinstance(sub, dict):
+                            media = _part(sub, f"{where}.content[{k}]", anthropic)
+                            found = found or media
+    return found
+
+
+def _part(part: dict[str, Any], where: str, anthropic: bool) -> str | None:
+    kind = part.get("type")
+    if kind in _REFUSED_PARTS:
+        raise refuse(where, _REFUSED_PARTS[kind])
+    if anthropic:
+        _cache_ttl(part, where)
+    return where if kind in _MEDIA and not _bounded_text(part) else None
 
 
 def _blocks(value: Any) -> list[dict[str, Any]]:
