@@ -351,6 +351,9 @@ def test_what_the_bodys_size_cannot_bound_is_found_wherever_it_is() -> None:
     with pytest.raises(BadRequest) as refused:
         priced.check_body(MESSAGES, {"messages": MSG, "cache_control": {"type": "ephemeral", "ttl": "1h"}})
     assert refused.value.param == "cache_control.ttl"
+    with pytest.raises(BadRequest) as refused:
+        priced.check_headers({"anthropic-beta": "ak_live_0123456789abcdef"})
+    assert "ak_" not in refused.value.message and refused.value.param == "anthropic-beta"
 
 
 @pytest.mark.parametrize("key", ["max_output_tokens", "max_input_tokens"])

@@ -13,6 +13,7 @@ at, on the body already parsed: no second parse, and no walk into any text.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +52,7 @@ ANTHROPIC_BETAS = frozenset({
     "max-tokens-3-5-sonnet-2024-07-15", "computer-use-2024-10-22", "computer-use-2025-01-24",
     "computer-use-2025-11-24", "structured-outputs-2025-11-13", "effort-2025-11-24",
 })
+_BETA_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
 # Prompt tokens a provider adds that are not in the body: the tool-use system prompt when
 # any tool is declared, and the fixed prompt of each Anthropic-defined client tool
 # (computer use, the largest, documents about 1,250).
@@ -81,7 +83,9 @@ def check_headers(headers: dict[str, str]) -> None:
         for flag in betas.split(","):
             flag = flag.strip()
             if flag and flag not in ANTHROPIC_BETAS:
-                raise refuse("anthropic-beta", f"the beta '{flag[:64]}' can change the price or what bounds it")
+                # Named back only if it looks like a beta name: error messages quote no client text.
+                named = f"the beta '{flag}'" if _BETA_NAME.fullmatch(flag) else "a beta flag"
+                raise refuse("anthropic-beta", f"{named} can change the price or what bounds it")
 
 
 def check_body(endpoint: str, body: dict[str, Any]) -> Extra:
