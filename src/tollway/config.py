@@ -151,6 +151,9 @@ class ProviderConfig:
         True,
     )
     cf_aig_token_env: str = doc("Env var with a cf-aig-authorization token (Authenticated Gateway).", "")
+    max_tokens_field: Literal["max_tokens", "max_completion_tokens"] = doc(
+        "openai type: the chat field that carries the output bound when the client sends none "
+        "(OpenAI's reasoning models need max_completion_tokens).", "max_tokens")
     name: str = ""  # filled from the table name, not a TOML key
 
 
@@ -167,8 +170,12 @@ class ModelConfig:
     )
     cache_write_usd_per_mtok: Price | None = doc("USD per million cache-write prompt tokens.", None)
     max_output_tokens: int = doc(
-        "Output bound reserved when a request sets no max_tokens.", 4096
+        "Most tokens one answer (each choice) may generate: sent upstream when a request sets no "
+        "max_tokens, and a larger value is lowered to it.", 4096
     )
+    max_input_tokens: int | None = doc(
+        "The model's context window in tokens: caps the prompt's reservation, and is what requests with "
+        "images, documents or files reserve (refused while unset).", None)
     kind: Literal["chat", "embedding"] = doc("chat (chat/completions) or embedding.", "chat")
 
 
@@ -279,6 +286,10 @@ class _Loader:
                     f"{path}.provider",
                     f"no provider named {m.provider!r}; expected one of {sorted(providers) or 'none defined'}",
                 )
+            for key in ("max_output_tokens", "max_input_tokens"):
+                bound = getattr(m, key)
+                if bound is not None and bound <= 0:
+                    raise self.fail(f"{path}.{key}", f"expected a positive integer, got {bound}")
             models.append(m)
         cfg = Config(
             server=self.dataclass(ServerConfig, data.get("server", {}), "server"),

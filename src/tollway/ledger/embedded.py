@@ -72,7 +72,7 @@ class MemoryPath:
             spent = self.store.read_now(_KEY_SPENT, {"key": key[0], "period": key[1]})
             if (int(spent[0][0]) if spent else 0) + self.holds.key_held(key) + amount > key_limit:
                 raise SpendLimitExceeded.for_key(key_limit, amount)
-        self.holds.add(request_id, Hold(tenant_id, amount, key))
+        self.holds.add(request_id, Hold(tenant_id, amount, key, key_limit))
         return free - amount
 
     def balance(self, tenant_id: str) -> int:
@@ -119,12 +119,12 @@ class MemoryPath:
         if journal is None:
             return None
         tenant_id = hold.tenant_id
-        charged = charge
-        if charge > hold.amount_micros:
+        charged = self._within_key_limit(request_id, hold, charge)
+        if charged > hold.amount_micros:
             # Beyond its hold a charge may take only money nobody else holds, as in `Ledger._take`.
             free = self._free(tenant_id)
             charged = hold.amount_micros if free is None else max(hold.amount_micros,
-                                                                  min(charge, free + hold.amount_micros))
+                                                                  min(charged, free + hold.amount_micros))
         if charged == 0 and usage is None:
             self.holds.drop(request_id)  # a release with nothing to record
             return 0
@@ -137,6 +137,23 @@ class MemoryPath:
             return None
         return charged
 
+    def _within_key_limit(self, request_id: str, hold: Hold, charge: int, conn: Connection | None = None) -> int:
+        """A charge above its hold (the provider billed more than the reservation bounded)
+        takes only what the key's spend limit has left: what is neither spent nor held,
+        this hold included, so the key never passes its limit, as the wallet never goes
+        below zero. The operator bears the rest; it is logged."""
+        if charge <= hold.amount_micros:
+            return charge
+        capped = charge
+        if hold.key is not None and hold.key_limit is not None:
+            params = {"key": hold.key[0], "period": hold.key[1]}
+            found = _KEY_SPENT.rows(conn, params) if conn is not None else self.store.read_now(_KEY_SPENT, params)
+            left = hold.key_limit - (int(found[0][0]) if found else 0) - self.holds.key_held(hold.key)
+            capped = min(charge, hold.amount_micros + max(0, left))
+        log.warning("charge_above_hold", request_id=request_id, tenant_id=hold.tenant_id, cost_micros=charge,
+                    notice="capped by the key's spend limit" if capped < charge else "taken from the free balance")
+        return capped
+
     async def _settle_in_transaction(self, request_id: str, hold: Hold, charge: int,
                                      usage: dict[str, Any] | None) -> int:
         # The hold leaves memory inside the transaction, with its charge: the next settle of
@@ -147,7 +164,8 @@ class MemoryPath:
         def settle_held(conn: Connection) -> int:
             # What the other requests hold is read here, in the transaction.
             others = self.holds.held(hold.tenant_id) - hold.amount_micros
-            charged = self._write_charges(conn, [Charge(request_id, hold.tenant_id, charge, hold.key, usage,
+            capped = self._within_key_limit(request_id, hold, charge, conn)
+            charged = self._write_charges(conn, [Charge(request_id, hold.tenant_id, capped, hold.key, usage,
                                                         now_ms())], others)
             self.holds.drop(request_id)
             return charged

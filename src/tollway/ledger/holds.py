@@ -47,6 +47,7 @@ class Hold:
     tenant_id: str
     amount_micros: int
     key: KeyPeriod | None  # set when the key has a spend limit
+    key_limit: int | None = None  # that limit, as it was at reserve
     settling: bool = False
     charged: bool = False  # settled and journaled, not yet applied to the ledger (ledger/journal.py)
     since_ms: int = field(default_factory=lambda: time.monotonic_ns() // 1_000_000)

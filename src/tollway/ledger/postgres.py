@@ -79,8 +79,11 @@ def _reserve() -> Prepared:
 def _settle(usage_columns: Iterable[str] | None) -> Prepared:
     """Params: rid, charge, ts, release_id, debit_id, and one per usage column
     (`usage_<column>`; None: no usage row). Returns (new balance,), or no row when no
-    reservation was open."""
-    r = (reservations.delete().where(reservations.c.request_id == _str("rid"))
+    reservation was open or the charge exceeds a key-limited hold."""
+    # A charge above a key-limited hold is capped by the key's limit in `Ledger._settle`.
+    r = (reservations.delete().where(reservations.c.request_id == _str("rid"),
+                                     sa.or_(reservations.c.key_period.is_(None),
+                                            reservations.c.amount_micros >= _int("charge")))
          .returning(reservations.c.tenant_id, reservations.c.amount_micros, reservations.c.key_id,
                     reservations.c.key_period)
          .cte("r"))

@@ -57,6 +57,7 @@ from tollway.money import format_usd
 from tollway.store.db import Store, now_ms
 from tollway.store.prepared import Prepared
 from tollway.store.schema import (
+    api_keys,
     key_spend,
     ledger_entries,
     reservations,
@@ -65,6 +66,7 @@ from tollway.store.schema import (
     usage_events,
     wallets,
 )
+from tollway.telemetry import log
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -399,6 +401,8 @@ class Ledger:
         if res is None:
             return None if swept else self._settle_late(conn, request_id, charge, usage)
         tenant_id, held, key_id, key_period = res[0], int(res[1]), res[2], res[3]
+        if charge > held and key_period is not None:
+            charge = self._within_key_limit(conn, request_id, key_id, key_period, held, charge)
         charged, new = self._take(conn, tenant_id, held, charge)
         ts = now_ms()
         rows = [dict(id=f"{request_id}:{'swept' if swept else 'release'}", tenant_id=tenant_id, kind="release",
@@ -415,6 +419,26 @@ class Ledger:
         self._usage(conn, request_id, tenant_id, charged, usage, ts)
         return charged
 
+    def _within_key_limit(self, conn: Connection, request_id: str, key_id: str, period: str | None, held: int,
+                          charge: int) -> int:
+        """A charge above its hold takes only what the key's spend limit has left (the
+        committed spend counts every open hold, this one included), as in
+        MemoryPath._within_key_limit; under the spend row's lock on PostgreSQL, so two
+        settles cannot both take what is left. `period` None: the key's current one (a late
+        settle, whose hold and period went with the sweep)."""
+        key = conn.execute(sa.select(api_keys.c.spend_limit_micros, api_keys.c.spend_limit_period)
+                           .where(api_keys.c.id == key_id)).first()
+        if key is None or key[0] is None:
+            return charge
+        if period is None:
+            period = datetime.now(UTC).strftime("%Y-%m-%d" if key[1] == "day" else "%Y-%m")
+        q = sa.select(key_spend.c.spent_micros).where(key_spend.c.key_id == key_id, key_spend.c.period == period)
+        spent = conn.execute(q if self.store.is_sqlite else q.with_for_update()).scalar() or 0
+        capped = min(charge, held + max(0, int(key[0]) - int(spent)))
+        log.warning("charge_above_hold", request_id=request_id, key_id=key_id, cost_micros=charge,
+                    notice="capped by the key's spend limit" if capped < charge else "within the key's spend limit")
+        return capped
+
     def _settle_late(self, conn: Connection, request_id: str, charge: int,
                      usage: dict[str, Any] | None) -> int | None:
         """Settle a request whose hold the sweep already released (its worker looked dead).
@@ -427,9 +451,11 @@ class Ledger:
             return None  # never reserved, or already settled
         tenant_id = found[swept_id]
         ts = now_ms()
+        key_id = (usage or {}).get("key_id")
+        if charge and key_id:  # no hold is left: all of it is above the hold
+            charge = self._within_key_limit(conn, request_id, key_id, None, 0, charge)
         charged, new = self._take(conn, tenant_id, 0, charge)
         _entry(conn, debit_id, tenant_id, "debit", -charged, new, request_id, ts)
-        key_id = (usage or {}).get("key_id")
         if charged and key_id:
             # The hold's period went with the reservation row; count it in the current one.
             now = datetime.now(UTC)

@@ -46,6 +46,7 @@ class Target:
     provider: str
     base_url: str
     headers: Mapping[str, str]  # static per provider: user agent, auth, extra and cf-aig headers
+    output_field: str = "max_tokens"  # the chat field that carries the output bound (config.py)
 
 
 @dataclass(frozen=True, slots=True)

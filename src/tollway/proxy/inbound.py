@@ -1,6 +1,7 @@
 """The client's side of a /v1 request: headers, the body read under its limit, and the
 few fields Tollway reads (model, stream, stream_options, max_tokens,
-max_completion_tokens, n, best_of). Everything else in the body is left as it is.
+max_completion_tokens, n, best_of, and the price-changing ones priced.py refuses).
+Tollway writes only the output bound; everything else in the body is left as it is.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from starlette.types import Receive, Scope
 from tollway.config import ModelConfig
 from tollway.errors import BadRequest, PayloadTooLarge
 from tollway.providers.base import CHAT, COMPLETIONS, EMBEDDINGS, MESSAGES
+from tollway.proxy import priced
 
 
 class ClientGone(Exception):
@@ -79,22 +81,29 @@ class Shape:
     stream: bool
     wants_usage: bool  # stream_options.include_usage as the client sent it
     completion_bound: int  # tokens: the most this request can generate, all choices together
+    prompt_bound: int  # tokens: the most its prompt can count
 
 
 _REQUIRED = {CHAT: ("messages", list), COMPLETIONS: ("prompt", None), EMBEDDINGS: ("input", None),
              MESSAGES: ("messages", list)}
+_OUTPUT_FIELDS = ("max_completion_tokens", "max_tokens")
 
 
-def shape(endpoint: str, body: dict[str, Any], model: ModelConfig) -> Shape:
-    """Check the fields Tollway relies on and derive the reservation's output bound."""
+def shape(endpoint: str, body: dict[str, Any], size: int, model: ModelConfig, headers: dict[str, str],
+          output_field: str = "max_tokens") -> Shape:
+    """Check the fields Tollway relies on, refuse what changes the price (priced.py), derive
+    the reservation's bounds, and put the output bound in the body for the provider to
+    enforce: `output_field` when the client sent none, and a client value above the
+    model's `max_output_tokens` lowered to it. `size`: the body's bytes."""
     field, kind = _REQUIRED[endpoint]
     value = body.get(field)
     if value is None:
         raise BadRequest(f"Missing required field '{field}'.", param=field)
     if kind is list and not (isinstance(value, list) and value):
         raise BadRequest(f"'{field}' must be a non-empty array.", param=field)
+    priced.check_headers(headers)
     if endpoint == EMBEDDINGS:
-        return Shape(False, False, 0)
+        return Shape(False, False, 0, size)
     stream = body.get("stream")
     if stream is None:
         stream = False
@@ -104,16 +113,34 @@ def shape(endpoint: str, body: dict[str, Any], model: ModelConfig) -> Shape:
     if opts is not None and not isinstance(opts, dict):
         raise BadRequest("'stream_options' must be an object.", param="stream_options")
     wants_usage = isinstance(opts, dict) and opts.get("include_usage") is True
+    extra = priced.check_body(endpoint, body)
+    prompt = _prompt_bound(size + extra.prompt_tokens, extra.media, model)
     if endpoint == MESSAGES:
         limit = _positive(body, "max_tokens")
         if limit is None:
             raise BadRequest("Missing required field 'max_tokens'.", param="max_tokens")
-        return Shape(stream, wants_usage, limit)
-    limit = _positive(body, "max_completion_tokens")
-    if limit is None:
-        limit = _positive(body, "max_tokens")
+        if limit > model.max_output_tokens:
+            body["max_tokens"] = limit = model.max_output_tokens
+        return Shape(stream, wants_usage, limit, prompt)
+    # A provider may read either field: every one sent carries the same, smallest, bound.
+    sent = [name for name in _OUTPUT_FIELDS if _positive(body, name) is not None]
+    limit = min([model.max_output_tokens, *(body[name] for name in sent)])
+    for name in sent or [output_field if endpoint == CHAT else "max_tokens"]:
+        body[name] = limit
     choices = max(_positive(body, "n") or 1, _positive(body, "best_of") or 1)
-    return Shape(stream, wants_usage, (limit if limit is not None else model.max_output_tokens) * choices)
+    return Shape(stream, wants_usage, limit * choices, prompt)
+
+
+def _prompt_bound(bounded: int, media: str | None, model: ModelConfig) -> int:
+    """The body's bytes (plus what the provider adds) bound its tokens, unless it carries an
+    input they do not bound: then only the model's context window does."""
+    window = model.max_input_tokens
+    if media is None:
+        return bounded if window is None else min(bounded, window)
+    if window is None:
+        raise priced.refuse(media, "its tokens are not bounded by its size and this model has no "
+                                   "max_input_tokens configured to bound them")
+    return window
 
 
 def _positive(body: dict[str, Any], name: str) -> int | None:

@@ -2,13 +2,14 @@
 authenticate -> read -> resolve -> reserve -> forward -> meter -> settle -> record.
 
 Money rules kept here:
-* Nothing is forwarded before the reservation holds the most the call can cost:
-  prompt bound = request body size in bytes (a byte-level BPE token decodes to at least
-  one byte, and JSON never encodes text in fewer bytes than it has; token-id arrays
-  take at least two bytes per id), output bound = (max_completion_tokens or max_tokens
-  or the model's max_output_tokens) x n. Inputs that tokenise to more tokens than bytes
-  (images by URL, audio) are still charged in full at settle, up to the wallet balance;
-  the bound only limits what concurrent requests can overspend.
+* Nothing is forwarded before the reservation holds the most the call can cost
+  (inbound.shape): prompt bound = request body size in bytes (a byte-level BPE token
+  decodes to at least one byte, and JSON never encodes text in fewer bytes than it has;
+  token-id arrays take at least two bytes per id) plus the prompt a provider adds for
+  tools, capped by the model's context window, or that window for inputs whose bytes do
+  not bound their tokens (images, documents); output bound = (max_completion_tokens or
+  max_tokens, at most the model's max_output_tokens) x n, written into the body so the
+  provider enforces it. What would change the price per token is refused (priced.py).
 * Every reservation is settled exactly once: with the metered cost on success, with an
   estimate (base.py) when a started call reported no usage, with 0 on every error path.
   Settles run shielded from cancellation, or within one step of the loop, where nothing can cancel them.
@@ -129,7 +130,7 @@ def build_routes(cfg: config_mod.Config, provider_keys: dict[str, Any], upstream
         transport = echo if adapter.in_process else (upstream if key else None)
         cf_token = cf_tokens.get(m.provider)
         target = Target(m.id, m.upstream, m.provider, provider.base_url,
-                        adapter.static_headers(provider, key, cf_token))
+                        adapter.static_headers(provider, key, cf_token), provider.max_tokens_field)
         prices = Prices(m.input_usd_per_mtok, m.output_usd_per_mtok, m.cached_input_usd_per_mtok,
                         m.reasoning_usd_per_mtok, m.cache_write_usd_per_mtok)
         routes[m.id] = Route(target, m, adapter, transport, prices, tuple(s for s in (key, cf_token) if s))
@@ -172,12 +173,12 @@ class Pipeline:
         raw = await read_body(receive, headers, self.max_body)
         call.body = body = parse_json(raw)
         call.route = route = self._resolve(call.endpoint, model_slug(body))
-        sh = shape(call.endpoint, body, route.model)
+        sh = shape(call.endpoint, body, len(raw), route.model, headers, route.target.output_field)
         call.stream = sh.stream
         if route.transport is None:
             raise ServiceUnavailable(f"The model '{route.target.slug}' is not available right now: its provider "
                                      f"has no key configured on this gateway.")
-        call.reserved = max_cost(len(raw), sh.completion_bound, route.prices)
+        call.reserved = max_cost(sh.prompt_bound, sh.completion_bound, route.prices)
         try:
             await self.svc.ledger.reserve(
                 principal.tenant_id, call.request_id, call.reserved,
