@@ -10,7 +10,7 @@ import base64
 import contextlib
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +27,7 @@ from tollway.keys import Principal
 from tollway.services import Services, build
 
 PREFIX = "tollway:"  # RedisCache's default namespace
+ENTRY = PREFIX + "ks:"  # a key's signed entry (before: "k:", unsigned)
 # A Redis database of its own for the test that empties one: db 9 is shared by parallel runs.
 FLUSHED_DB_URL = REDIS_URL.rsplit("/", 1)[0] + "/13"
 
@@ -79,9 +80,9 @@ async def test_an_entry_copied_onto_another_key_does_not_move_it_to_the_victims_
         for k in (victim, attacker):
             await w1.keys.authenticate(k["key"])  # both now cached in Redis
         async with raw_redis() as r:
-            copied = await r.get(PREFIX + "k:" + key_hash(w1, victim["key"]))
+            copied = await r.get(ENTRY + key_hash(w1, victim["key"]))
             assert copied is not None
-            await r.set(PREFIX + "k:" + key_hash(w1, attacker["key"]), copied, px=60_000)
+            await r.set(ENTRY + key_hash(w1, attacker["key"]), copied, px=60_000)
         w2 = await worker(stack)  # nothing in its memory: it reads Redis
         try:
             p = await w2.keys.authenticate(attacker["key"])
@@ -100,7 +101,7 @@ async def test_a_spend_limit_or_expiry_stripped_in_redis_still_applies(stack: Co
         made = await w1.keys.create(tid, expires_at=expires, spend_limit_micros=1_000_000,
                                     spend_limit_period="month")
         await w1.keys.authenticate(made["key"])
-        slot = PREFIX + "k:" + key_hash(w1, made["key"])
+        slot = ENTRY + key_hash(w1, made["key"])
         async with raw_redis() as r:
             value = (await r.get(slot)).decode()
             stripped = value.replace("|1000000|month", "||").replace(f"|{expires}|", "||")
@@ -126,13 +127,13 @@ async def test_a_revoked_key_put_back_into_redis_stays_revoked(stack: Config) ->
         await w1.keys.authenticate(made["key"])
         h = key_hash(w1, made["key"])
         async with raw_redis() as r:
-            saved = await r.get(PREFIX + "k:" + h)
+            saved = await r.get(ENTRY + h)
             assert saved is not None
             async with polling(w1, w2):
                 await admin.keys.revoke(made["key_id"])
                 assert await r.exists(PREFIX + "r:" + h)
                 await r.delete(PREFIX + "r:" + h)
-                await r.set(PREFIX + "k:" + h, saved, px=60_000)
+                await r.set(ENTRY + h, saved, px=60_000)
                 for w in (w1, w2):
                     with pytest.raises(Unauthorized):
                         await w.keys.authenticate(made["key"])
@@ -150,7 +151,7 @@ async def test_a_cache_entry_that_does_not_parse_is_a_miss_not_an_error(stack: C
     w1 = await worker(stack)
     try:
         made = await tenant_key(w1)
-        slot = PREFIX + "k:" + key_hash(w1, made["key"])
+        slot = ENTRY + key_hash(w1, made["key"])
         junk: list[Callable[[aioredis.Redis], Any]] = [
             lambda r: r.set(slot, "garbage", px=60_000),
             lambda r: r.set(slot, "tn_x|key_x|soon|lots|month", px=60_000),
@@ -167,7 +168,7 @@ async def test_a_cache_entry_that_does_not_parse_is_a_miss_not_an_error(stack: C
                         p = await fresh.keys.authenticate(made["key"])
                     assert p.key_id == made["key_id"]
                     rejected = [e for e in logged if e["event"] == "key_cache_entry_rejected"]
-                    assert rejected and all(made["key"] not in str(e) and slot[len(PREFIX) + 2:] not in str(e)
+                    assert rejected and all(made["key"] not in str(e) and slot[len(ENTRY):] not in str(e)
                                             for e in rejected)
                 finally:
                     await stop(fresh)
@@ -207,6 +208,20 @@ async def test_forged_keys_cost_no_redis_command(stack: Config) -> None:
 # --- hole: a revoked key could come back ------------------------------------------------------------
 
 
+def stall_lookups(w: Services, stall: Callable[[], Awaitable[Any]]) -> Callable[[], None]:
+    """Make `w` stall between reading a key from the database and using what it read (a
+    paused process); returns what undoes it."""
+    real = w.keys._lookup
+
+    async def lookup(h: str) -> Principal | None:
+        found = await real(h)
+        await stall()
+        return found
+
+    w.keys._lookup = lookup  # type: ignore[method-assign]
+    return lambda: setattr(w.keys, "_lookup", real)
+
+
 @dataclass
 class PausedLookup:
     paused: Services  # read the key from the database, then stalled
@@ -226,14 +241,7 @@ async def paused_lookup_then_revoke(cfg: Config, *, whole_process: bool) -> Asyn
     try:
         made = await tenant_key(admin)
         release = asyncio.Event()
-        real = paused.keys._lookup
-
-        async def lookup(h: str) -> Principal | None:
-            found = await real(h)
-            await release.wait()
-            return found
-
-        paused.keys._lookup = lookup  # type: ignore[method-assign]
+        stall_lookups(paused, release.wait)
         async with polling(other) if whole_process else polling(paused, other):
             in_flight = asyncio.create_task(paused.keys.authenticate(made["key"]))
             await asyncio.sleep(0.3)  # it has read the database: the key was valid then
@@ -257,7 +265,7 @@ async def test_a_lookup_paused_past_the_tombstone_does_not_cache_the_revoked_key
             t.release.set()
             with contextlib.suppress(Unauthorized, ServiceUnavailable):
                 await t.in_flight
-            assert not await r.exists(PREFIX + "k:" + h)
+            assert not await r.exists(ENTRY + h)
             with pytest.raises(Unauthorized):
                 await t.other.keys.authenticate(t.made["key"])
 
@@ -275,7 +283,7 @@ async def test_a_revoked_key_stays_revoked_when_redis_loses_its_tombstone(make_c
             for w in (t.paused, t.other):
                 with pytest.raises(Unauthorized):
                     await w.keys.authenticate(t.made["key"])
-            assert not await r.exists(PREFIX + "k:" + key_hash(t.paused, t.made["key"]))
+            assert not await r.exists(ENTRY + key_hash(t.paused, t.made["key"]))
 
 
 async def test_a_lookup_older_than_its_bound_is_neither_cached_nor_believed(
@@ -286,19 +294,12 @@ async def test_a_lookup_older_than_its_bound_is_neither_cached_nor_believed(
     w = await worker(stack)
     try:
         made = await tenant_key(w)
-        real = w.keys._lookup
-
-        async def lookup(h: str) -> Principal | None:
-            found = await real(h)
-            await asyncio.sleep(0.5)
-            return found
-
-        w.keys._lookup = lookup  # type: ignore[method-assign]
+        undo = stall_lookups(w, lambda: asyncio.sleep(0.5))
         with pytest.raises(ServiceUnavailable):
             await w.keys.authenticate(made["key"])
         async with raw_redis() as r:
-            assert not await r.exists(PREFIX + "k:" + key_hash(w, made["key"]))
-        w.keys._lookup = real  # type: ignore[method-assign]
+            assert not await r.exists(ENTRY + key_hash(w, made["key"]))
+        undo()
         assert (await w.keys.authenticate(made["key"])).key_id == made["key_id"]
     finally:
         await stop(w)

@@ -9,7 +9,8 @@ this order:
      current secret, then under the previous one during a rotation
                                                   -> no I/O at all: random or forged keys
      cost no database read and no Redis command (a guess passes with probability 2^-48)
-  4. with Redis, the shared entry: believed only when it is signed for this key hash and
+  4. with Redis, the shared entry ("ks:<hash>", signed; a name of its own, so workers of
+     earlier versions, which read "k:" unsigned, never see it): believed only when it is signed for this key hash and
      still within its lifetime, and never for a hash this worker has seen revoked; a bad
      entry is a miss (logged), so a Redis that someone else can write to can make a
      worker read the database, never admit a key the database would not
@@ -200,7 +201,11 @@ class Keys:
             # outlast the slowest lookup that may still write (_LOOKUP_BOUND), with room
             # for the write itself to arrive.
             await self.cache.set(f"r:{key_hash}", "1", self.ttl + 2 * _LOOKUP_BOUND)
-        await self.cache.delete(f"k:{key_hash}")
+            # (k: in Redis: the unsigned entry workers of earlier versions write, for the
+            # length of a rolling upgrade.)
+            await self.cache.delete(f"ks:{key_hash}", f"k:{key_hash}")
+        else:
+            await self.cache.delete(f"k:{key_hash}")
 
     # --- verifying (the /v1 hot path) ---------------------------------------------------------
 
@@ -256,7 +261,7 @@ class Keys:
         if self.cache.shared:
             if bus is not None and key_hash in bus.revoked:
                 return None  # revocation is final: whatever Redis holds now is not believed
-            value, revoked, left = await self.cache.get_guarded(f"k:{key_hash}", f"r:{key_hash}")
+            value, revoked, left = await self.cache.get_guarded(f"ks:{key_hash}", f"r:{key_hash}")
             if revoked:  # revoked moments ago: no lookup needed
                 return None
             opened = self._unseal(key_hash, value) if value is not None else None
@@ -306,11 +311,11 @@ class Keys:
             sealed = self.secret.seal(key_hash, payload, started_ms + int(ttl * 1000))
             if principal is not None:
                 # One atomic step: a revocation whose tombstone landed after our read wins.
-                if not await self.cache.set_unless(f"k:{key_hash}", sealed, ttl - elapsed, guard=f"r:{key_hash}"):
+                if not await self.cache.set_unless(f"ks:{key_hash}", sealed, ttl - elapsed, guard=f"r:{key_hash}"):
                     return None
                 await self._remember_locally(key_hash, payload, generation, ttl - elapsed)
             elif bus is None or bus.generation == generation:
-                await self.cache.set(f"k:{key_hash}", sealed, ttl - elapsed)
+                await self.cache.set(f"ks:{key_hash}", sealed, ttl - elapsed)
                 await self._remember_locally(key_hash, payload, generation, ttl - elapsed)
         elif bus is None or bus.generation == generation:
             # (A per-worker cache is not refilled by a lookup that raced an eviction: the
