@@ -21,10 +21,13 @@ import structlog
 from tests.conftest import REDIS_URL
 from tests.test_workers import pg_redis_config, stop, tenant_key, worker
 from tollway import keys as keys_mod
+from tollway import workers as workers_mod
 from tollway.config import Config
 from tollway.errors import ServiceUnavailable, Unauthorized
+from tollway.key_secret import KeySecret
 from tollway.keys import Principal
 from tollway.services import Services, build
+from tollway.workers import RecentRevocations
 
 PREFIX = "tollway:"  # RedisCache's default namespace
 ENTRY = PREFIX + "ks:"  # a key's signed entry (before: "k:", unsigned)
@@ -303,3 +306,32 @@ async def test_a_lookup_older_than_its_bound_is_neither_cached_nor_believed(
         assert (await w.keys.authenticate(made["key"])).key_id == made["key_id"]
     finally:
         await stop(w)
+
+
+# --- the parts on their own ------------------------------------------------------------------------
+
+
+def test_a_signed_entry_verifies_only_for_its_key_hash_payload_and_end() -> None:
+    mine, other = KeySecret(b"a" * 32), KeySecret(b"b" * 32)
+    sealed = mine.seal("hash-1", "tn_1|key_1|||", 1_700_000_000_000)
+    assert mine.unseal("hash-1", sealed) == ("tn_1|key_1|||", 1_700_000_000_000)
+    assert mine.unseal("hash-2", sealed) is None  # copied onto another key
+    assert other.unseal("hash-1", sealed) is None  # signed under another secret
+    assert mine.unseal("hash-1", sealed.replace("|1700000000000|", "|1800000000000|")) is None  # lifetime
+    assert mine.unseal("hash-1", sealed.replace("tn_1", "tn_2")) is None
+    for junk in ("", "|", "||", "a|b|c", "-|1|x", sealed + "é", "é" + sealed, sealed[:-1]):
+        assert mine.unseal("hash-1", junk) is None
+
+
+def test_revoked_hashes_are_kept_at_least_as_long_as_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [1_000.0]
+    monkeypatch.setattr(workers_mod.time, "monotonic", lambda: now[0])
+    seen = RecentRevocations()
+    seen.keep = 300
+    seen.add(["old"])
+    now[0] += 300 + 600  # its time plus the allowance for clocks: still kept
+    seen.add(["new"])
+    assert "old" in seen and "new" in seen
+    now[0] += 1
+    seen.add([])
+    assert "old" not in seen and "new" in seen

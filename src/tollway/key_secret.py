@@ -63,9 +63,11 @@ class KeySecret:
 
     def unseal(self, key_hash: str, value: str) -> tuple[str, int] | None:
         """(payload, until_ms) when this secret signed `value` for `key_hash`; else None."""
+        if not value.isascii():
+            return None
         payload, _, rest = value.rpartition("|")
         payload, _, until = payload.rpartition("|")
-        if not (rest and until.isdigit() and len(until) < 19 and payload.isascii()):
+        if not (rest and until.isdigit() and len(until) < 19):
             return None
         good = self._signature(key_hash, payload, int(until))
         return (payload, int(until)) if hmac.compare_digest(good, rest) else None
@@ -135,7 +137,10 @@ def load_previous_secret(env_name: str, current: KeySecret) -> tuple[KeySecret |
     value = os.environ.get(env_name) if env_name else None
     if not value:
         return None, None
-    previous = KeySecret(value.encode())
+    try:
+        previous = KeySecret(value.encode())
+    except ValueError as exc:
+        raise ValueError(f"environment variable {env_name}: {exc}") from None
     if previous.hash("ak_") == current.hash("ak_"):
         return None, f"{env_name} is the same as the current key secret; it is ignored"
     return previous, (f"key secret rotation: keys made with {env_name} are still accepted; "

@@ -217,18 +217,30 @@ class Keys:
         if len(key) != KEY_LEN or not key.isascii():
             raise Unauthorized()
         key_hash = self.secret.hash(key)
-        generation = self.bus.generation if self.bus is not None else 0
-        cached = await self._remembered(key_hash)
+        bus, local = self.bus, self.local
+        generation = bus.generation if bus is not None else 0
         rotated = False
-        if cached is None:
+        while True:  # twice at most: a key made before a rotation is remembered by its old hash
+            # This worker's own copy, trusted only while a revoke would wait for this worker
+            # (memory://: an unknown key's entry stays good, no revocation makes a key valid).
+            if local is not None:
+                cached = await local.get(f"k:{key_hash}") if bus is not None and bus.fresh() else None
+            elif not self.cache.shared:
+                cached = await self.cache.get(f"k:{key_hash}")
+                if cached not in (None, _NEGATIVE) and bus is not None and not bus.fresh():
+                    cached = None  # this worker may have missed a revocation: ask the database
+            else:
+                cached = None
+            if cached is not None or rotated:
+                break
             # Before any I/O: only keys that passed this check are ever cached, so a hit
             # above needed none.
             secret = tag_secret(key, self._secrets)
             if secret is None:
                 raise Unauthorized()
-            if secret is not self.secret:  # a key made before a rotation, stored by its hash
-                rotated, key_hash = True, secret.hash(key)
-                cached = await self._remembered(key_hash)
+            if secret is self.secret:
+                break
+            rotated, key_hash = True, secret.hash(key)
         if cached is None:
             principal = await self._verify(key_hash, generation, rotated)
         elif cached == _NEGATIVE:
@@ -241,19 +253,6 @@ class Keys:
             raise Unauthorized()
         self._last_used[principal.key_id] = now_ms()
         return principal
-
-    async def _remembered(self, key_hash: str) -> str | None:
-        """This worker's own copy, trusted only while a revoke would wait for this worker
-        (with memory://, an unknown key's entry stays good: no revocation makes a key valid)."""
-        bus = self.bus
-        if self.cache.shared:
-            if self.local is None or bus is None or not bus.fresh():
-                return None
-            return await self.local.get(f"k:{key_hash}")
-        cached = await self.cache.get(f"k:{key_hash}")
-        if cached not in (None, _NEGATIVE) and bus is not None and not bus.fresh():
-            return None  # this worker may have missed a revocation: ask the database
-        return cached
 
     async def _verify(self, key_hash: str, generation: int, rotated: bool) -> Principal | None:
         """A key this worker does not remember: the shared cache, then the database."""

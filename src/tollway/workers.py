@@ -134,7 +134,8 @@ class RecentRevocations:
     is refused (keys.py), whether or not Redis still holds the tombstone: Redis may have
     lost it (a restart, a fail-over) or someone who can write to it may have removed it."""
 
-    # Revocation times come from the revoking host's clock: allow for hosts that disagree.
+    # An entry's end and a revocation's time come from other hosts' clocks: allow for
+    # hosts that disagree by this much.
     _CLOCK_SKEW_MS = 600_000
 
     def __init__(self) -> None:
@@ -146,7 +147,7 @@ class RecentRevocations:
         for h in key_hashes:
             self._seen.pop(h, None)
             self._seen[h] = now
-        while self._seen and next(iter(self._seen.values())) < now - self.keep:
+        while self._seen and next(iter(self._seen.values())) < now - self.keep - self._CLOCK_SKEW_MS / 1000:
             self._seen.popitem(last=False)
 
     def __contains__(self, key_hash: str) -> bool:
