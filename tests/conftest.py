@@ -172,6 +172,7 @@ def fresh_pg_database(migrated: bool = True) -> Iterator[str]:
     """A new database, dropped afterwards; migrated to head unless migrated=False."""
     global _template_name
     need_postgres()
+    global _template_name
     name = "tollway_t_" + secrets.token_hex(6)
     for attempt in range(3):
         template = pg_template() if migrated else "template0"

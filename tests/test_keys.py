@@ -25,7 +25,8 @@ from sqlalchemy import event
 
 from tests.conftest import ServerThread
 from tollway.app import create_app
-from tollway.auth.keys import Keys, KeySecret, load_key_secret
+from tollway.auth.key_secret import KeySecret, load_key_secret
+from tollway.auth.keys import Keys
 from tollway.config import Config
 from tollway.errors import BadRequest, SpendLimitExceeded, Unauthorized
 from tollway.services import Services, build
@@ -400,3 +401,57 @@ def test_keys_repr_does_not_expose_the_secret() -> None:
     secret = KeySecret(b"s" * 32)
     assert "sss" not in repr(secret)
     assert isinstance(Keys.__init__, object)
+
+
+# --- rotating the secret ---------------------------------------------------------------------------
+
+
+def test_keys_of_the_previous_secret_work_during_a_rotation_and_stop_after_it(
+        make_config: Callable[..., Config], backend: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = make_config(**backend)
+    old, new = "old-key-secret-" + secrets.token_hex(16), "new-key-secret-" + secrets.token_hex(16)
+
+    async def phase(current: str, previous: str | None, fn: Callable[[Services], Awaitable[T]]) -> T:
+        monkeypatch.setenv("TOLLWAY_KEY_SECRET", current)
+        if previous is None:
+            monkeypatch.delenv("TOLLWAY_KEY_SECRET_PREVIOUS", raising=False)
+        else:
+            monkeypatch.setenv("TOLLWAY_KEY_SECRET_PREVIOUS", previous)
+        s = build(cfg, worker_id="wk_" + secrets.token_hex(4))
+        try:
+            if s.store.is_sqlite:
+                await s.store.migrate()
+            await s.workers.register()
+            return await fn(s)
+        finally:
+            await s.workers.unregister()
+            await s.close()
+
+    async def before(s: Services) -> tuple[dict[str, Any], dict[str, Any]]:
+        made = await tenant_and_key(s)
+        return made[1], await s.keys.create(made[0])
+
+    async def during(s: Services) -> dict[str, Any]:
+        for k in (issued, to_revoke):
+            assert (await s.keys.authenticate(k["key"])).key_id == k["key_id"]
+            assert (await s.keys.authenticate(k["key"])).key_id == k["key_id"]  # and from the cache
+        made = await s.keys.create(issued["tenant_id"])
+        assert (await s.keys.authenticate(made["key"])).key_id == made["key_id"]
+        await s.keys.revoke(to_revoke["key_id"])
+        with pytest.raises(Unauthorized):
+            await s.keys.authenticate(to_revoke["key"])
+        before = s.store.queries
+        for _ in range(100):  # forged keys still cost nothing, with two secrets to try
+            with pytest.raises(Unauthorized):
+                await s.keys.authenticate("ak_" + secrets.token_urlsafe(38))
+        assert s.store.queries == before
+        return made
+
+    async def after(s: Services) -> None:
+        with pytest.raises(Unauthorized):
+            await s.keys.authenticate(issued["key"])
+        assert (await s.keys.authenticate(reissued["key"])).key_id == reissued["key_id"]
+
+    issued, to_revoke = asyncio.run(phase(old, None, before))
+    reissued = asyncio.run(phase(new, old, during))
+    asyncio.run(phase(new, None, after))

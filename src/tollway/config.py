@@ -74,6 +74,11 @@ class ServerConfig:
         "generates a 0600 file next to the database when unset.",
         "TOLLWAY_KEY_SECRET",
     )
+    key_secret_previous_env: str = doc(
+        "Env var holding the previous customer-key secret during a rotation: keys made with it "
+        "are still accepted until it is unset (docs/keys.md).",
+        "TOLLWAY_KEY_SECRET_PREVIOUS",
+    )
     request_timeout_seconds: int = doc("Longest an upstream call may take in total.", 600)
     stream_idle_timeout_seconds: int = doc(
         "Longest an upstream stream may stay silent before the client gets an error event.", 60
@@ -203,7 +208,8 @@ class Config:
     def env_references(self) -> list[tuple[str, str]]:
         """(purpose, env var name) for every secret the config refers to."""
         refs = [("admin API token", self.server.admin_token_env),
-                ("customer-key HMAC secret", self.server.key_secret_env)]
+                ("customer-key HMAC secret", self.server.key_secret_env),
+                ("previous customer-key secret (only during a rotation)", self.server.key_secret_previous_env)]
         for p in self.providers.values():
             if p.api_key_env:
                 refs.append((f"provider {p.name} key", p.api_key_env))

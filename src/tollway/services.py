@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tollway.auth.keys import Keys, load_key_secret
+from tollway.auth.key_secret import load_key_secret, load_previous_secret
+from tollway.auth.keys import Keys
 from tollway.auth.workers import WorkerRegistry
 from tollway.config import Config, resolve_secret
 from tollway.ledger.holds import MemoryHolds
@@ -59,11 +60,12 @@ def build(cfg: Config, *, worker_id: str | None = None, sole_server: bool = Fals
                   pool_size=cfg.database.pool_size, pool_timeout=cfg.database.pool_timeout_seconds)
     cache = make_cache(cfg.cache.url, password=_password(cfg, cfg.cache.password_env, "cache"))
     secret, notice = load_key_secret(cfg.server.key_secret_env, sqlite_path(cfg.database.url, base))
+    previous, rotation = load_previous_secret(cfg.server.key_secret_previous_env, secret)
     # Each worker keeps verified keys in memory; with Redis that is a layer in front of it,
     # which saves a Redis round trip per request (auth/keys.py). The revocation bus evicts from it.
     registry = WorkerRegistry(store, MemoryCache() if cache.shared else cache, worker_id)
     keys = Keys(store, cache, secret, ttl=cfg.cache.key_ttl_seconds, negative_ttl=cfg.cache.negative_ttl_seconds,
-                bus=registry)
+                bus=registry, previous=previous)
     in_memory = sole_server and store.sqlite_file is not None
     ledger = Ledger(store, MemoryHolds() if in_memory else None, journaled=in_memory)
     payments = None
@@ -72,4 +74,4 @@ def build(cfg: Config, *, worker_id: str | None = None, sole_server: bool = Fals
 
         payments = Payments(cfg.stripe, store, ledger, cfg.source)
     return Services(cfg, store, cache, keys, ledger, Tenants(store, ledger, keys), registry,
-                    [notice] if notice else [], payments)
+                    [n for n in (notice, rotation) if n], payments)

@@ -5,6 +5,8 @@ cost no lookup; a verification is cached for at most `cache.key_ttl_seconds`; an
 returns only once no live worker will admit the key again.
 
 Modules, in reading order:
+  key_secret.py  the key format's secret: the tag every key carries, the subkey that signs
+              cache entries, and the previous secret accepted during a rotation.
   keys.py     `Keys`: the key format, hashing at rest, verification with its cache layers
               (each worker's memory, then Redis when configured, then the database),
               create / list / revoke, expiry and spend-limit fields.

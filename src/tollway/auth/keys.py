@@ -1,18 +1,24 @@
 """Customer API keys: issue, hash at rest, verify with a cache, revoke at once.
 
-Key format: "ak_" + base64url(32 random bytes || 6-byte tag), where the tag is an HMAC
-of the random part under a server secret. A key is checked in this order:
+The key format, the secret and its rotation are in key_secret.py. A key is checked in
+this order:
   1. length and ASCII                             -> no lookup
-  2. cache ("k:<hash>", key_ttl_seconds)          -> no database read on a hit; only keys
-     that passed step 3 are ever cached, so a hit skips it (one HMAC per cached request)
-  3. shape (alphabet, canonical base64) and tag (constant-time HMAC compare)
-                                                  -> no lookup: random or forged keys
-     cost zero database reads (a guess passes with probability 2^-48)
-  4. one indexed read by HMAC-SHA256 hash         -> then cached, or cached as unknown
-So the bound for a flood of bad keys is: zero database reads for keys not minted with
-our secret, and one read per distinct well-tagged unknown key per negative_ttl_seconds
-(only someone holding the secret can mint those). Every failure, whatever the step,
-answers the same 401, so the answer is no oracle for which step failed.
+  2. this worker's memory ("k:<hash>")            -> no I/O; only this process writes it,
+     with what it verified, so a hit is believed as read (one HMAC per cached request)
+  3. shape (alphabet, canonical base64) and tag (constant-time HMAC compare) under the
+     current secret, then under the previous one during a rotation
+                                                  -> no I/O at all: random or forged keys
+     cost no database read and no Redis command (a guess passes with probability 2^-48)
+  4. with Redis, the shared entry ("ks:<hash>", signed; a name of its own, so workers of
+     earlier versions, which read "k:" unsigned, never see it): believed only when it is signed for this key hash and
+     still within its lifetime, and never for a hash this worker has seen revoked; a bad
+     entry is a miss (logged), so a Redis that someone else can write to can make a
+     worker read the database, never admit a key the database would not
+  5. one indexed read by HMAC-SHA256 hash         -> then cached, or cached as unknown
+So the bound for a flood of bad keys is: zero database reads and zero Redis commands for
+keys not minted with our secret, and one read per distinct well-tagged unknown key per
+negative_ttl_seconds (only someone holding the secret can mint those). Every failure,
+whatever the step, answers the same 401, so the answer is no oracle for which step failed.
 
 At rest only the keyed hash and a display prefix are stored, so a copy of the database
 does not let anyone use (or even test) a key without the secret.
@@ -24,43 +30,39 @@ request on PostgreSQL + Redis, bench/README.md, fifth pass). A per-worker entry 
 trusted only while the worker's heartbeat is fresh, and the revocation bus (auth/workers.py)
 waits until every live worker has evicted the key; in Redis the entry is deleted and a
 tombstone blocks re-caching, so a worker that misses in memory cannot pick it up again.
+The tombstone is not the only guard, since Redis can lose it: a worker refuses a Redis
+hit for any hash it has seen revoked, and never caches a lookup older than
+_LOOKUP_BOUND (a paused worker could otherwise write it after the tombstone expired).
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import builtins
 import contextlib
-import hashlib
 import hmac
-import os
-import re
 import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 
+from tollway.auth.key_secret import KEY_LEN, KeySecret, tag_secret
 from tollway.auth.workers import WorkerRegistry
-from tollway.errors import BadRequest, NotFound, Unauthorized
+from tollway.errors import BadRequest, NotFound, ServiceUnavailable, Unauthorized
 from tollway.store.cache import Cache
 from tollway.store.db import Store, now_ms
 from tollway.store.schema import api_keys, tenants
 
-PREFIX = "ak_"
-_RANDOM_BYTES = 32
-_TAG_BYTES = 6
-_ENCODED_LEN = 51  # base64url of 38 bytes, unpadded
-_SHAPE = re.compile(rf"ak_[A-Za-z0-9_-]{{{_ENCODED_LEN}}}")
-_KEY_LEN = len(PREFIX) + _ENCODED_LEN
 _NEGATIVE = "-"
 _MISSING = "Missing API key. Send it as Authorization: Bearer ak_... (or x-api-key: ak_...)."
-_LOOKUP_BOUND = 60  # seconds: far beyond the database's command timeout
+# Seconds: far beyond the database's command timeout. A lookup that took longer is not
+# cached (nor believed): the row it read may predate a revocation whose tombstone, which
+# lives key_ttl_seconds + twice this, is gone by the time it would write.
+_LOOKUP_BOUND = 60
 PERIODS = ("day", "month")
 
 
@@ -92,85 +94,34 @@ class Principal:
         return d.strftime("%Y-%m-%d") if self.spend_limit_period == "day" else d.strftime("%Y-%m")
 
 
-class KeySecret:
-    """The server secret, split into one subkey for hashing and one for the tag."""
-
-    def __init__(self, secret: bytes) -> None:
-        if len(secret) < 16:
-            raise ValueError("the key secret must be at least 16 bytes")
-        self._hash_key = hmac.new(secret, b"tollway key hash v1", hashlib.sha256).digest()
-        self._tag_key = hmac.new(secret, b"tollway key tag v1", hashlib.sha256).digest()
-
-    # hmac.digest: the one-shot C function; an hmac.new object per call cost more than
-    # the hashing (both run on every /v1 request).
-    def tag(self, random_part: bytes) -> bytes:
-        return hmac.digest(self._tag_key, random_part, "sha256")[:_TAG_BYTES]
-
-    def hash(self, key: str) -> str:
-        return hmac.digest(self._hash_key, key.encode("ascii"), "sha256").hex()
-
-    def __repr__(self) -> str:
-        return "KeySecret('***')"
-
-
-def load_key_secret(env_name: str, sqlite_file: Path | None) -> tuple[KeySecret, str | None]:
-    """From the environment; in embedded mode, else from a generated 0600 file next to the
-    database. Returns the secret and a startup notice (or None)."""
-    value = os.environ.get(env_name)
-    if value:
-        return KeySecret(value.encode()), None
-    if sqlite_file is None:
-        raise ValueError(
-            f"environment variable {env_name} is not set; every worker must share one key secret "
-            f"(generate one with: python -c 'import secrets; print(secrets.token_urlsafe(32))')"
-        )
-    path = sqlite_file.parent / ".tollway-key-secret"
-    notice = None
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Written under a private name, then linked into place: a process starting at the
-        # same moment either wins the link or reads the complete file, never half of it.
-        tmp = path.with_name(f"{path.name}.{secrets.token_hex(4)}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(secrets.token_urlsafe(32).encode())
-        try:
-            os.link(tmp, path)
-            notice = (f"generated the customer-key secret at {path} (mode 0600); back it up with the "
-                      f"database, or set {env_name} instead")
-        except FileExistsError:
-            pass
-        finally:
-            tmp.unlink()
-    elif path.stat().st_mode & 0o077:
-        notice = f"the customer-key secret {path} is readable by other users; chmod 600 it"
-    return KeySecret(path.read_bytes().strip()), notice
-
-
 def new_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(8)}"
 
 
 class Keys:
     def __init__(self, store: Store, cache: Cache, secret: KeySecret, *, ttl: float = 60,
-                 negative_ttl: float = 5, bus: WorkerRegistry | None = None) -> None:
+                 negative_ttl: float = 5, bus: WorkerRegistry | None = None,
+                 previous: KeySecret | None = None) -> None:
         self.store = store
         self.cache = cache
         self.secret = secret
+        # Tried in this order; `previous` only during a rotation (key_secret.py).
+        self._secrets = (secret,) if previous is None else (secret, previous)
         self.ttl = ttl
         self.negative_ttl = negative_ttl
         self.bus = bus  # evicts revoked keys from this worker's own cache
         # With a shared cache, this worker's layer in front of it: the very cache the bus
         # evicts from, so the two can never disagree.
         self.local = bus.cache if cache.shared and bus is not None else None
+        if bus is not None:
+            # Remember a revoked hash until no entry signed before the revocation is valid.
+            bus.revoked.keep = max(bus.revoked.keep, ttl + 2 * _LOOKUP_BOUND + 60)
         self._last_used: dict[str, int] = {}
 
     # --- issuing --------------------------------------------------------------------------
 
     def mint(self) -> str:
-        rnd = secrets.token_bytes(_RANDOM_BYTES)
-        raw = rnd + self.secret.tag(rnd)
-        return PREFIX + base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+        return self.secret.mint()
 
     async def create(self, tenant_id: str, *, name: str | None = None, expires_at: int | None = None,
                      spend_limit_micros: int | None = None, spend_limit_period: str | None = None
@@ -247,66 +198,51 @@ class Keys:
             await self.local.delete(f"k:{key_hash}")
         if self.cache.shared:
             # set_unless refuses positive entries while the tombstone lives, so it must
-            # outlast the slowest lookup that read the key before the revocation committed.
-            await self.cache.set(f"r:{key_hash}", "1", self.ttl + _LOOKUP_BOUND)
-        await self.cache.delete(f"k:{key_hash}")
+            # outlast the slowest lookup that may still write (_LOOKUP_BOUND), with room
+            # for the write itself to arrive.
+            await self.cache.set(f"r:{key_hash}", "1", self.ttl + 2 * _LOOKUP_BOUND)
+            # (k: in Redis: the unsigned entry workers of earlier versions write, for the
+            # length of a rolling upgrade.)
+            await self.cache.delete(f"ks:{key_hash}", f"k:{key_hash}")
+        else:
+            await self.cache.delete(f"k:{key_hash}")
 
     # --- verifying (the /v1 hot path) ---------------------------------------------------------
-
-    def check_shape(self, key: str) -> bool:
-        if len(key) != _KEY_LEN or not _SHAPE.fullmatch(key):
-            return False
-        body = key[len(PREFIX):]
-        raw = base64.urlsafe_b64decode(body + "=")
-        # The last character carries 2 unused bits; only the canonical spelling is a key.
-        if base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii") != body:
-            return False
-        return hmac.compare_digest(raw[_RANDOM_BYTES:], self.secret.tag(raw[:_RANDOM_BYTES]))
 
     async def authenticate(self, key: str | None) -> Principal:
         """The principal behind `key`, or 401. The 401 is the same for malformed, unknown,
         revoked and expired keys: it must not tell a guesser which check failed."""
         if not key:
             raise Unauthorized(_MISSING)
-        if len(key) != _KEY_LEN or not key.isascii():
+        if len(key) != KEY_LEN or not key.isascii():
             raise Unauthorized()
         key_hash = self.secret.hash(key)
         bus, local = self.bus, self.local
         generation = bus.generation if bus is not None else 0
-        if self.cache.shared:
-            cached = None
-            if local is not None and bus is not None and bus.fresh():
-                cached = await local.get(f"k:{key_hash}")
-            if cached is None:
-                cached, revoked, left = await self.cache.get_guarded(f"k:{key_hash}", f"r:{key_hash}")
-                if revoked:  # revoked moments ago (revocation is final): no lookup needed
-                    raise Unauthorized()
-                if cached is not None:
-                    await self._remember_locally(key_hash, cached, generation, left)
-        else:
-            cached = await self.cache.get(f"k:{key_hash}")
-            if cached not in (None, _NEGATIVE) and self.bus is not None and not self.bus.fresh():
-                # This worker may have missed a revocation: ask the database. (A negative
-                # entry stays good: no revocation can make an unknown key valid.)
+        rotated = False
+        while True:  # twice at most: a key made before a rotation is remembered by its old hash
+            # This worker's own copy, trusted only while a revoke would wait for this worker
+            # (memory://: an unknown key's entry stays good, no revocation makes a key valid).
+            if local is not None:
+                cached = await local.get(f"k:{key_hash}") if bus is not None and bus.fresh() else None
+            elif not self.cache.shared:
+                cached = await self.cache.get(f"k:{key_hash}")
+                if cached not in (None, _NEGATIVE) and bus is not None and not bus.fresh():
+                    cached = None  # this worker may have missed a revocation: ask the database
+            else:
                 cached = None
-        # Only keys that passed the shape check are ever cached, so a cache hit needs no
-        # second check; a miss must pass it before the database is asked.
-        if cached is None and not self.check_shape(key):
-            raise Unauthorized()
+            if cached is not None or rotated:
+                break
+            # Before any I/O: only keys that passed this check are ever cached, so a hit
+            # above needed none.
+            secret = tag_secret(key, self._secrets)
+            if secret is None:
+                raise Unauthorized()
+            if secret is self.secret:
+                break
+            rotated, key_hash = True, secret.hash(key)
         if cached is None:
-            principal = await self._lookup(key_hash)
-            value, ttl = (principal.encode(), self.ttl) if principal else (_NEGATIVE, self.negative_ttl)
-            if self.cache.shared and principal is not None:
-                # One atomic step: a revocation whose tombstone landed after our read wins.
-                if not await self.cache.set_unless(f"k:{key_hash}", value, ttl, guard=f"r:{key_hash}"):
-                    principal = None
-                else:
-                    await self._remember_locally(key_hash, value, generation, ttl)
-            elif bus is None or bus.generation == generation:
-                # (A per-worker cache is not refilled by a lookup that raced an eviction: the
-                # row it read may predate the revocation the eviction was for.)
-                await self.cache.set(f"k:{key_hash}", value, ttl)
-                await self._remember_locally(key_hash, value, generation, ttl)
+            principal = await self._verify(key_hash, generation, rotated)
         elif cached == _NEGATIVE:
             principal = None
         else:
@@ -318,14 +254,82 @@ class Keys:
         self._last_used[principal.key_id] = now_ms()
         return principal
 
-    async def _remember_locally(self, key_hash: str, value: str, generation: int, ttl: float) -> None:
-        """Copy what the shared cache holds (or was just given) into this worker's layer
-        for as long as the shared entry lives (`ttl`), so a verification is kept no longer
-        than key_ttl_seconds in all; unless an eviction ran since the caller started
-        reading: what it read may predate the revocation that eviction was for."""
+    async def _verify(self, key_hash: str, generation: int, rotated: bool) -> Principal | None:
+        """A key this worker does not remember: the shared cache, then the database."""
+        bus = self.bus
+        if self.cache.shared:
+            if bus is not None and key_hash in bus.revoked:
+                return None  # revocation is final: whatever Redis holds now is not believed
+            value, revoked, left = await self.cache.get_guarded(f"ks:{key_hash}", f"r:{key_hash}")
+            if revoked:  # revoked moments ago: no lookup needed
+                return None
+            opened = self._unseal(key_hash, value) if value is not None else None
+            if opened is not None:
+                payload, until = opened
+                await self._remember_locally(key_hash, payload, generation,
+                                             min(left, (until - now_ms()) / 1000, self.ttl))
+                return None if payload == _NEGATIVE else Principal.decode(payload)
+        return await self._look_up_and_cache(key_hash, generation, rotated)
+
+    def _unseal(self, key_hash: str, value: str) -> tuple[str, int] | None:
+        """The payload of a shared entry and its end (epoch ms), or None: then it is a miss."""
+        for secret in self._secrets:  # an entry written just before a rotation still verifies
+            opened = secret.unseal(key_hash, value)
+            if opened is not None:
+                if opened[1] > now_ms():
+                    return opened
+                outcome = "expired"
+                break
+        else:
+            outcome = "bad_signature" if value.count("|") >= 2 else "unparsable"
+        from tollway.telemetry import log  # (imported here: the CLI never gets this far)
+
+        # Metadata only: neither the value nor the key hash is logged.
+        log.warning("key_cache_entry_rejected", outcome=outcome)
+        return None
+
+    async def _look_up_and_cache(self, key_hash: str, generation: int, rotated: bool) -> Principal | None:
+        started, started_ms = time.monotonic(), now_ms()
+        principal = await self._lookup(key_hash)
+        elapsed = time.monotonic() - started
+        if elapsed > _LOOKUP_BOUND:
+            # What was read may predate a revocation whose tombstone expired meanwhile (a
+            # paused worker): neither cached nor believed.
+            raise ServiceUnavailable("The gateway's database is unavailable; retry shortly.",
+                                     code="database_unavailable")
+        if principal is not None and rotated:
+            from tollway.telemetry import log
+
+            log.info("key_verified_with_previous_secret", key_id=principal.key_id)
+        bus = self.bus
+        payload, ttl = (principal.encode(), self.ttl) if principal else (_NEGATIVE, self.negative_ttl)
+        if self.cache.shared:
+            if bus is not None and key_hash in bus.revoked:
+                return None  # revoked since the read: Redis may have lost the tombstone
+            # Valid until `ttl` after the read started, so an entry written late lives less.
+            sealed = self.secret.seal(key_hash, payload, started_ms + int(ttl * 1000))
+            if principal is not None:
+                # One atomic step: a revocation whose tombstone landed after our read wins.
+                if not await self.cache.set_unless(f"ks:{key_hash}", sealed, ttl - elapsed, guard=f"r:{key_hash}"):
+                    return None
+                await self._remember_locally(key_hash, payload, generation, ttl - elapsed)
+            elif bus is None or bus.generation == generation:
+                await self.cache.set(f"ks:{key_hash}", sealed, ttl - elapsed)
+                await self._remember_locally(key_hash, payload, generation, ttl - elapsed)
+        elif bus is None or bus.generation == generation:
+            # (A per-worker cache is not refilled by a lookup that raced an eviction: the
+            # row it read may predate the revocation the eviction was for.)
+            await self.cache.set(f"k:{key_hash}", payload, ttl)
+        return principal
+
+    async def _remember_locally(self, key_hash: str, payload: str, generation: int, ttl: float) -> None:
+        """Copy what the shared cache holds (or was just given), unsigned, into this
+        worker's layer for as long as the shared entry lives (`ttl`), so a verification is
+        kept no longer than key_ttl_seconds in all; unless an eviction ran since the caller
+        started reading: what it read may predate the revocation that eviction was for."""
         if self.local is None or self.bus is None or self.bus.generation != generation or ttl <= 0:
             return
-        await self.local.set(f"k:{key_hash}", value, ttl)
+        await self.local.set(f"k:{key_hash}", payload, ttl)
 
     async def _lookup(self, key_hash: str) -> Principal | None:
         async with self.store.read() as conn:

@@ -28,6 +28,8 @@ import asyncio
 import contextlib
 import os
 import time
+from collections import OrderedDict
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -122,6 +124,42 @@ def provably_dead(identity: str | None, mine: str | None) -> bool:
     return _start_ticks(pid) != theirs[3]
 
 
+# --- the revoked hashes a worker remembers ---------------------------------------------------
+
+
+class RecentRevocations:
+    """The key hashes this worker has seen revoked, from the revocations it reads anyway
+    (at registration and in every poll), kept at least `keep` seconds: longer than any
+    cache entry written before the revocation can stay valid. A Redis hit for one of them
+    is refused (keys.py), whether or not Redis still holds the tombstone: Redis may have
+    lost it (a restart, a fail-over) or someone who can write to it may have removed it."""
+
+    # An entry's end and a revocation's time come from other hosts' clocks: allow for
+    # hosts that disagree by this much.
+    _CLOCK_SKEW_MS = 600_000
+
+    def __init__(self) -> None:
+        self.keep = 0.0  # seconds; raised by the key cache to what it needs
+        self._seen: OrderedDict[str, float] = OrderedDict()
+
+    def add(self, key_hashes: Iterable[str]) -> None:
+        now = time.monotonic()
+        for h in key_hashes:
+            self._seen.pop(h, None)
+            self._seen[h] = now
+        while self._seen and next(iter(self._seen.values())) < now - self.keep - self._CLOCK_SKEW_MS / 1000:
+            self._seen.popitem(last=False)
+
+    def __contains__(self, key_hash: str) -> bool:
+        return key_hash in self._seen
+
+    async def read_recent(self, conn: AsyncConnection) -> list[str]:
+        """What a worker starting now must remember: it did not poll these."""
+        since = now_ms() - int(self.keep * 1000) - self._CLOCK_SKEW_MS
+        return list((await conn.execute(
+            sa.select(revocations.c.key_hash).where(revocations.c.created_at > since))).scalars().all())
+
+
 # --- the registry -------------------------------------------------------------------------------
 
 
@@ -137,6 +175,7 @@ class WorkerRegistry:
         self.acked = 0
         # Bumped on every eviction; Keys.authenticate does not cache a lookup that raced one.
         self.generation = 0
+        self.revoked = RecentRevocations()
         self._fresh_until = 0.0
         self._beat_started = 0.0
         self._last_beat = 0.0
@@ -188,6 +227,7 @@ class WorkerRegistry:
         async with self.store.write() as conn:
             latest = sa.select(sa.func.coalesce(sa.func.max(revocations.c.seq), 0))
             self.acked = int((await conn.execute(latest)).scalar_one())
+            self.revoked.add(await self.revoked.read_recent(conn))
             await conn.execute(workers.insert().values(
                 id=self.worker_id, acked_seq=self.acked, heartbeat_at=db_clock(self.store), process=self.identity))
         # The cache starts empty, so everything up to `acked` is trivially evicted.
@@ -208,6 +248,7 @@ class WorkerRegistry:
             if self.cache is not None:
                 rows = await self.store.statement(_REVOCATIONS_AFTER, {"acked": self.acked})
                 if rows:
+                    self.revoked.add(h for _, h in rows)
                     await self.cache.delete(*[f"k:{h}" for _, h in rows])
                     self.generation += 1
                     self.acked = int(rows[-1][0])

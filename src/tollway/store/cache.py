@@ -84,9 +84,14 @@ class MemoryCache:
 
 
 # KEYS[1] = key, KEYS[2] = guard. One round trip, atomic in Redis (GET gives false, not
-# nil, for a missing key, so the reply keeps its three places).
+# nil, for a missing key, so the reply keeps its three places). Whoever can write to Redis
+# can put anything at `key`: another type (GET would fail), bytes that are not text (the
+# client would fail to decode them) or a huge value. Each of those reads as '', a value
+# that never verifies, so the caller treats it as a miss instead of failing every request.
 _GET_GUARDED = """
-return {redis.call('GET', KEYS[1]), redis.call('EXISTS', KEYS[2]), redis.call('PTTL', KEYS[1])}
+local v = redis.pcall('GET', KEYS[1])
+if type(v) == 'table' or (v and (#v > 512 or string.find(v, '[^\\32-\\126]'))) then v = '' end
+return {v, redis.call('EXISTS', KEYS[2]), redis.call('PTTL', KEYS[1])}
 """
 
 # KEYS[1] = key, KEYS[2] = guard, ARGV = value, ttl in ms. One round trip, atomic in Redis.
