@@ -159,3 +159,16 @@ def test_serving_process_tunes_the_cycle_collector(make_config: Callable[..., Co
     before, embedded, served = json.loads(out.stdout.strip().splitlines()[-1])
     assert before == [list(gc.get_threshold()), 0] and embedded == before
     assert served[0] == list(GC_THRESHOLDS) and served[1] > 10_000  # start-up's objects are frozen
+
+
+def test_admin_credit_with_a_known_reference_and_another_amount_is_409(gateway: tuple[ServerThread, Config]) -> None:
+    server, _ = gateway
+    tid = admin(server.url, "POST", "/tenants", json={"name": "Ada"}).json()["tenant_id"]
+    path = f"/tenants/{tid}/wallet/credit"
+    assert admin(server.url, "POST", path, json={"amount_usd": "5.00", "reference": "inv-7"}).json()["applied"]
+    r = admin(server.url, "POST", path, json={"amount_usd": "7.00", "reference": "inv-7"})
+    assert r.status_code == 409, r.text
+    assert r.json()["error"]["code"] == "reference_conflict" and "inv-7" in r.json()["error"]["message"]
+    same = admin(server.url, "POST", path, json={"amount_usd": "5.000000", "reference": "inv-7"})
+    assert same.status_code == 200 and same.json() == {"applied": False, "balance_usd": "5.000000"}
+    assert admin(server.url, "GET", f"/tenants/{tid}/wallet").json()["balance_usd"] == "5.000000"

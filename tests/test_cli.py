@@ -85,3 +85,16 @@ def test_init_refuses_to_overwrite(tmp_path: Path) -> None:
 def test_missing_config_says_how_to_make_one(tmp_path: Path) -> None:
     result = cli(tmp_path, "wallet", "show", "--tenant", "x", ok=False)
     assert result.returncode == 1 and "tollway init" in result.stderr
+
+
+def test_wallet_credit_with_a_known_reference_and_another_amount_is_a_conflict(tmp_path: Path) -> None:
+    cli(tmp_path, "init")
+    cli(tmp_path, "migrate")
+    tid = one_object(cli(tmp_path, "tenants", "create", "--name", "Ada", "--json"))["tenant_id"]
+    cli(tmp_path, "wallet", "credit", "--tenant", tid, "--amount", "5.00", "--reference", "inv-7")
+    other = cli(tmp_path, "wallet", "credit", "--tenant", tid, "--amount", "50.00", "--reference", "inv-7", ok=False)
+    assert other.returncode == 1 and other.stdout == ""
+    assert "inv-7" in other.stderr and "5.000000" in other.stderr and len(other.stderr.strip().splitlines()) == 1
+    same = one_object(cli(tmp_path, "wallet", "credit", "--tenant", tid, "--amount", "5", "--reference", "inv-7",
+                          "--json"))
+    assert same["applied"] is False and same["balance_usd"] == "5.000000"

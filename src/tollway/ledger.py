@@ -49,7 +49,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from tollway import ledger_onestep
-from tollway.errors import InsufficientFunds, NotFound, SpendLimitExceeded
+from tollway.errors import Conflict, InsufficientFunds, NotFound, SpendLimitExceeded
 from tollway.holds import MemoryHolds
 from tollway.journal import Charge, Journal
 from tollway.ledger_memory import MemoryPath, recover_charges
@@ -150,8 +150,19 @@ class Ledger:
         return {"applied": True, "entry_id": entry_id, "balance_micros": new}
 
     async def credit_manual(self, tenant_id: str, amount_micros: int, reference: str) -> dict[str, Any]:
-        """An operator's credit; idempotent on (tenant, reference)."""
-        return await self.credit(tenant_id, amount_micros, f"manual:{tenant_id}:{reference}", reference=reference)
+        """An operator's credit; idempotent on (tenant, reference). The same reference with
+        another amount is refused (Conflict naming it): ignoring it would tell the operator
+        nothing while the wallet holds a different sum than they asked for."""
+        entry_id = f"manual:{tenant_id}:{reference}"
+        result = await self.credit(tenant_id, amount_micros, entry_id, reference=reference)
+        if not result["applied"]:
+            async with self.store.read() as conn:
+                before = (await conn.execute(sa.select(ledger_entries.c.amount_micros)
+                                             .where(ledger_entries.c.id == entry_id))).scalar()
+            if before is not None and int(before) != amount_micros:
+                raise Conflict(f"reference {reference!r} already credited {format_usd(int(before))} to {tenant_id}; "
+                               f"use a new reference for another amount", param="reference", code="reference_conflict")
+        return result
 
     async def debit(self, tenant_id: str, amount_micros: int, entry_id: str, *, kind: str = "debit",
                     reference: str | None = None, conn: AsyncConnection | None = None) -> dict[str, Any]:
