@@ -172,3 +172,21 @@ def test_admin_credit_with_a_known_reference_and_another_amount_is_409(gateway: 
     same = admin(server.url, "POST", path, json={"amount_usd": "5.000000", "reference": "inv-7"})
     assert same.status_code == 200 and same.json() == {"applied": False, "balance_usd": "5.000000"}
     assert admin(server.url, "GET", f"/tenants/{tid}/wallet").json()["balance_usd"] == "5.000000"
+
+
+def test_admin_numbers_and_references_out_of_range_are_400(gateway: tuple[ServerThread, Config]) -> None:
+    """Each of these reached the database and failed there (a 500 on PostgreSQL: BIGINT or
+    VARCHAR(120) overflow) instead of a clear error naming the field."""
+    server, _ = gateway
+    tid = admin(server.url, "POST", "/tenants", json={"name": "Ada"}).json()["tenant_id"]
+    credit = f"/tenants/{tid}/wallet/credit"
+    for body, param in (({"amount_usd": "99999999999999999999", "reference": "big"}, "amount_usd"),
+                        ({"amount_usd": "1.00", "reference": "r" * 150}, "reference")):
+        r = admin(server.url, "POST", credit, json=body)
+        assert r.status_code == 400 and param in r.text, r.text
+    for body in ({"spend_limit_usd": "99999999999999999999", "spend_limit_period": "day"},
+                 {"expires_at": 2 ** 70}, {"expires_at": -1}):
+        r = admin(server.url, "POST", f"/tenants/{tid}/keys", json=body)
+        assert r.status_code in (400, 422) and r.json().get("error", r.json().get("detail")), r.text
+    assert admin(server.url, "GET", f"/tenants/{tid}/wallet").json()["balance_usd"] == "0.000000"
+    assert admin(server.url, "GET", "/ledger/verify").json() == {"ok": True, "problems": []}

@@ -60,6 +60,8 @@ def test_every_command_prints_one_json_object(tmp_path: Path) -> None:
         ("wallet", "credit", "--tenant", "tn_missing", "--amount", "5.00", "--reference", "x"),
         ("wallet", "credit", "--tenant", "tn_missing", "--amount", "5.0000001", "--reference", "x"),
         ("wallet", "credit", "--tenant", "tn_missing", "--amount", "-1", "--reference", "x"),
+        ("wallet", "credit", "--tenant", "tn_missing", "--amount", "99999999999999999999", "--reference", "x"),
+        ("keys", "create", "--tenant", "tn_missing", "--spend-limit", "99999999999999999999", "--spend-period", "day"),
         ("keys", "revoke", "key_missing"),
         ("keys", "create", "--tenant", "tn_missing"),
         ("tenants", "show", "tn_missing"),

@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tollway.bodycap import refuse
 from tollway.errors import BadRequest, NotFound, TollwayError, Unauthorized, render_json
-from tollway.money import MoneyError, format_usd, parse_usd
+from tollway.money import MoneyError, format_usd, parse_operator_usd
 from tollway.services import Services
 
 
@@ -33,7 +33,7 @@ class TenantIn(BaseModel):
 
 class KeyIn(BaseModel):
     name: str | None = Field(default=None, max_length=200)
-    expires_at: int | None = Field(default=None, description="unix epoch milliseconds")
+    expires_at: int | None = Field(default=None, ge=0, le=2**53, description="unix epoch milliseconds")
     spend_limit_usd: str | None = Field(default=None, description='decimal string, e.g. "10.00"')
     spend_limit_period: str | None = Field(default=None, pattern="^(day|month)$")
 
@@ -50,12 +50,9 @@ class TopupIn(BaseModel):
 
 def usd(text: str, what: str) -> int:
     try:
-        micros = parse_usd(text)
+        return parse_operator_usd(text)
     except MoneyError as exc:
-        raise BadRequest(f"{what}: {exc}") from None
-    if micros <= 0:
-        raise BadRequest(f"{what}: must be positive")
-    return micros
+        raise BadRequest(f"{what}: {exc}", param=what) from None
 
 
 class TokenGate:

@@ -49,7 +49,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from tollway import ledger_onestep
-from tollway.errors import Conflict, InsufficientFunds, NotFound, SpendLimitExceeded
+from tollway.errors import BadRequest, Conflict, InsufficientFunds, NotFound, SpendLimitExceeded
 from tollway.holds import MemoryHolds
 from tollway.journal import Charge, Journal
 from tollway.ledger_memory import MemoryPath, recover_charges
@@ -154,6 +154,9 @@ class Ledger:
         another amount is refused (Conflict naming it): ignoring it would tell the operator
         nothing while the wallet holds a different sum than they asked for."""
         entry_id = f"manual:{tenant_id}:{reference}"
+        if len(entry_id) > ENTRY_ID_CHARS:  # PostgreSQL would refuse it with a 500
+            raise BadRequest(f"reference: at most {ENTRY_ID_CHARS - len(entry_id) + len(reference)} characters",
+                             param="reference")
         result = await self.credit(tenant_id, amount_micros, entry_id, reference=reference)
         if not result["applied"]:
             async with self.store.read() as conn:
@@ -571,6 +574,9 @@ class Ledger:
 
     async def open_wallet(self, conn: AsyncConnection, tenant_id: str) -> None:
         await conn.execute(wallets.insert().values(tenant_id=tenant_id, balance_micros=0, updated_at=now_ms()))
+
+
+ENTRY_ID_CHARS = 120  # ledger_entries.id is a VARCHAR(120)
 
 
 def _usage_row(request_id: str, tenant_id: str, charged: int, usage: dict[str, Any], ts: int) -> dict[str, Any]:
