@@ -16,7 +16,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from tests.conftest import ServerThread
 from tollway.app import create_app
-from tollway.bodycap import CONTROL_BODY_LIMIT
+from tollway.bodycap import CONTROL_BODY_LIMIT, DRAIN_LIMIT
 from tollway.config import Config
 
 TOKEN = "admin-token-for-bodycap-tests-0123"
@@ -157,4 +157,20 @@ def test_routes_that_read_no_body_buffer_none(served: Callable[[bool], tuple[Ser
     for path in ("/healthz", "/nowhere"):
         _, answer = push(server.port, post_head(path, length=HUGE), HUGE)
         assert int(answer.split(b" ")[1]) in (404, 405), answer[:300]
+    assert counted.body_bytes == 0
+
+
+async def test_a_modest_refused_body_still_gets_its_answer(
+        served: Callable[[bool], tuple[ServerThread, Counted]]) -> None:
+    """Closing on an unread body resets the connection, which can destroy the answer in
+    flight: a body up to DRAIN_LIMIT is left for the server to discard instead."""
+    server, counted = served(True)
+    for _ in range(10):
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+            r = await http.post("/admin/tenants", content=b"x" * (CONTROL_BODY_LIMIT + 10),
+                                headers={"authorization": f"Bearer {TOKEN}"})
+            assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+            r = await http.post("/admin/tenants", content=b"x" * (DRAIN_LIMIT - 1),
+                                headers={"authorization": "Bearer no"})
+            assert r.status_code == 401
     assert counted.body_bytes == 0

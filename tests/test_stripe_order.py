@@ -170,3 +170,14 @@ async def test_chunked_webhook_body_is_cut_off_at_the_cap(gw1: Gateway) -> None:
     status, body = status_and_json(answer)
     assert status == 413 and body["error"]["code"] == "request_too_large"
     assert sent < 48 << 20 and await gw1.rows(stripe_events) == []
+
+
+async def test_absurd_amounts_are_refused_not_a_server_error(gw: Gateway) -> None:
+    tid = await gw.tenant()
+    sid = await open_checkout(gw, tid)
+    r = await gw.deliver(event("checkout.session.completed", session(sid, tid, 10**20)))
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_event", r.text
+    _, pi, _ = await paid_topup(gw, tid, "20.00")
+    r = await gw.deliver(event("charge.dispute.created", dispute("dp_huge", pi, 10**20, "needs_response")))
+    assert r.status_code == 400, r.text
+    assert await gw.balance(tid) == 20_000_000 and await gw.verify() == []

@@ -20,13 +20,21 @@ from tollway.errors import PayloadTooLarge, TollwayError, render_json
 
 # Admin calls and Stripe events are a few kB; 1 MiB leaves room and bounds the buffer.
 CONTROL_BODY_LIMIT = 1 << 20
+# A refused body declared up to this size is left to the server, which reads and discards
+# it after the answer (nothing is kept), so the client reliably gets the answer: closing a
+# connection with unread data resets it, and the reset can destroy the answer in flight.
+# A larger or open-ended (chunked) body closes the connection instead, unread.
+DRAIN_LIMIT = 4 * CONTROL_BODY_LIMIT
 
 
 async def refuse(exc: TollwayError, scope: Scope, receive: Receive, send: Send) -> None:
-    """Answer `exc` and close the connection: the unread body is never drained, and the
-    client cannot go on streaming it into a kept-alive connection."""
+    """Answer `exc` without reading the body; close the connection when the body left
+    unread may be large, so the client cannot stream it into a kept-alive connection."""
     response = render_json(exc)
-    response.headers["connection"] = "close"
+    declared = declared_length(scope)
+    chunked = declared is None and any(name == b"transfer-encoding" for name, _ in scope["headers"])
+    if chunked or (declared or 0) > DRAIN_LIMIT:
+        response.headers["connection"] = "close"
     await response(scope, receive, send)
 
 

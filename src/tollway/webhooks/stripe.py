@@ -40,7 +40,15 @@ from starlette.routing import BaseRoute, Route
 from tollway.config import ConfigError, StripeConfig, resolve_secret
 from tollway.errors import BadRequest, NotFound, PayloadTooLarge, ServiceUnavailable, UpstreamError
 from tollway.ledger import Ledger
-from tollway.money import MICROS_PER_USD, MoneyError, decimal_to_micros_ceil, format_usd, from_minor_units, parse_usd
+from tollway.money import (
+    MAX_OPERATOR_MICROS,
+    MICROS_PER_USD,
+    MoneyError,
+    decimal_to_micros_ceil,
+    format_usd,
+    from_minor_units,
+    parse_usd,
+)
 from tollway.store.db import Store, now_ms
 from tollway.store.schema import stripe_events, tenants, topups
 from tollway.telemetry import log
@@ -295,7 +303,10 @@ class Payments:
     def micros(self, minor: Any) -> int:
         if isinstance(minor, bool) or not isinstance(minor, int) or minor < 0:
             raise BadRequest("Stripe event amount is not a non-negative integer.", code="invalid_event")
-        return from_minor_units(minor, self.exponent)  # exact: integer minor units -> micro-units
+        micros = from_minor_units(minor, self.exponent)  # exact: integer minor units -> micro-units
+        if micros > MAX_OPERATOR_MICROS:  # far above any Stripe charge; a wallet could not hold it
+            raise BadRequest("Stripe event amount is out of range.", code="invalid_event")
+        return micros
 
     async def check_currency(self, conn: AsyncConnection, obj: dict[str, Any], session_id: str | None) -> str | None:
         currency = str(obj.get("currency") or "").lower()

@@ -42,10 +42,11 @@ NOT_OURS = "ignored: charge is not a Tollway top-up"
 
 def stripe_id(value: Any, prefix: str = "") -> str | None:
     """An id field Stripe sends either as "pi_..." or as the expanded object; None when it
-    is missing, empty, not a string, or of another object type than `prefix` says."""
+    is missing, empty, not a string, of another object type than `prefix` says, or longer
+    than the ledger entry ids built from it can hold (real ids are under 70 characters)."""
     if isinstance(value, dict):
         value = value.get("id")
-    if not isinstance(value, str) or not value.startswith(prefix) or len(value) <= len(prefix) or len(value) > 255:
+    if not isinstance(value, str) or not value.startswith(prefix) or len(value) <= len(prefix) or len(value) > 100:
         return None
     return value
 
