@@ -154,9 +154,17 @@ def pg_template() -> str:
 def fresh_pg_database(migrated: bool = True) -> Iterator[str]:
     """A new database, dropped afterwards; migrated to head unless migrated=False."""
     need_postgres()
+    global _template_name
     name = "tollway_t_" + secrets.token_hex(6)
     template = pg_template() if migrated else "template0"
-    _pg_run(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+    try:
+        _pg_run(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+    except Exception:
+        if not migrated or _pg_run(f"SELECT 1 FROM pg_database WHERE datname = '{template}'")[0]:
+            raise
+        # A test run on other migration files (another checkout) dropped ours as stale: build it again.
+        _template_name = None
+        _pg_run(f'CREATE DATABASE "{name}" TEMPLATE "{pg_template()}"')
     try:
         yield _pg_url(name)
     finally:

@@ -187,6 +187,16 @@ def test_admin_numbers_and_references_out_of_range_are_400(gateway: tuple[Server
     for body in ({"spend_limit_usd": "99999999999999999999", "spend_limit_period": "day"},
                  {"expires_at": 2 ** 70}, {"expires_at": -1}):
         r = admin(server.url, "POST", f"/tenants/{tid}/keys", json=body)
-        assert r.status_code in (400, 422) and r.json().get("error", r.json().get("detail")), r.text
+        assert r.status_code == 400 and r.json()["error"]["param"] in body, r.text
     assert admin(server.url, "GET", f"/tenants/{tid}/wallet").json()["balance_usd"] == "0.000000"
     assert admin(server.url, "GET", "/ledger/verify").json() == {"ok": True, "problems": []}
+
+
+def test_admin_validation_errors_are_openai_style_and_echo_nothing(gateway: tuple[ServerThread, Config]) -> None:
+    server, _ = gateway
+    r = httpx.post(server.url + "/admin/tenants", content=b'{"name": "secret-looking-input',
+                   headers={"authorization": f"Bearer {TOKEN}", "content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", r.text
+    assert "secret-looking-input" not in r.text
+    r = admin(server.url, "POST", "/tenants", json={"name": "x" * 500})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "name" and "x" * 50 not in r.text, r.text

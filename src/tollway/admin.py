@@ -15,6 +15,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.datastructures import Headers
@@ -88,6 +89,15 @@ def admin_app(svc: Services) -> TokenGate:
     @api.exception_handler(TollwayError)
     async def _err(_: Request, exc: TollwayError) -> Any:
         return render_json(exc)
+
+    @api.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> Any:
+        # FastAPI's own 422 is not OpenAI-style and quotes the input back; name the field only.
+        first = exc.errors()[0] if exc.errors() else {}
+        where = [str(part) for part in first.get("loc", ()) if part != "body"]
+        field = ".".join(where) or None
+        reason = str(first.get("msg", "invalid request body"))
+        return render_json(BadRequest(f"{field}: {reason}" if field else reason, param=field))
 
     @api.get("/openapi.json", include_in_schema=False)
     async def openapi() -> JSONResponse:
