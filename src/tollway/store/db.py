@@ -95,11 +95,11 @@ def owner_only(database: Path) -> None:
     """Names, e-mails and client IPs live in the database: created 0600 before SQLite first
     opens it, whatever the umask (SQLite gives its -wal and -shm the database's mode), and
     an existing file, -wal or -shm readable by others tightened to the owner's bits."""
-    with contextlib.suppress(FileExistsError, FileNotFoundError):  # no folder: SQLite reports it
+    with contextlib.suppress(OSError):  # exists, or no folder or no right: SQLite reports the latter
         os.close(os.open(database, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     for name in (database.name, database.name + "-wal", database.name + "-shm", database.name + "-journal"):
         f = database.with_name(name)
-        with contextlib.suppress(FileNotFoundError, PermissionError):
+        with contextlib.suppress(OSError):  # absent, another owner's, a read-only file system
             current = stat.S_IMODE(f.stat().st_mode)
             if current & 0o077:
                 f.chmod(current & 0o700)
