@@ -251,8 +251,9 @@ class Payments:
         right after Stripe answered: its top-up row now. None: not ours."""
         session_id = stripe_id(session.get("id"), "cs_")
         tenant_id = (session.get("metadata") or {}).get(TENANT_META)
-        if session_id is None or not tenant_id or session.get("mode") != "payment":
-            return None
+        if session_id is None or not isinstance(tenant_id, str) or not 0 < len(tenant_id) <= 40 or (
+                session.get("mode") != "payment"):
+            return None  # 40: the tenant id column; a longer one is no tenant of ours
         await conn.execute(topups.insert().values(
             session_id=session_id, tenant_id=str(tenant_id), amount_micros=0,
             currency=str(session.get("currency") or ""), status="created", created_at=now_ms()))
