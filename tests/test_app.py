@@ -159,3 +159,44 @@ def test_serving_process_tunes_the_cycle_collector(make_config: Callable[..., Co
     before, embedded, served = json.loads(out.stdout.strip().splitlines()[-1])
     assert before == [list(gc.get_threshold()), 0] and embedded == before
     assert served[0] == list(GC_THRESHOLDS) and served[1] > 10_000  # start-up's objects are frozen
+
+
+def test_admin_credit_with_a_known_reference_and_another_amount_is_409(gateway: tuple[ServerThread, Config]) -> None:
+    server, _ = gateway
+    tid = admin(server.url, "POST", "/tenants", json={"name": "Ada"}).json()["tenant_id"]
+    path = f"/tenants/{tid}/wallet/credit"
+    assert admin(server.url, "POST", path, json={"amount_usd": "5.00", "reference": "inv-7"}).json()["applied"]
+    r = admin(server.url, "POST", path, json={"amount_usd": "7.00", "reference": "inv-7"})
+    assert r.status_code == 409, r.text
+    assert r.json()["error"]["code"] == "reference_conflict" and "inv-7" in r.json()["error"]["message"]
+    same = admin(server.url, "POST", path, json={"amount_usd": "5.000000", "reference": "inv-7"})
+    assert same.status_code == 200 and same.json() == {"applied": False, "balance_usd": "5.000000"}
+    assert admin(server.url, "GET", f"/tenants/{tid}/wallet").json()["balance_usd"] == "5.000000"
+
+
+def test_admin_numbers_and_references_out_of_range_are_400(gateway: tuple[ServerThread, Config]) -> None:
+    """Each of these reached the database and failed there (a 500 on PostgreSQL: BIGINT or
+    VARCHAR(120) overflow) instead of a clear error naming the field."""
+    server, _ = gateway
+    tid = admin(server.url, "POST", "/tenants", json={"name": "Ada"}).json()["tenant_id"]
+    credit = f"/tenants/{tid}/wallet/credit"
+    for body, param in (({"amount_usd": "99999999999999999999", "reference": "big"}, "amount_usd"),
+                        ({"amount_usd": "1.00", "reference": "r" * 150}, "reference")):
+        r = admin(server.url, "POST", credit, json=body)
+        assert r.status_code == 400 and param in r.text, r.text
+    for body in ({"spend_limit_usd": "99999999999999999999", "spend_limit_period": "day"},
+                 {"expires_at": 2 ** 70}, {"expires_at": -1}):
+        r = admin(server.url, "POST", f"/tenants/{tid}/keys", json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] in body, r.text
+    assert admin(server.url, "GET", f"/tenants/{tid}/wallet").json()["balance_usd"] == "0.000000"
+    assert admin(server.url, "GET", "/ledger/verify").json() == {"ok": True, "problems": []}
+
+
+def test_admin_validation_errors_are_openai_style_and_echo_nothing(gateway: tuple[ServerThread, Config]) -> None:
+    server, _ = gateway
+    r = httpx.post(server.url + "/admin/tenants", content=b'{"name": "secret-looking-input',
+                   headers={"authorization": f"Bearer {TOKEN}", "content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", r.text
+    assert "secret-looking-input" not in r.text
+    r = admin(server.url, "POST", "/tenants", json={"name": "x" * 500})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "name" and "x" * 50 not in r.text, r.text

@@ -60,6 +60,8 @@ def test_every_command_prints_one_json_object(tmp_path: Path) -> None:
         ("wallet", "credit", "--tenant", "tn_missing", "--amount", "5.00", "--reference", "x"),
         ("wallet", "credit", "--tenant", "tn_missing", "--amount", "5.0000001", "--reference", "x"),
         ("wallet", "credit", "--tenant", "tn_missing", "--amount", "-1", "--reference", "x"),
+        ("wallet", "credit", "--tenant", "tn_missing", "--amount", "99999999999999999999", "--reference", "x"),
+        ("keys", "create", "--tenant", "tn_missing", "--spend-limit", "99999999999999999999", "--spend-period", "day"),
         ("keys", "revoke", "key_missing"),
         ("keys", "create", "--tenant", "tn_missing"),
         ("tenants", "show", "tn_missing"),
@@ -85,3 +87,16 @@ def test_init_refuses_to_overwrite(tmp_path: Path) -> None:
 def test_missing_config_says_how_to_make_one(tmp_path: Path) -> None:
     result = cli(tmp_path, "wallet", "show", "--tenant", "x", ok=False)
     assert result.returncode == 1 and "tollway init" in result.stderr
+
+
+def test_wallet_credit_with_a_known_reference_and_another_amount_is_a_conflict(tmp_path: Path) -> None:
+    cli(tmp_path, "init")
+    cli(tmp_path, "migrate")
+    tid = one_object(cli(tmp_path, "tenants", "create", "--name", "Ada", "--json"))["tenant_id"]
+    cli(tmp_path, "wallet", "credit", "--tenant", tid, "--amount", "5.00", "--reference", "inv-7")
+    other = cli(tmp_path, "wallet", "credit", "--tenant", tid, "--amount", "50.00", "--reference", "inv-7", ok=False)
+    assert other.returncode == 1 and other.stdout == ""
+    assert "inv-7" in other.stderr and "5.000000" in other.stderr and len(other.stderr.strip().splitlines()) == 1
+    same = one_object(cli(tmp_path, "wallet", "credit", "--tenant", tid, "--amount", "5", "--reference", "inv-7",
+                          "--json"))
+    assert same["applied"] is False and same["balance_usd"] == "5.000000"

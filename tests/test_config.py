@@ -178,3 +178,33 @@ def test_database_pool_settings_reach_the_store(tmp_path: Path) -> None:
     svc = build(cfg)  # builds engines only: nothing connects to port 1
     pool = svc.store.engine.sync_engine.pool
     assert (pool.size(), pool._max_overflow, pool._timeout) == (3, 0, 2)  # type: ignore[attr-defined]
+
+
+REFUSED_ATTRIBUTION = ["authorization", "Authorization", "x-api-key", "proxy-authorization", "cookie", "host",
+                       "content-length", "transfer-encoding", "connection", "te", "upgrade", "content-type",
+                       "anthropic-version", "anthropic-beta", "openai-organization", "openai-project",
+                       "cf-aig-authorization", "x-goog-api-key", "api-key", "x-auth-token", "x-forwarded-for",
+                       "bad header", "", "x-meta\r\nx-api-key"]
+
+
+@pytest.mark.parametrize("name", REFUSED_ATTRIBUTION)
+def test_attribution_header_cannot_be_a_credential_or_hop_by_hop_header(tmp_path: Path, name: str) -> None:
+    # As `authorization` it replaced the provider key header on every upstream call.
+    p = write(tmp_path, GOOD + f"\n[attribution]\nheader = {name!r}\n".replace("'", '"').replace("\r\n", "\\r\\n"))
+    with pytest.raises(ConfigError) as info:
+        config_mod.load(p)
+    assert str(p) in str(info.value) and "attribution.header" in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["cf-aig-metadata", "x-tollway-attribution", "helicone-property-tenant"])
+def test_ordinary_attribution_headers_are_accepted(tmp_path: Path, name: str) -> None:
+    cfg = config_mod.load(write(tmp_path, GOOD + f'\n[attribution]\nheader = "{name}"\n'))
+    assert cfg.attribution is not None and cfg.attribution.header == name
+
+
+@pytest.mark.parametrize("name", ["Content-Length", "transfer-encoding", "host", "connection"])
+def test_provider_extra_headers_cannot_be_hop_by_hop(tmp_path: Path, name: str) -> None:
+    text = GOOD.replace('api_key_env = "DEEPSEEK_API_KEY"\n',
+                        f'api_key_env = "DEEPSEEK_API_KEY"\nextra_headers = {{ "{name}" = "1" }}\n')
+    with pytest.raises(ConfigError, match=f"providers.deepseek.extra_headers.{name}"):
+        config_mod.load(write(tmp_path, text))

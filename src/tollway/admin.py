@@ -2,21 +2,28 @@
 
 Authenticated by a bearer token from the env var named by server.admin_token_env; when
 that variable is unset the API answers 404 to everything, including its OpenAPI file.
+The token is checked by an ASGI gate in front of FastAPI, which would otherwise read and
+parse the whole body before any dependency ran; the body itself is capped by bodycap.py.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import os
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from tollway.bodycap import refuse
 from tollway.errors import BadRequest, NotFound, TollwayError, Unauthorized, render_json
-from tollway.money import MoneyError, format_usd, parse_usd
+from tollway.money import MoneyError, format_usd, parse_operator_usd
 from tollway.services import Services
 
 
@@ -27,7 +34,7 @@ class TenantIn(BaseModel):
 
 class KeyIn(BaseModel):
     name: str | None = Field(default=None, max_length=200)
-    expires_at: int | None = Field(default=None, description="unix epoch milliseconds")
+    expires_at: int | None = Field(default=None, ge=0, le=2**53, description="unix epoch milliseconds")
     spend_limit_usd: str | None = Field(default=None, description='decimal string, e.g. "10.00"')
     spend_limit_period: str | None = Field(default=None, pattern="^(day|month)$")
 
@@ -44,36 +51,58 @@ class TopupIn(BaseModel):
 
 def usd(text: str, what: str) -> int:
     try:
-        micros = parse_usd(text)
+        return parse_operator_usd(text)
     except MoneyError as exc:
-        raise BadRequest(f"{what}: {exc}") from None
-    if micros <= 0:
-        raise BadRequest(f"{what}: must be positive")
-    return micros
+        raise BadRequest(f"{what}: {exc}", param=what) from None
 
 
 def operator_token_ok(authorization: str, token: str) -> bool:
     """`Authorization: Bearer <token>`, compared in constant time; never true for an unset token."""
     scheme, _, value = authorization.partition(" ")
-    return bool(token) and scheme.lower() == "bearer" and hmac.compare_digest(value.encode(), token.encode())
+    # Digests of equal length: the comparison says nothing about the token's length either.
+    given, wanted = hashlib.sha256(value.encode()).digest(), hashlib.sha256(token.encode()).digest()
+    return bool(token) and hmac.compare_digest(given, wanted) and scheme.lower() == "bearer"
 
 
-def admin_app(svc: Services) -> FastAPI:
-    token_env = svc.config.server.admin_token_env
+class TokenGate:
+    """The admin token, checked on the request head before the body is touched."""
 
-    async def require_token(request: Request) -> None:
-        token = os.environ.get(token_env, "")
+    def __init__(self, app: ASGIApp, token_env: str) -> None:
+        self.app = app
+        self.token_env = token_env
+
+    def refusal(self, authorization: str) -> TollwayError | None:
+        token = os.environ.get(self.token_env, "")
         if not token:
-            raise NotFound("the admin API is off (set the admin token environment variable)")
-        if not operator_token_ok(request.headers.get("authorization", ""), token):
-            raise Unauthorized("Invalid admin token.")
+            return NotFound("the admin API is off (set the admin token environment variable)")
+        if not operator_token_ok(authorization, token):
+            return Unauthorized("Invalid admin token.")
+        return None
 
-    api = FastAPI(title="Tollway admin API", version="1", openapi_url=None, docs_url=None, redoc_url=None,
-                  dependencies=[Depends(require_token)])
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            refused = self.refusal(Headers(scope=scope).get("authorization", ""))
+            if refused is not None:
+                await refuse(refused, scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def admin_app(svc: Services) -> TokenGate:
+    api = FastAPI(title="Tollway admin API", version="1", openapi_url=None, docs_url=None, redoc_url=None)
 
     @api.exception_handler(TollwayError)
     async def _err(_: Request, exc: TollwayError) -> Any:
         return render_json(exc)
+
+    @api.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> Any:
+        # FastAPI's own 422 is not OpenAI-style and quotes the input back; name the field only.
+        first = exc.errors()[0] if exc.errors() else {}
+        where = [str(part) for part in first.get("loc", ()) if part != "body"]
+        field = ".".join(where) or None
+        reason = str(first.get("msg", "invalid request body"))
+        return render_json(BadRequest(f"{field}: {reason}" if field else reason, param=field))
 
     @api.get("/openapi.json", include_in_schema=False)
     async def openapi() -> JSONResponse:
@@ -136,4 +165,4 @@ def admin_app(svc: Services) -> FastAPI:
         problems = await svc.ledger.verify(svc.config.server.request_timeout_seconds * 1000 + 60_000)
         return {"ok": not problems, "problems": problems}
 
-    return api
+    return TokenGate(api, svc.config.server.admin_token_env)

@@ -23,6 +23,7 @@ from starlette.types import ASGIApp
 from tollway import config as config_mod
 from tollway import retention, telemetry
 from tollway.accesslog import AccessLogWriter
+from tollway.bodycap import ControlBodyCap
 from tollway.config import Config
 from tollway.edge import Edge
 from tollway.errors import TollwayError, Unauthorized, render_json
@@ -194,14 +195,15 @@ def create_app(cfg: Config, *, services: Services | None = None, migrate: bool |
 
 class _Gateway(Starlette):
     """Starlette with the edge (edge.py) outside its own error middleware, so that
-    the /v1 POST endpoints can be reached without passing through it."""
+    the /v1 POST endpoints can be reached without passing through it. Every other
+    request passes the body cap (bodycap.py) first."""
 
     def __init__(self, edge: Callable[[ASGIApp], ASGIApp], **kwargs: Any) -> None:
         self.edge = edge  # before Starlette's __init__, which may build the stack
         super().__init__(**kwargs)
 
     def build_middleware_stack(self) -> ASGIApp:
-        return self.edge(super().build_middleware_stack())
+        return self.edge(ControlBodyCap(super().build_middleware_stack()))
 
 
 def app_from_env() -> Starlette:

@@ -24,7 +24,7 @@ from tollway import config as config_mod
 from tollway.config import Config, ConfigError
 from tollway.errors import TollwayError
 from tollway.ledger.holds import DatabaseInUse, ServingLock
-from tollway.money import MoneyError, format_usd, parse_usd
+from tollway.money import MoneyError, format_usd, parse_operator_usd
 from tollway.services import Services, build, config_dir
 from tollway.store.db import sqlite_path
 
@@ -301,7 +301,7 @@ def keys_create(config_path: str | None, tenant_id: str, name: str | None, expir
 
     cfg = load_config(config_path)
     expires = int((time.time() + expires_in_days * 86400) * 1000) if expires_in_days else None
-    limit = parse_usd(spend_limit) if spend_limit else None
+    limit = parse_operator_usd(spend_limit) if spend_limit else None
     result = with_services(cfg, lambda s: s.keys.create(
         tenant_id, name=name, expires_at=expires, spend_limit_micros=limit, spend_limit_period=spend_period))
     emit(result, as_json, lambda o: f"key_id: {o['key_id']}\nkey: {o['key']}\n(store it now: it is not shown again)")
@@ -345,9 +345,7 @@ def wallet() -> None:
 @handle_errors
 def wallet_credit(config_path: str | None, tenant_id: str, amount: str, reference: str, as_json: bool) -> None:
     cfg = load_config(config_path)
-    micros = parse_usd(amount)
-    if micros <= 0:
-        raise CliError("--amount must be positive")
+    micros = parse_operator_usd(amount)
     result = with_services(cfg, lambda s: s.ledger.credit_manual(tenant_id, micros, reference))
     emit({"tenant_id": tenant_id, "applied": result["applied"], "balance_usd": format_usd(result["balance_micros"])},
          as_json)

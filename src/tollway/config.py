@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 from urllib.parse import urlsplit
 
+from tollway.privacy import HOP_BY_HOP_HEADERS, metadata_header_problem
+
 CONFIG_ENV = "TOLLWAY_CONFIG"
 # Set by `tollway serve` for its worker processes: how many of them serve this database.
 WORKERS_ENV = "TOLLWAY_WORKERS"
@@ -317,6 +319,9 @@ class _Loader:
         return cfg
 
     def _check_provider(self, p: ProviderConfig, path: str) -> None:
+        for name in p.extra_headers:
+            if name.lower() in HOP_BY_HOP_HEADERS:
+                raise self.fail(f"{path}.extra_headers.{name}", "a hop-by-hop or framing header, set by the client")
         if p.type != "echo":
             if not p.base_url.startswith(("http://", "https://")):
                 raise self.fail(f"{path}.base_url", "expected an http:// or https:// URL")
@@ -353,6 +358,8 @@ class _Loader:
                 raise self.fail(path, f"expected a positive integer, got {value}")
         if cfg.server.port > 65535:
             raise self.fail("server.port", "expected a port number up to 65535")
+        if cfg.attribution and (problem := metadata_header_problem(cfg.attribution.header)):
+            raise self.fail("attribution.header", problem)
         if cfg.stripe and cfg.stripe.min_topup_usd > cfg.stripe.max_topup_usd:
             raise self.fail("stripe.min_topup_usd", "must not exceed stripe.max_topup_usd")
 

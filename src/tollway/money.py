@@ -107,3 +107,18 @@ def max_cost(prompt_tokens: int, completion_tokens: int, prices: Prices) -> int:
     out_price = max(p for p in (prices.output, prices.reasoning) if p is not None)
     total = prompt_tokens * in_price + completion_tokens * out_price
     return int(total.to_integral_value(rounding=ROUND_CEILING))
+
+
+# The largest amount an operator may type (a credit, a spend limit): $1,000,000,000. Far
+# below what a 64-bit column holds, so a wallet's sum of many stays exact and storable.
+MAX_OPERATOR_MICROS = 10**15
+
+
+def parse_operator_usd(text: str) -> int:
+    """An operator's amount: positive, at most MAX_OPERATOR_MICROS (MoneyError otherwise)."""
+    micros = parse_usd(text)
+    if micros <= 0:
+        raise MoneyError("must be positive")
+    if micros > MAX_OPERATOR_MICROS:
+        raise MoneyError(f"at most {format_usd(MAX_OPERATOR_MICROS)}")
+    return micros

@@ -80,3 +80,33 @@ def forwarded_headers(incoming: Iterable[tuple[str, str]]) -> dict[str, str]:
 
 def returned_headers(upstream: Iterable[tuple[str, str]]) -> dict[str, str]:
     return {n.lower(): v for n, v in upstream if n.lower() in RETURNED_RESPONSE_HEADERS}
+
+
+# Headers the HTTP client owns (hop-by-hop and message framing): set from config they
+# would corrupt or smuggle the upstream request.
+HOP_BY_HOP_HEADERS: frozenset[str] = frozenset({
+    "connection", "keep-alive", "proxy-connection", "te", "trailer", "trailers", "transfer-encoding", "upgrade",
+    "host", "content-length", "content-encoding", "expect",
+})
+# Beyond those, what the per-customer metadata header (config: attribution.header) may not
+# be: a credential (it would replace the provider key), a header Tollway sets or forwards,
+# or a provider's own header (versions, beta features and their prices, accounts).
+_NOT_METADATA = HOP_BY_HOP_HEADERS | FORWARDED_REQUEST_HEADERS | {
+    "authorization", "proxy-authorization", "proxy-authenticate", "www-authenticate", "cookie", "set-cookie",
+    "forwarded", "accept-encoding", "x-request-id"}
+_NOT_METADATA_PREFIXES = ("anthropic-", "openai-", "cf-aig-", "x-forwarded-", "proxy-", "sec-")
+_CREDENTIAL_WORD = re.compile(r"auth|api-?key|token|secret|password|cookie|session")
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token
+
+
+def metadata_header_problem(name: str) -> str | None:
+    """Why `name` cannot carry per-customer metadata upstream, or None when it can."""
+    if not _HEADER_NAME.fullmatch(name):
+        return "expected an HTTP header name (letters, digits and -)"
+    low = name.lower()
+    if low == "cf-aig-metadata":  # Cloudflare AI Gateway's metadata header, the default
+        return None
+    if low in _NOT_METADATA or low.startswith(_NOT_METADATA_PREFIXES) or _CREDENTIAL_WORD.search(low):
+        return (f"{name!r} is a hop-by-hop, credential or provider header; name a header of its own, "
+                f"e.g. cf-aig-metadata or x-<yours>-metadata")
+    return None

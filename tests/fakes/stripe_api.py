@@ -1,5 +1,6 @@
 """A fake Stripe API for loopback tests: POST /v1/checkout/sessions, form-encoded like the
-real one, recording every request it receives.
+real one, and GET /v1/checkout/sessions?payment_intent=pi_..., recording every request it
+receives. `pay(session_id, pi)` is the customer paying on the hosted page.
 
 It answers the way Stripe does where Tollway depends on it: bearer-key authentication
 (401 with a Stripe error body otherwise), `Idempotency-Key` replays returning the first
@@ -36,7 +37,24 @@ class FakeStripe:
     _by_idempotency_key: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def app(self) -> Starlette:
-        return Starlette(routes=[Route("/v1/checkout/sessions", self.create_session, methods=["POST"])])
+        return Starlette(routes=[Route("/v1/checkout/sessions", self.create_session, methods=["POST"]),
+                                 Route("/v1/checkout/sessions", self.list_sessions, methods=["GET"])])
+
+    def pay(self, session_id: str, pi: str) -> None:
+        self.sessions[session_id].update(payment_intent=pi, payment_status="paid", status="complete")
+
+    async def list_sessions(self, request: Request) -> Response:
+        form = dict(request.query_params)
+        self.requests.append(Recorded(dict(request.headers), form, ""))
+        if request.headers.get("authorization") != f"Bearer {self.api_key}":
+            return _error(401, "invalid_request_error", "Invalid API Key provided")
+        if self.fail_with is not None:
+            status, err = self.fail_with
+            return JSONResponse({"error": err}, status_code=status, headers={"stripe-should-retry": "false"})
+        found = [s for s in self.sessions.values()
+                 if "payment_intent" not in form or s["payment_intent"] == form["payment_intent"]]
+        return JSONResponse({"object": "list", "url": "/v1/checkout/sessions", "has_more": False,
+                             "data": found[: int(form.get("limit", "10"))]})
 
     async def create_session(self, request: Request) -> Response:
         body = (await request.body()).decode()

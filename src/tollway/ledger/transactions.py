@@ -48,7 +48,7 @@ from sqlalchemy import Connection
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from tollway.errors import InsufficientFunds, NotFound, SpendLimitExceeded
+from tollway.errors import BadRequest, Conflict, InsufficientFunds, NotFound, SpendLimitExceeded
 from tollway.ledger import postgres
 from tollway.ledger.embedded import MemoryPath, recover_charges
 from tollway.ledger.holds import MemoryHolds
@@ -160,8 +160,22 @@ class Ledger:
         return {"applied": True, "entry_id": entry_id, "balance_micros": new}
 
     async def credit_manual(self, tenant_id: str, amount_micros: int, reference: str) -> dict[str, Any]:
-        """An operator's credit; idempotent on (tenant, reference)."""
-        return await self.credit(tenant_id, amount_micros, f"manual:{tenant_id}:{reference}", reference=reference)
+        """An operator's credit; idempotent on (tenant, reference). The same reference with
+        another amount is refused (Conflict naming it): ignoring it would tell the operator
+        nothing while the wallet holds a different sum than they asked for."""
+        entry_id = f"manual:{tenant_id}:{reference}"
+        if len(entry_id) > ENTRY_ID_CHARS:  # PostgreSQL would refuse it with a 500
+            raise BadRequest(f"reference: at most {ENTRY_ID_CHARS - len(entry_id) + len(reference)} characters",
+                             param="reference")
+        result = await self.credit(tenant_id, amount_micros, entry_id, reference=reference)
+        if not result["applied"]:
+            async with self.store.read() as conn:
+                before = (await conn.execute(sa.select(ledger_entries.c.amount_micros)
+                                             .where(ledger_entries.c.id == entry_id))).scalar()
+            if before is not None and int(before) != amount_micros:
+                raise Conflict(f"reference {reference!r} already credited {format_usd(int(before))} to {tenant_id}; "
+                               f"use a new reference for another amount", param="reference", code="reference_conflict")
+        return result
 
     async def debit(self, tenant_id: str, amount_micros: int, entry_id: str, *, kind: str = "debit",
                     reference: str | None = None, conn: AsyncConnection | None = None) -> dict[str, Any]:
@@ -600,6 +614,9 @@ class Ledger:
 
     async def open_wallet(self, conn: AsyncConnection, tenant_id: str) -> None:
         await conn.execute(wallets.insert().values(tenant_id=tenant_id, balance_micros=0, updated_at=now_ms()))
+
+
+ENTRY_ID_CHARS = 120  # ledger_entries.id is a VARCHAR(120)
 
 
 def _usage_row(request_id: str, tenant_id: str, charged: int, usage: dict[str, Any], ts: int) -> dict[str, Any]:

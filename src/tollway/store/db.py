@@ -19,6 +19,9 @@ closed before handing them out (see Store._pg_checkout), so the service recovers
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import stat
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -88,6 +91,20 @@ def sqlite_path(url: str, base_dir: Path | None = None) -> Path | None:
     return Path(async_url(url, base_dir)[len("sqlite+aiosqlite:///"):])
 
 
+def owner_only(database: Path) -> None:
+    """Names, e-mails and client IPs live in the database: created 0600 before SQLite first
+    opens it, whatever the umask (SQLite gives its -wal and -shm the database's mode), and
+    an existing file, -wal or -shm readable by others tightened to the owner's bits."""
+    with contextlib.suppress(OSError):  # exists, or no folder or no right: SQLite reports the latter
+        os.close(os.open(database, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    for name in (database.name, database.name + "-wal", database.name + "-shm", database.name + "-journal"):
+        f = database.with_name(name)
+        with contextlib.suppress(OSError):  # absent, another owner's, a read-only file system
+            current = stat.S_IMODE(f.stat().st_mode)
+            if current & 0o077:
+                f.chmod(current & 0o700)
+
+
 def is_unavailable(exc: BaseException) -> bool:
     """True when `exc` means the database cannot serve us now (retrying later may work)."""
     if isinstance(exc, sqlalchemy.exc.IntegrityError):
@@ -152,7 +169,10 @@ class Store:
         self.writer = None
         self.sqlite_file: Path | None = None  # the database file, when there is one
         if path is not None and str(path) != ":memory:":
-            self.sqlite_file = path
+            # The real file, symlinks followed: the serving lock and the journal sit beside
+            # it, so two spellings of one database cannot hold two locks (holds.py).
+            self.sqlite_file = path = Path(os.path.realpath(path))
+            owner_only(path)
             self.writer = SQLiteWriter(path, on_connect=_sqlite_on_connect, on_statement=self._count)
         if self.is_sqlite:
             event.listen(sync, "connect", _sqlite_on_connect)

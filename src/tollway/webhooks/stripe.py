@@ -18,8 +18,9 @@ Exactly-once, in one write transaction per event:
 
 Policies (docs/stripe.md): refunds debit the refunded delta, never below zero, the
 shortfall recorded; a dispute debits its amount when opened and re-credits what was
-debited if it closes won, warning_closed or prevented; a currency other than the
-configured one is refused and recorded.
+debited if it closes won, warning_closed or prevented (stripe_refunds.py, which also
+says how a refund or dispute finds its top-up); a currency other than the configured
+one is refused and recorded.
 """
 
 from __future__ import annotations
@@ -39,18 +40,28 @@ from starlette.routing import BaseRoute, Route
 from tollway.config import ConfigError, StripeConfig, resolve_secret
 from tollway.errors import BadRequest, NotFound, PayloadTooLarge, ServiceUnavailable, UpstreamError
 from tollway.ledger.transactions import Ledger
-from tollway.money import MICROS_PER_USD, MoneyError, decimal_to_micros_ceil, format_usd, from_minor_units, parse_usd
+from tollway.money import (
+    MAX_OPERATOR_MICROS,
+    MICROS_PER_USD,
+    MoneyError,
+    decimal_to_micros_ceil,
+    format_usd,
+    from_minor_units,
+    parse_usd,
+)
 from tollway.store.db import Store, now_ms
-from tollway.store.schema import ledger_entries, stripe_events, tenants, topups
+from tollway.store.schema import stripe_events, tenants, topups
 from tollway.telemetry import log
+from tollway.webhooks import stripe_refunds
+from tollway.webhooks.stripe_refunds import intent_of, stripe_id
 
 TENANT_META = "tollway_tenant_id"  # metadata key on the session and its PaymentIntent
 MAX_EVENT_BYTES = 1 << 20          # Stripe events are a few kB; refuse anything absurd
-# Dispute statuses after which the disputed money is back with the merchant
-# ("prevented": Stripe refunds instead, and that refund is debited on charge.refunded).
-DISPUTE_RETURNED = frozenset({"won", "warning_closed", "prevented"})
 SESSION_EVENTS = frozenset({"checkout.session.completed", "checkout.session.async_payment_succeeded",
                             "checkout.session.async_payment_failed", "checkout.session.expired"})
+# The object each event used must carry: an event about anything else acts on nothing.
+EVENT_OBJECTS = {**dict.fromkeys(SESSION_EVENTS, "checkout.session"), "charge.refunded": "charge",
+                 "charge.dispute.created": "dispute", "charge.dispute.closed": "dispute"}
 # Stripe's zero- and three-decimal currencies (docs.stripe.com/currencies).
 _ZERO_DECIMAL = frozenset({"bif", "clp", "djf", "gnf", "jpy", "kmf", "krw", "mga", "pyg", "rwf", "ugx", "vnd",
                            "vuv", "xaf", "xof", "xpf"})
@@ -199,6 +210,7 @@ class Payments:
             raise BadRequest("Stripe-Signature is missing, invalid or too old.", code="invalid_signature") from None
         except (ValueError, TypeError, KeyError, AttributeError):
             raise BadRequest("The body is not a Stripe event.", code="invalid_event") from None
+        resolved = await stripe_refunds.resolve_session(self, event_id, etype, obj)
         for _ in range(5):
             try:
                 async with self.store.write() as conn:
@@ -209,7 +221,7 @@ class Payments:
                     else:
                         await conn.execute(stripe_events.insert().values(
                             id=event_id, type=etype[:80], outcome="processing", received_at=now_ms()))
-                        outcome = (await self._apply(conn, etype, obj))[:200]
+                        outcome = (await self._apply(conn, etype, obj, resolved))[:200]
                         await conn.execute(stripe_events.update().where(stripe_events.c.id == event_id)
                                            .values(outcome=outcome))
             except sa.exc.IntegrityError:
@@ -218,49 +230,59 @@ class Payments:
             return {"event_id": event_id, "type": etype, "outcome": outcome}
         raise ServiceUnavailable("Webhook contention; Stripe will retry.", code="webhook_busy")
 
-    async def _apply(self, conn: AsyncConnection, etype: str, obj: dict[str, Any]) -> str:
+    async def _apply(self, conn: AsyncConnection, etype: str, obj: dict[str, Any],
+                     resolved: dict[str, Any] | None) -> str:
+        kind = EVENT_OBJECTS.get(etype)
+        if kind is None:
+            return "ignored: event type not used"
+        if obj.get("object") != kind:
+            return f"ignored: {etype} about a {str(obj.get('object'))[:40]}, not a {kind}"
         if etype in SESSION_EVENTS:
             return await self._session_event(conn, etype, obj)
         if etype == "charge.refunded":
-            return await self._refund(conn, obj)
-        if etype in ("charge.dispute.created", "charge.dispute.closed"):
-            return await self._dispute(conn, etype, obj)
-        return "ignored: event type not used"
+            return await stripe_refunds.refund(self, conn, obj, resolved)
+        return await stripe_refunds.dispute(self, conn, etype, obj, resolved)
+
+    async def adopt(self, conn: AsyncConnection, session: dict[str, Any]) -> dict[str, Any] | None:
+        """A session created by us (our metadata) whose row was never written, e.g. a crash
+        right after Stripe answered: its top-up row now. None: not ours."""
+        session_id = stripe_id(session.get("id"), "cs_")
+        tenant_id = (session.get("metadata") or {}).get(TENANT_META)
+        if session_id is None or not isinstance(tenant_id, str) or not 0 < len(tenant_id) <= 40 or (
+                session.get("mode") != "payment"):
+            return None  # 40: the tenant id column; a longer one is no tenant of ours
+        await conn.execute(topups.insert().values(
+            session_id=session_id, tenant_id=str(tenant_id), amount_micros=0,
+            currency=str(session.get("currency") or ""), status="created", created_at=now_ms()))
+        return await self.topup(conn, topups.c.session_id == session_id)
 
     async def _session_event(self, conn: AsyncConnection, etype: str, obj: dict[str, Any]) -> str:
-        session_id = str(obj.get("id") or "")
-        topup = await self._topup(conn, topups.c.session_id == session_id)
+        session_id = stripe_id(obj.get("id"), "cs_")
+        if session_id is None:
+            return "ignored: session without an id"
+        topup = await self.topup(conn, topups.c.session_id == session_id) or await self.adopt(conn, obj)
         if topup is None:
-            # Created by us (our metadata) but its row never written, e.g. a crash right
-            # after Stripe answered: adopt it. Anything else on the account is not ours.
-            tenant_id = (obj.get("metadata") or {}).get(TENANT_META)
-            if not tenant_id or obj.get("mode") != "payment":
-                return "ignored: not a Tollway top-up"
-            await conn.execute(topups.insert().values(
-                session_id=session_id, tenant_id=str(tenant_id), amount_micros=0,
-                currency=str(obj.get("currency") or ""), status="created", created_at=now_ms()))
-            topup = await self._topup(conn, topups.c.session_id == session_id)
-            assert topup is not None
+            return "ignored: not a Tollway top-up"
         if etype == "checkout.session.expired":
             if topup["status"] in ("created", "pending"):
-                await self._set(conn, session_id, status="expired")
+                await self.set(conn, session_id, status="expired")
             return "expired"
-        if (refused := await self._currency(conn, obj, session_id)) is not None:
+        if (refused := await self.check_currency(conn, obj, session_id)) is not None:
             return refused
         paid = etype == "checkout.session.async_payment_succeeded" or (
             etype == "checkout.session.completed" and obj.get("payment_status") == "paid")
-        intent = _id(obj.get("payment_intent"))
+        intent = intent_of(obj)
         if etype == "checkout.session.async_payment_failed":
             if topup["status"] != "paid":
-                await self._set(conn, session_id, status="failed", payment_intent=intent)
+                await self.set(conn, session_id, status="failed", payment_intent=intent)
             return "failed: asynchronous payment failed"
         if not paid:
             if etype == "checkout.session.completed" and obj.get("payment_status") == "unpaid":
-                await self._set(conn, session_id, status="pending", payment_intent=intent)
+                await self.set(conn, session_id, status="pending", payment_intent=intent)
                 return "pending: awaiting asynchronous payment"
             return f"ignored: {etype} without payment"
-        amount = self._micros(obj.get("amount_total"))
-        await self._set(conn, session_id, status="paid", payment_intent=intent, amount_micros=amount)
+        amount = self.micros(obj.get("amount_total"))
+        await self.set(conn, session_id, status="paid", payment_intent=intent, amount_micros=amount)
         # A refund recorded before this credit (events are not ordered) is netted here.
         net = amount - int(topup["refunded_micros"])
         if net <= 0:
@@ -274,91 +296,35 @@ class Payments:
             return "already credited"
         return f"credited {format_usd(net)} to {topup['tenant_id']}"
 
-    async def _refund(self, conn: AsyncConnection, charge: dict[str, Any]) -> str:
-        topup = await self._topup(conn, topups.c.payment_intent == _id(charge.get("payment_intent")))
-        if topup is None:
-            return "ignored: charge is not a Tollway top-up"
-        if (refused := await self._currency(conn, charge, None)) is not None:
-            return refused
-        cumulative = self._micros(charge.get("amount_refunded"))  # cumulative over all refunds
-        delta = cumulative - int(topup["refunded_micros"])
-        if delta <= 0:
-            return "ignored: refund already applied"
-        await self._set(conn, topup["session_id"], refunded_micros=cumulative)
-        if topup["status"] != "paid":
-            return f"recorded refund of {format_usd(delta)} before credit"
-        charge_id = str(charge.get("id"))
-        res = await self.ledger.debit(topup["tenant_id"], delta, f"stripe:refund:{charge_id}:{cumulative}",
-                                      kind="refund", reference=charge_id, conn=conn)
-        return _debited("refund", delta, res)
-
-    async def _dispute(self, conn: AsyncConnection, etype: str, dispute: dict[str, Any]) -> str:
-        topup = await self._topup(conn, topups.c.payment_intent == _id(dispute.get("payment_intent")))
-        if topup is None:
-            return "ignored: charge is not a Tollway top-up"
-        if (refused := await self._currency(conn, dispute, None)) is not None:
-            return refused
-        dispute_id, tenant_id = str(dispute.get("id")), topup["tenant_id"]
-        if etype == "charge.dispute.created":
-            amount = self._micros(dispute.get("amount"))
-            if amount <= 0:
-                return "ignored: dispute without amount"
-            res = await self.ledger.debit(tenant_id, amount, f"stripe:dispute:{dispute_id}", kind="dispute",
-                                          reference=dispute_id, conn=conn)
-            return _debited("dispute", amount, res)
-        status = str(dispute.get("status"))
-        if status not in DISPUTE_RETURNED:
-            return f"dispute closed {status}: debit stands"
-        taken = (await conn.execute(sa.select(ledger_entries.c.amount_micros)
-                                    .where(ledger_entries.c.id == f"stripe:dispute:{dispute_id}"))).scalar()
-        if not taken:
-            return f"dispute closed {status}: nothing was debited"
-        # Give back what was actually taken, not the disputed amount: a shortfall was never debited.
-        res = await self.ledger.credit(tenant_id, -int(taken), f"stripe:dispute-won:{dispute_id}", kind="adjust",
-                                       reference=dispute_id, conn=conn)
-        return f"re-credited {format_usd(-int(taken))}: dispute {status}" if res["applied"] else "already re-credited"
-
     # --- helpers ------------------------------------------------------------------------------
 
-    def _micros(self, minor: Any) -> int:
+    def micros(self, minor: Any) -> int:
         if isinstance(minor, bool) or not isinstance(minor, int) or minor < 0:
             raise BadRequest("Stripe event amount is not a non-negative integer.", code="invalid_event")
-        return from_minor_units(minor, self.exponent)  # exact: integer minor units -> micro-units
+        micros = from_minor_units(minor, self.exponent)  # exact: integer minor units -> micro-units
+        if micros > MAX_OPERATOR_MICROS:  # far above any Stripe charge; a wallet could not hold it
+            raise BadRequest("Stripe event amount is out of range.", code="invalid_event")
+        return micros
 
-    async def _currency(self, conn: AsyncConnection, obj: dict[str, Any], session_id: str | None) -> str | None:
+    async def check_currency(self, conn: AsyncConnection, obj: dict[str, Any], session_id: str | None) -> str | None:
         currency = str(obj.get("currency") or "").lower()
         if currency == self.currency:
             return None
         if session_id is not None:
-            await self._set(conn, session_id, status="refused")
+            await self.set(conn, session_id, status="refused")
         log.warning("stripe_currency_refused", outcome=f"currency {currency} is not {self.currency}")
         return f"refused: currency {currency or '(none)'} is not {self.currency}"
 
-    async def _topup(self, conn: AsyncConnection, where: Any) -> dict[str, Any] | None:
+    async def topup(self, conn: AsyncConnection, where: Any) -> dict[str, Any] | None:
         q = sa.select(topups).where(where).limit(1)
         if not self.store.is_sqlite:
             q = q.with_for_update()  # SQLite already holds its single write lock
         row = (await conn.execute(q)).mappings().first()
         return dict(row) if row is not None else None
 
-    async def _set(self, conn: AsyncConnection, session_id: str, **values: Any) -> None:
+    async def set(self, conn: AsyncConnection, session_id: str, **values: Any) -> None:
         values = {k: v for k, v in values.items() if v is not None}
         await conn.execute(topups.update().where(topups.c.session_id == session_id).values(**values))
-
-
-def _id(value: Any) -> str | None:
-    """An id field Stripe sends either as "pi_..." or as the expanded object."""
-    if isinstance(value, dict):
-        value = value.get("id")
-    return str(value) if value else None
-
-
-def _debited(what: str, amount: int, res: dict[str, Any]) -> str:
-    if not res["applied"]:
-        return f"{what} already debited"
-    taken = amount - int(res["shortfall_micros"])
-    short = f", shortfall {format_usd(res['shortfall_micros'])} not covered by the balance" if taken < amount else ""
-    return f"debited {format_usd(taken)} for {what}{short}"
 
 
 def payments(configured: Payments | None) -> Payments:
