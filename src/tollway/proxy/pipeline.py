@@ -40,7 +40,7 @@ from tollway.errors import (
 )
 from tollway.keys import Principal, bearer_key
 from tollway.money import Prices, Usage, cost, format_usd, max_cost
-from tollway.privacy import forwarded_headers, returned_headers, scrub
+from tollway.privacy import forwarded_headers, returned_headers, scrub, scrub_identifier
 from tollway.providers import ADAPTERS
 from tollway.providers.base import (
     EMBEDDINGS,
@@ -273,6 +273,7 @@ class Pipeline:
         message, code, param = upstream_error_details(raw[:ERROR_BODY_CAP])
         t = route.target
         message = scrub(message.replace(t.upstream_model, t.slug), route.secrets)
+        code, param = scrub_identifier(code, route.secrets), scrub_identifier(param, route.secrets)
         retry = {k: v for k, v in returned_headers(resp.headers).items() if k.startswith("retry-after")}
         if status == 429:
             return UpstreamRateLimited(f"The model provider is rate limiting requests: {message}", headers=retry)
