@@ -166,3 +166,22 @@ def test_erasing_an_ip_leaves_other_tenants_rows_alone(backend: dict[str, Any],
     assert rows["req_b"]["client_ip"] == IP  # the bystander's row keeps its address
     (mine,) = [r for rid, r in rows.items() if rid.startswith("req_anon_")]
     assert mine["client_ip"] is None
+
+
+def test_deletion_fits_a_legacy_entry_id_of_full_length_under_the_longer_pseudonym(
+        backend: dict[str, Any], make_config: Callable[..., Config]) -> None:
+    """Before references were limited, a manual credit's id could use all 120 characters;
+    the pseudonym is 5 longer than a tenant id, and PostgreSQL refuses a longer id."""
+    cfg = make_config(**backend)
+    run(with_svc(cfg, lambda s: s.store.migrate()))
+
+    async def scenario(svc: Services) -> list[str]:
+        tid = (await svc.tenants.create("A", "a@example.org"))["tenant_id"]
+        entry_id = f"manual:{tid}:" + "r" * (120 - len(f"manual:{tid}:"))
+        await svc.ledger.credit(tid, 1_000_000, entry_id, reference="r" * 93)
+        await svc.tenants.delete(tid)
+        async with svc.store.read() as conn:
+            return list((await conn.execute(sa.select(ledger_entries.c.id))).scalars())
+
+    (moved,) = run(with_svc(cfg, scenario))
+    assert moved.startswith("manual:tn_anon_") and len(moved) <= 120

@@ -34,7 +34,7 @@ class KeyIn(BaseModel):
 
 class CreditIn(BaseModel):
     amount_usd: str = Field(description='decimal string, e.g. "5.00"')
-    reference: str = Field(min_length=1, max_length=150, description="idempotency reference")
+    reference: str = Field(min_length=1, max_length=200, description="idempotency reference, at most 80 characters")
 
 
 class TopupIn(BaseModel):
@@ -66,6 +66,14 @@ def admin_app(svc: Services) -> FastAPI:
 
     api = FastAPI(title="Tollway admin API", version="1", openapi_url=None, docs_url=None, redoc_url=None,
                   dependencies=[Depends(require_token)])
+
+    @api.middleware("http")
+    async def no_store(request: Request, call_next: Any) -> Any:
+        # Key creation answers with the key itself and an export with personal data: no
+        # answer of the operator API is for a cache (a proxy's, a browser's) to keep.
+        response = await call_next(request)
+        response.headers["cache-control"] = "no-store"
+        return response
 
     @api.exception_handler(TollwayError)
     async def _err(_: Request, exc: TollwayError) -> Any:

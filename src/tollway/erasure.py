@@ -17,6 +17,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from tollway.ledger import ENTRY_ID_MAX
 from tollway.store.db import Store
 from tollway.store.schema import access_log, deletion_requests, ledger_entries, usage_events
 
@@ -93,14 +94,14 @@ class Pseudonyms:
         self._salt = secrets.token_bytes(32)
         self.tenant = "tn_anon_" + secrets.token_hex(8)
 
-    def _mac(self, value: str) -> str:
+    def mac(self, value: str) -> str:
         return hmac.new(self._salt, value.encode("utf-8"), hashlib.sha256).hexdigest()
 
     def request(self, request_id: str) -> str:
-        return "req_anon_" + self._mac("r:" + request_id)[:24]
+        return "req_anon_" + self.mac("r:" + request_id)[:24]
 
     def key(self, key_id: str | None) -> str | None:
-        return "key_anon_" + self._mac("k:" + key_id)[:16] if key_id else None
+        return "key_anon_" + self.mac("k:" + key_id)[:16] if key_id else None
 
 
 async def move_ledger(conn: AsyncConnection, tenant_id: str, anon: str, pseudo: Pseudonyms) -> None:
@@ -112,6 +113,8 @@ async def move_ledger(conn: AsyncConnection, tenant_id: str, anon: str, pseudo: 
         new_ref = ref.replace(tenant_id, anon) if ref else ref
         if kind in _REQUEST_KINDS and ref:
             new_id, new_ref = new_id.replace(ref, pseudo.request(ref)), pseudo.request(ref)
+        if len(new_id) > ENTRY_ID_MAX:  # an id made before references were limited
+            new_id = new_id[:ENTRY_ID_MAX - 33] + "~" + pseudo.mac("e:" + entry_id)[:32]
         updates.append({"b_old": entry_id, "b_id": new_id, "b_reference": new_ref})
     await _rewrite(conn, ledger_entries.c.id, updates, tenant_id=anon)
 

@@ -33,7 +33,9 @@ a settle of its own would write them (`_charge`). The wallet row holds what the 
 (reservations, and charges not yet applied) is deducted when a balance is read.
 
 Entry ids: `<request>:reserve`, `<request>:release` (or `:swept`), `<request>:debit`;
-operator credits `manual:<tenant>:<reference>`; Stripe `stripe:...`.
+operator credits `manual:<tenant>:<reference>`; Stripe `stripe:...`. An id must fit the
+column (ENTRY_ID_MAX; PostgreSQL enforces it), and a manual reference must leave room for
+the longer pseudonym a deletion puts in its place (MANUAL_REFERENCE_MAX).
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from tollway import ledger_onestep
-from tollway.errors import InsufficientFunds, NotFound, SpendLimitExceeded
+from tollway.errors import BadRequest, InsufficientFunds, NotFound, SpendLimitExceeded
 from tollway.holds import MemoryHolds
 from tollway.journal import Charge, Journal
 from tollway.ledger_memory import MemoryPath, recover_charges
@@ -60,6 +62,9 @@ from tollway.store.schema import key_spend, ledger_entries, reservations, tenant
 
 T = TypeVar("T")
 P = ParamSpec("P")
+ENTRY_ID_MAX: int = ledger_entries.c.id.type.length  # type: ignore[attr-defined]
+# "manual:" + a pseudonym ("tn_anon_" + 16 hex) + ":" + reference must fit ENTRY_ID_MAX.
+MANUAL_REFERENCE_MAX = 80
 CREDIT_KINDS = ("credit", "topup", "refund_credit", "adjust")
 DEBIT_KINDS = ("debit", "refund", "dispute", "adjust_debit")
 
@@ -126,6 +131,7 @@ class Ledger:
         IntegrityError there, rolling the caller's transaction back whole)."""
         if amount_micros <= 0:
             raise ValueError("credit amount must be positive")
+        _check_entry_id(entry_id)
         try:
             return self._spendable(await self._run(conn, self._credit, tenant_id, amount_micros, entry_id, kind,
                                                    reference), tenant_id)
@@ -151,6 +157,9 @@ class Ledger:
 
     async def credit_manual(self, tenant_id: str, amount_micros: int, reference: str) -> dict[str, Any]:
         """An operator's credit; idempotent on (tenant, reference)."""
+        if not 0 < len(reference) <= MANUAL_REFERENCE_MAX:
+            raise BadRequest(f"reference: must be 1 to {MANUAL_REFERENCE_MAX} characters (got {len(reference)})",
+                             param="reference")
         return await self.credit(tenant_id, amount_micros, f"manual:{tenant_id}:{reference}", reference=reference)
 
     async def debit(self, tenant_id: str, amount_micros: int, entry_id: str, *, kind: str = "debit",
@@ -159,6 +168,7 @@ class Ledger:
         balance cannot cover is reported as `shortfall_micros`, not invented."""
         if amount_micros <= 0:
             raise ValueError("debit amount must be positive")
+        _check_entry_id(entry_id)
         try:
             return self._spendable(await self._run(conn, self._debit, tenant_id, amount_micros, entry_id, kind,
                                                    reference), tenant_id)
@@ -566,6 +576,12 @@ def _usage_row(request_id: str, tenant_id: str, charged: int, usage: dict[str, A
     row = {**usage, "request_id": request_id, "tenant_id": tenant_id, "cost_micros": charged}
     row.setdefault("created_at", ts)
     return row
+
+
+def _check_entry_id(entry_id: str) -> None:
+    if len(entry_id) > ENTRY_ID_MAX:
+        raise BadRequest(f"The ledger entry id is {len(entry_id)} characters long; at most {ENTRY_ID_MAX} fit.",
+                         code="entry_id_too_long")
 
 
 def _exists(conn: Connection, entry_id: str) -> bool:
