@@ -148,6 +148,12 @@ class ProviderConfig:
         True,
     )
     cf_aig_token_env: str = doc("Env var with a cf-aig-authorization token (Authenticated Gateway).", "")
+    tenant_fields: Literal["auto", "openai", "user", "none"] = doc(
+        "Per-tenant pseudonyms sent unasked: openai (prompt_cache_key and safety_identifier on chat, user "
+        "elsewhere), user (user; Anthropic: metadata.user_id), none; auto is openai for api.openai.com, user "
+        "for anthropic, else none. Client-sent values are namespaced per tenant always.",
+        "auto",
+    )
     name: str = ""  # filled from the table name, not a TOML key
 
 

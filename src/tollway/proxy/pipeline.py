@@ -56,6 +56,7 @@ from tollway.providers.base import (
     upstream_error_details,
 )
 from tollway.providers.echo import EchoTransport
+from tollway.providers.tenant_tag import TenantTagger, resolve_fields
 from tollway.proxy.inbound import ClientGone, header_map, model_slug, parse_json, read_body, shape
 from tollway.proxy.relay import Relay, StreamEnd, shielded
 from tollway.proxy.upstream import Upstream
@@ -80,6 +81,7 @@ class Route:
     transport: Transport | None  # None: the provider's key is missing
     prices: Prices
     secrets: tuple[str, ...]  # what scrub() must remove from anything sent back
+    tenant_fields: str = "none"  # tenant_tag.resolve_fields of its provider
 
 
 class Call:
@@ -129,7 +131,8 @@ def build_routes(cfg: config_mod.Config, provider_keys: dict[str, Any], upstream
                         adapter.static_headers(provider, key, cf_token))
         prices = Prices(m.input_usd_per_mtok, m.output_usd_per_mtok, m.cached_input_usd_per_mtok,
                         m.reasoning_usd_per_mtok, m.cache_write_usd_per_mtok)
-        routes[m.id] = Route(target, m, adapter, transport, prices, tuple(s for s in (key, cf_token) if s))
+        routes[m.id] = Route(target, m, adapter, transport, prices, tuple(s for s in (key, cf_token) if s),
+                             resolve_fields(provider))
     return routes
 
 
@@ -141,6 +144,7 @@ class Pipeline:
         self.attribution = cfg.attribution.header.lower() if cfg.attribution else None
         self.upstream = Upstream(cfg.server.request_timeout_seconds, cfg.server.stream_idle_timeout_seconds)
         self.routes = build_routes(cfg, provider_keys, self.upstream, EchoTransport())
+        self.tenant_tags = TenantTagger(svc.keys.secret)
 
     async def start(self) -> None:
         await self.upstream.start()
@@ -219,6 +223,8 @@ class Pipeline:
                 "tenant_id": call.principal.tenant_id, "key_id": call.principal.key_id,
                 "request_id": call.request_id}).decode()
         out_headers = merge_headers(forwarded_headers(headers.items()), route.target.headers, per_request)
+        route.adapter.tag_tenant(call.endpoint, call.body, self.tenant_tags.tag(
+            route.target.provider, call.principal.tenant_id), route.tenant_fields)
         request = route.adapter.prepare(route.target, call.endpoint, call.body, stream, out_headers)
         resp = await route.transport.send(request)
         call.upstream_status = resp.status
