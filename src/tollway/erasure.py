@@ -26,6 +26,7 @@ from tollway.store.schema import access_log, deletion_requests, ledger_entries, 
 # rewrite (VACUUM FULL) drops it: a plain VACUUM marks the space free but the bytes stay.
 REWRITTEN_TABLES = ("tenants", "api_keys", "key_spend", "wallets", "ledger_entries", "usage_events",
                     "reservations", "access_log", "topups", "stripe_events")
+REWRITE_TIMEOUT = 3_600.0
 _REQUEST_KINDS = frozenset({"reserve", "release", "debit"})
 DAY_MS = 86_400_000
 
@@ -38,14 +39,18 @@ async def scrub_files(store: Store, xid: int | None) -> bool:
     async with store.engine.connect() as conn:
         auto = await conn.execution_options(isolation_level="AUTOCOMMIT")
         clear = await wait_until_invisible(auto, xid)
-        await auto.exec_driver_sql(f"VACUUM (FULL, ANALYZE) {', '.join(REWRITTEN_TABLES)}")
+        raw = await auto.get_raw_connection()
+        pg: Any = raw.driver_connection  # asyncpg: a timeout of its own, not the pool's 30 s per statement
+        # Its time grows with the tables (docs/privacy.md has measurements), and each table
+        # is locked while it is rewritten.
+        await pg.execute(f"VACUUM (FULL, ANALYZE) {', '.join(REWRITTEN_TABLES)}", timeout=REWRITE_TIMEOUT)
         # Records in key order (random), not in the order of the deletions, which is
         # the order the pseudonymous rows were appended in.
-        await auto.exec_driver_sql("CLUSTER deletion_requests USING pk_deletion_requests")
+        await pg.execute("CLUSTER deletion_requests USING pk_deletion_requests", timeout=REWRITE_TIMEOUT)
         # Column statistics (most common values) held tenant and request ids; the
         # ANALYZE above replaced them, this drops the old versions. Needs the database
         # owner; otherwise PostgreSQL skips it with a warning (docs/privacy.md).
-        await auto.exec_driver_sql("VACUUM (FULL) pg_catalog.pg_statistic")
+        await pg.execute("VACUUM (FULL) pg_catalog.pg_statistic", timeout=REWRITE_TIMEOUT)
     return clear
 
 
@@ -155,11 +160,13 @@ async def find_record(conn: AsyncConnection, tenant_id: str) -> dict[str, Any] |
 
 async def insert_record(conn: AsyncConnection, is_sqlite: bool, record_id: str, day: int) -> None:
     if is_sqlite:
-        # At a random rowid: SQLite returns rows in rowid order, which would otherwise be
-        # the order of the deletions (PostgreSQL's records are CLUSTERed in _scrub_files).
+        # At a rowid taken from the hash: SQLite returns rows in rowid order, which would
+        # otherwise be the order of the deletions (PostgreSQL's records are CLUSTERed on
+        # the hash in scrub_files).
         await conn.execute(sa.text("INSERT INTO deletion_requests (rowid, tenant_id, requested_at) "
                                    "VALUES (:rowid, :tid, :day)"),
-                           {"rowid": secrets.randbelow(2**62) + 1, "tid": record_id, "day": day})
+                           {"rowid": int(record_id.removeprefix("del_")[:15], 16) + 1, "tid": record_id,
+                            "day": day})
     else:
         await conn.execute(deletion_requests.insert().values(tenant_id=record_id, requested_at=day))
 
