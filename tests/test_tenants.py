@@ -196,6 +196,15 @@ def test_delete_erases_the_person_and_keeps_the_books(gateway: tuple[ServerThrea
         occurrences = [line for line in text.splitlines() if s in line]
         assert not occurrences, (s, occurrences)  # the deletion record holds a hash of the id
     assert "Bob Bystander" in text and OTHER_IP in text
+    if cfg.cache.url.startswith("redis"):  # the keys were used: their cached identities named her
+        import redis
+
+        r = redis.Redis.from_url(cfg.cache.url)
+        try:
+            cached = [(k, r.dump(k)) for k in r.scan_iter(count=1000)]
+        finally:
+            r.close()
+        assert not [k for k, v in cached if ada.encode() in k or ada.encode() in (v or b"")]
     if cfg.database.url.startswith("sqlite"):  # with the gateway running: the files are clean too
         raw = file_bytes(Path(cfg.database.url.removeprefix("sqlite:///")))
         assert not any(s.encode() in raw for s in (NAME, EMAIL, EXTERNAL, IP, "Ada's laptop"))
