@@ -56,6 +56,10 @@ def test_openai_fields_carry_a_per_tenant_pseudonym(launch: Callable[..., Gatewa
         assert ada1[name] == ada2[name] != bob1[name]  # one bucket per tenant, none shared
         assert gw.tenant_id not in ada1[name] and bob not in bob1[name] and len(ada1[name]) <= 64
     assert "user" not in ada1  # chat: the two fields that replace it
+    post(gw, gw.key, "/v1/chat/completions", {**CHAT, "prompt_cache_key": None, "safety_identifier": None})
+    (opted_out,) = sent(fake, "/chat/completions", 1)
+    assert opted_out["prompt_cache_key"] == ada1["prompt_cache_key"]  # a null does not leave the partition
+    assert opted_out["safety_identifier"] == ada1["safety_identifier"]
     # Values a client chose: kept apart per tenant, and apart from the tenant's own tag.
     for key in (gw.key, bob_key):
         post(gw, key, "/v1/chat/completions", {**CHAT, **CLIENT_SENT})

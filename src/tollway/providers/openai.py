@@ -105,7 +105,8 @@ class OpenAIAdapter:
             if body.get(name) is not None:
                 body[name] = who.of(body[name])
         for name in _TAGGED[endpoint] if fields == "openai" else ("user",) if fields == "user" else ():
-            body.setdefault(name, who.tag)
+            if body.get(name) is None:  # an explicit null would opt out of the partition
+                body[name] = who.tag
 
 
 class OpenAIStream:
