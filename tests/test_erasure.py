@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
 import sys
 from collections.abc import Callable
@@ -14,7 +15,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from tests.conftest import fresh_pg_database
+from tests.conftest import _pg_run, fresh_pg_database
 from tests.test_tenants import EMAIL, EXTERNAL, IP, NAME, OTHER_IP, log_row, populate, run, with_svc
 from tollway.config import Config
 from tollway.services import Services
@@ -188,3 +189,22 @@ def test_deletion_fits_a_legacy_entry_id_of_full_length_under_the_longer_pseudon
 
     (moved,) = run(with_svc(cfg, scenario))
     assert moved.startswith("manual:tn_anon_") and len(moved) <= 120
+
+
+def test_postgres_role_that_cannot_rewrite_does_not_report_clean_files(make_config: Callable[..., Config]) -> None:
+    """A role that owns neither the database nor its tables erases the rows, but PostgreSQL
+    skips its VACUUM FULL (a warning) and refuses its CLUSTER: files_scrubbed is false."""
+    role = "tollway_r_" + secrets.token_hex(4)
+    with fresh_pg_database() as url:
+        _pg_run(f'CREATE ROLE "{role}" LOGIN')
+        try:
+            _pg_run(f'GRANT ALL ON ALL TABLES IN SCHEMA public TO "{role}"',
+                    f'GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO "{role}"', url=url)
+            cfg = make_config(database={"url": url.replace("postgres@", f"{role}@", 1)})
+            seeded = run(with_svc(cfg, populate))
+            result = run(with_svc(cfg, lambda s: s.tenants.delete(seeded["ada"])))
+            assert result["files_scrubbed"] is False and result["already_deleted"] is False
+            assert run(with_svc(cfg, lambda s: s.tenants.delete(seeded["ada"])))["already_deleted"] is True
+        finally:
+            _pg_run(f'DROP OWNED BY "{role}"', url=url)
+    _pg_run(f'DROP ROLE "{role}"')
