@@ -208,3 +208,22 @@ def test_postgres_role_that_cannot_rewrite_does_not_report_clean_files(make_conf
         finally:
             _pg_run(f'DROP OWNED BY "{role}"', url=url)
     _pg_run(f'DROP ROLE "{role}"')
+
+
+def test_a_deletion_recorded_before_the_hash_finishes_under_the_hash(make_config: Callable[..., Config]) -> None:
+    """A deletion interrupted under an older version left a record naming the tenant id."""
+    cfg = make_config()
+    run(with_svc(cfg, lambda s: s.store.migrate()))
+
+    async def scenario(svc: Services) -> tuple[dict[str, Any], list[str], dict[str, Any]]:
+        tid = (await svc.tenants.create("A", "a@example.org"))["tenant_id"]
+        async with svc.store.write() as conn:
+            await conn.execute(deletion_requests.insert().values(tenant_id=tid, requested_at=1_700_000_000_123))
+        done = await svc.tenants.delete(tid)
+        async with svc.store.read() as conn:
+            kept = list((await conn.execute(sa.select(deletion_requests.c.tenant_id))).scalars())
+        return done, kept, await svc.tenants.delete(tid)
+
+    done, kept, again = run(with_svc(cfg, scenario))
+    assert done["already_deleted"] is False and again["already_deleted"] is True
+    assert kept == [deletion_record_id(done["tenant_id"])]

@@ -28,8 +28,8 @@ are often personal), the tenant's client IPs in its access-log rows. SQLite runs
 secure_delete, and the WAL is checkpointed and truncated afterwards, so the bytes are
 gone from the database files. On PostgreSQL, once no transaction could still see the
 old row versions (until then even VACUUM FULL keeps them), VACUUM FULL rewrites every
-table the deletion touched (erasure.REWRITTEN_TABLES); its WAL, replicas and backups age out by
-the operator's policy.
+table the deletion touched (erasure.REWRITTEN_TABLES); its WAL, replicas and backups age
+out by the operator's policy.
 """
 
 from __future__ import annotations
@@ -187,8 +187,9 @@ class Tenants:
         scrubbed = await scrub_files(self.store, xid)
         if not scrubbed:
             log.warning("tenant_deleted_files_not_scrubbed", tenant_id=tenant_id,
-                        notice="an older transaction outlived the wait; the erased bytes leave the "
-                               "database files at the next checkpoint (SQLite) or vacuum (PostgreSQL)")
+                        notice="an older transaction outlived the wait, or the database role may not "
+                               "rewrite the tables (PostgreSQL: superuser or database owner); the erased bytes "
+                               "leave the files at the next checkpoint (SQLite) or VACUUM FULL (PostgreSQL)")
         log.info("tenant_deleted", tenant_id=tenant_id, count=revoked, released=released)
         return {**result, "keys_revoked": revoked, "reservations_released": released, "already_deleted": False,
                 "files_scrubbed": scrubbed}
@@ -242,7 +243,8 @@ class Tenants:
             await conn.execute(api_keys.delete().where(api_keys.c.tenant_id == tenant_id))
             await conn.execute(tenants.delete().where(tenants.c.id == tenant_id))
             record = deletion_requests.c.tenant_id.in_((deletion_record_id(tenant_id), tenant_id))
-            await conn.execute(deletion_requests.update().where(record).values(completed_at=utc_day(now_ms())))
+            await conn.execute(deletion_requests.update().where(record).values(  # a record made before the
+                tenant_id=deletion_record_id(tenant_id), completed_at=utc_day(now_ms())))  # hash gets it too
             req = (await conn.execute(sa.select(deletion_requests).where(record))).mappings().one()
             xid = None  # PostgreSQL: this transaction's id, to know when its deletes are invisible
             if not self.store.is_sqlite:
@@ -255,7 +257,7 @@ async def _not_found(conn: AsyncConnection, tenant_id: str) -> NotFound:
     record = await find_record(conn, tenant_id)
     done = record["completed_at"] if record is not None else None
     if done is not None:
-        return NotFound(f"tenant {tenant_id} was deleted at {_iso(done)}")
+        return NotFound(f"tenant {tenant_id} was deleted on {_iso(done)[:10]}")
     return NotFound(f"no tenant {tenant_id}")
 
 
