@@ -154,9 +154,19 @@ def pg_template() -> str:
 def fresh_pg_database(migrated: bool = True) -> Iterator[str]:
     """A new database, dropped afterwards; migrated to head unless migrated=False."""
     need_postgres()
+    global _template_name
+    import asyncpg
+
     name = "tollway_t_" + secrets.token_hex(6)
-    template = pg_template() if migrated else "template0"
-    _pg_run(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+    for attempt in range(3):
+        try:
+            _pg_run(f'CREATE DATABASE "{name}" TEMPLATE "{pg_template() if migrated else "template0"}"')
+            break
+        except asyncpg.InvalidCatalogNameError:
+            # A test run of another checkout (other migrations) dropped this template: build it again.
+            _template_name = None
+            if attempt == 2:
+                raise
     try:
         yield _pg_url(name)
     finally:
