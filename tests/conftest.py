@@ -173,18 +173,18 @@ def fresh_pg_database(migrated: bool = True) -> Iterator[str]:
     global _template_name
     need_postgres()
     global _template_name
+    import asyncpg
+
     name = "tollway_t_" + secrets.token_hex(6)
     for attempt in range(3):
-        template = pg_template() if migrated else "template0"
         try:
-            _pg_run(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+            _pg_run(f'CREATE DATABASE "{name}" TEMPLATE "{pg_template() if migrated else "template0"}"')
             break
-        except Exception as exc:
-            # A run on other migration files (another checkout) dropped this template as
-            # out of date: build it again.
-            if not migrated or "does not exist" not in str(exc) or attempt == 2:
-                raise
+        except asyncpg.InvalidCatalogNameError:
+            # A test run of another checkout (other migrations) dropped this template: build it again.
             _template_name = None
+            if attempt == 2:
+                raise
     try:
         yield _pg_url(name)
     finally:

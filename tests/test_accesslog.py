@@ -23,6 +23,7 @@ from tollway.accesslog import AccessLogWriter
 from tollway.app import create_app
 from tollway.config import Config
 from tollway.edge import Edge
+from tollway.erasure import deletion_record_id
 from tollway.errors import ServiceUnavailable
 from tollway.store.db import Store, now_ms
 from tollway.store.schema import access_log, deletion_requests
@@ -189,11 +190,12 @@ async def test_database_outage_keeps_a_bounded_backlog_and_counts_drops() -> Non
     await store.close()
 
 
-async def test_rows_of_deleted_tenants_lose_tenant_and_ip(db_url: str) -> None:
+@pytest.mark.parametrize("record", [deletion_record_id("tn_gone"), "tn_gone"], ids=["hashed", "legacy"])
+async def test_rows_of_deleted_tenants_lose_tenant_and_ip(db_url: str, record: str) -> None:
     store = Store(db_url)
     await store.migrate()
     async with store.write() as conn:
-        await conn.execute(deletion_requests.insert().values(tenant_id="tn_gone", requested_at=now_ms()))
+        await conn.execute(deletion_requests.insert().values(tenant_id=record, requested_at=now_ms()))
     writer = AccessLogWriter(store)
     for tenant, ip in (("tn_gone", "203.0.113.7"), ("tn_live", "198.51.100.1")):
         writer.add({"created_at": now_ms(), "request_id": "req_x", "method": "POST", "path": "/v1/chat/completions",

@@ -200,3 +200,36 @@ def test_admin_validation_errors_are_openai_style_and_echo_nothing(gateway: tupl
     assert "secret-looking-input" not in r.text
     r = admin(server.url, "POST", "/tenants", json={"name": "x" * 500})
     assert r.status_code == 400 and r.json()["error"]["param"] == "name" and "x" * 50 not in r.text, r.text
+
+
+def test_every_admin_answer_is_no_store(gateway: tuple[ServerThread, Config]) -> None:
+    """A key is shown once, in the answer that creates it: no cache on the way may keep it."""
+    server, _ = gateway
+    url = server.url
+    tid = admin(url, "POST", "/tenants", json={"name": "Ada"}).json()["tenant_id"]
+    answers = [admin(url, "POST", f"/tenants/{tid}/keys", json={"name": "ci"}),
+               admin(url, "GET", f"/tenants/{tid}"), admin(url, "GET", f"/tenants/{tid}/export"),
+               admin(url, "GET", "/tenants/tn_nope"), httpx.get(url + "/admin/tenants/x")]
+    assert answers[0].json()["key"].startswith("ak_")
+    assert [a.headers.get("cache-control") for a in answers] == ["no-store"] * len(answers)
+
+
+def test_credit_reference_too_long_for_the_ledger_is_a_clear_400(gateway: tuple[ServerThread, Config]) -> None:
+    """The entry id `manual:<tenant>:<reference>` must fit ledger_entries.id (120) now and
+    after a deletion moves it to the longer pseudonym; PostgreSQL enforces the length."""
+    server, cfg = gateway
+    url = server.url
+    tid = admin(url, "POST", "/tenants", json={"name": "Ada"}).json()["tenant_id"]
+    for n in (100, 90):
+        r = admin(url, "POST", f"/tenants/{tid}/wallet/credit", json={"amount_usd": "1.00", "reference": "r" * n})
+        assert r.status_code == 400, (n, r.text)
+        assert r.json()["error"]["param"] == "reference" and "80 characters" in r.json()["error"]["message"]
+    r = admin(url, "POST", f"/tenants/{tid}/wallet/credit", json={"amount_usd": "1.00", "reference": "r" * 80})
+    assert r.status_code == 200, r.text
+    out = subprocess.run([sys.executable, "-m", "tollway", "wallet", "credit", "--tenant", tid, "--amount", "1.00",
+                          "--reference", "r" * 100, "--config", cfg.source],
+                         capture_output=True, text=True, timeout=60, env=os.environ.copy())
+    assert out.returncode == 1 and out.stderr.startswith("error: ") and "80 characters" in out.stderr, out.stderr
+    gone = admin(url, "DELETE", f"/tenants/{tid}")  # the 80-character reference still fits under the pseudonym
+    assert gone.status_code == 200, gone.text
+    assert admin(url, "GET", "/ledger/verify").json() == {"ok": True, "problems": []}

@@ -39,7 +39,9 @@ from tollway.config import Config
 from tollway.services import Services, build
 from tollway.store.schema import access_log, metadata, usage_events
 
-PROVIDER_KEY = "sk-canary-provider-key-00112233445566778899"
+# Identifier characters only (as Groq's gsk_ keys are), short of the 32 characters that
+# scrub() removes on shape alone: only the configured-secret check can catch it.
+PROVIDER_KEY = "gsk_canaryprovider" + secrets.token_hex(5)
 ADMIN_TOKEN = "admin-token-for-canary-0123456789"
 MAX_BODY = 100_000
 
@@ -49,6 +51,8 @@ def models() -> list[dict[str, Any]]:
     return [{"id": "acme/chat", "provider": "fake", "upstream": "canary-chat", **prices},
             {"id": "acme/error", "provider": "fake", "upstream": "canary-error", **prices},
             {"id": "acme/slow", "provider": "fake", "upstream": "canary-slow", **prices},
+            {"id": "acme/keyecho", "provider": "fake", "upstream": "canary-keyecho", **prices},
+            {"id": "anth/keyecho", "provider": "claude", "upstream": "canary-keyecho", **prices},
             {"id": "acme/embed", "provider": "fake", "upstream": "canary-embed", "kind": "embedding", **prices},
             {"id": "anth/chat", "provider": "claude", "upstream": "canary-chat", **prices},
             {"id": "anth/error", "provider": "claude", "upstream": "canary-error", **prices},
@@ -160,6 +164,10 @@ def exercise(url: str, key: str, broke_key: str, canary: str) -> dict[str, Any]:
         statuses["upstream_echo_completions"] = r.status_code
         r = c.post("/v1/messages", json=anthropic_body(canary, model="anth/error"), headers=anthropic)
         statuses["upstream_echo_messages"] = r.status_code
+        r = c.post("/v1/chat/completions", json=chat_body(canary, model="acme/keyecho"))
+        statuses["upstream_key_echo"], seen["key_echo"] = r.status_code, r.text
+        r = c.post("/v1/messages", json=anthropic_body(canary, model="anth/keyecho"), headers=anthropic)
+        statuses["upstream_key_echo_messages"], seen["key_echo_messages"] = r.status_code, r.text
         seen["statuses"] = statuses
     # Clients that hang up mid-stream, in both wire formats.
     for path, body in (("/v1/chat/completions", chat_body(canary, model="acme/slow", stream=True)),
@@ -226,7 +234,7 @@ def test_canary_appears_nowhere(backend: dict[str, Any], make_config: Callable[.
                       models=models(), attribution={"header": "cf-aig-metadata"})
     key, broke_key = asyncio.run(in_services(cfg, setup_tenants))
 
-    env = {**os.environ, "CANARY_PROVIDER_KEY": PROVIDER_KEY, "CANARY_ANTHROPIC_KEY": PROVIDER_KEY + "-anthropic",
+    env = {**os.environ, "CANARY_PROVIDER_KEY": PROVIDER_KEY, "CANARY_ANTHROPIC_KEY": PROVIDER_KEY + "anthropic",
            "TOLLWAY_ADMIN_TOKEN": ADMIN_TOKEN,
            "PYTHONUNBUFFERED": "1"}
     out_path, err_path = tmp_path / "serve.out", tmp_path / "serve.err"
@@ -258,7 +266,8 @@ def test_canary_appears_nowhere(backend: dict[str, Any], make_config: Callable[.
     assert statuses == {"messages_not_served": 400, "malformed_json": 400, "not_an_object": 400,
                         "wrong_types": 400, "too_large": 413, "unknown_model": 404, "empty_wallet": 402,
                         "bad_key": 401, "upstream_echo": 400, "upstream_echo_completions": 400,
-                        "upstream_echo_messages": 400}, statuses
+                        "upstream_echo_messages": 400, "upstream_key_echo": 400,
+                        "upstream_key_echo_messages": 400}, statuses
     # Not vacuous: the canary went upstream and came back, through every kind of field.
     assert sum(canary.encode() in raw for raw in upstream.raw_requests) >= 9
     for what in ("chat", "stream", "completion", "completion_stream", "messages", "messages_stream"):
@@ -292,6 +301,12 @@ def test_canary_appears_nowhere(backend: dict[str, Any], make_config: Callable[.
     else:
         places["redis keyspace"] = keyspace = redis_dump()
         assert "tollway:k:" in keyspace  # the gateway did use Redis (cached keys)
+    # The provider key must not come back either: not to a client (message, code or
+    # param of a provider's error), not into a log line's error_code.
+    assert PROVIDER_KEY in upstream.keys_echoed  # it did reach the upstream and was echoed
+    keys = [PROVIDER_KEY, PROVIDER_KEY[4:]]
+    assert not [k for k in keys if k in orjson.dumps(seen).decode()], "the provider key reached a client"
+    needles += keys
     for where, text in places.items():
         for needle in needles:
             hit = (needle.encode() in text) if isinstance(text, bytes) else (needle in text)

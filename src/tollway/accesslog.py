@@ -29,6 +29,7 @@ from starlette.routing import Mount
 from starlette.types import Scope
 
 from tollway import telemetry
+from tollway.erasure import deletion_record_id
 from tollway.store.db import Store
 from tollway.store.prepared import Prepared
 from tollway.store.schema import access_log, deletion_requests
@@ -128,11 +129,11 @@ def _insert_rows(conn: Connection, rows: list[dict[str, Any]]) -> None:
     rows go to the database in one executemany on the cursor. (Through SQLAlchemy's async
     engine, 500 rows cost ~12 ms of the event loop's time, a stall every second that was
     most of the p99 at one connection; bench/README.md.)"""
-    tenant_ids = {r["tenant_id"] for r in rows if r["tenant_id"]}
-    if tenant_ids:
-        deleted = set(conn.execute(
-            sa.select(deletion_requests.c.tenant_id)
-            .where(deletion_requests.c.tenant_id.in_(tenant_ids))).scalars().all())
+    records = {deletion_record_id(t): t for t in {r["tenant_id"] for r in rows if r["tenant_id"]}}
+    if records:
+        found = conn.execute(sa.select(deletion_requests.c.tenant_id).where(
+            deletion_requests.c.tenant_id.in_([*records, *records.values()]))).scalars().all()
+        deleted = {records.get(f, f) for f in found}
         for r in rows:
             if r["tenant_id"] in deleted:
                 r["tenant_id"] = None

@@ -19,7 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.datastructures import Headers
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tollway.bodycap import refuse
 from tollway.errors import BadRequest, NotFound, TollwayError, Unauthorized, render_json
@@ -41,7 +41,7 @@ class KeyIn(BaseModel):
 
 class CreditIn(BaseModel):
     amount_usd: str = Field(description='decimal string, e.g. "5.00"')
-    reference: str = Field(min_length=1, max_length=150, description="idempotency reference")
+    reference: str = Field(min_length=1, max_length=200, description="idempotency reference, at most 80 characters")
 
 
 class TopupIn(BaseModel):
@@ -80,12 +80,23 @@ class TokenGate:
         return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            refused = self.refusal(Headers(scope=scope).get("authorization", ""))
-            if refused is not None:
-                await refuse(refused, scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def no_store(message: Message) -> None:
+            # Key creation answers with the key itself and an export with personal data: no
+            # answer of the operator API, a refusal included, is for a cache to keep.
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"cache-control"]
+                message = {**message, "headers": [*headers, (b"cache-control", b"no-store")]}
+            await send(message)
+
+        refused = self.refusal(Headers(scope=scope).get("authorization", ""))
+        if refused is not None:
+            await refuse(refused, scope, receive, no_store)
+            return
+        await self.app(scope, receive, no_store)
 
 
 def admin_app(svc: Services) -> TokenGate:

@@ -161,6 +161,12 @@ class ProviderConfig:
     max_tokens_field: Literal["max_tokens", "max_completion_tokens"] = doc(
         "openai type: the chat field that carries the output bound when the client sends none "
         "(OpenAI's reasoning models need max_completion_tokens).", "max_tokens")
+    tenant_fields: Literal["auto", "openai", "user", "none"] = doc(
+        "Per-tenant pseudonyms sent unasked: openai (prompt_cache_key and safety_identifier on chat, user "
+        "elsewhere), user (user; Anthropic: metadata.user_id), none; auto is openai for api.openai.com, user "
+        "for anthropic, else none. Client-sent values are namespaced per tenant always.",
+        "auto",
+    )
     name: str = ""  # filled from the table name, not a TOML key
 
 

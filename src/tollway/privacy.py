@@ -64,6 +64,12 @@ def scrub(text: str, secrets: Iterable[str] = ()) -> str:
     return _KEYLIKE.sub("[redacted]", text)
 
 
+def scrub_identifier(value: str | None, secrets: Iterable[str] = ()) -> str | None:
+    """An upstream error's code or param, or None if scrub() would change any of it: these
+    go to the client and into the log line whole, so a part cannot be masked."""
+    return value if value is not None and scrub(value, secrets) == value else None
+
+
 def loggable(fields: Mapping[str, Any]) -> dict[str, Any]:
     """Only allow-listed fields survive; anything else is dropped (not masked)."""
     return {k: v for k, v in fields.items() if k in LOGGABLE_FIELDS}

@@ -2,10 +2,11 @@
 erases the person and keeps the books.
 
 Deletion (GDPR art. 17, CCPA) in four steps, each safe to repeat if the process dies:
-  1. the request is recorded in deletion_requests (tenant id and time, nothing else);
+  1. the request is recorded in deletion_requests, under a hash of the tenant id and with
+     the UTC day only (erasure.py);
   2. every key is revoked at once (keys.revoke_tenant returns when no worker admits it);
   3. open reservations are released: requests still in flight are not charged;
-  4. one transaction erases and pseudonymises, and records the completion time.
+  4. one transaction erases and pseudonymises, and records the completion day.
 
 What "pseudonymise" means here. A tenant id is random and opaque, but it is not
 anonymous: it is in the operator's Stripe metadata next to the customer's card and
@@ -15,26 +16,26 @@ the hash). So the usage, ledger, payment and access-log rows are moved to a *fre
 random id ("tn_anon_..."), and request and key ids are replaced by an HMAC under a
 random salt that is discarded when the transaction ends: the rows still add up per
 account and per request (reserve/release/debit of one request keep one shared id), but
-no mapping back to the person exists anywhere. Stripe object ids in ledger ids and
+nothing in the database maps back to the person. The deletion record shares no value
+with the pseudonymous rows (its times are whole days, theirs come from the books) and
+no order (records are stored in hash order). Stripe object ids in ledger ids and
 payment rows are kept: they are the processor's payment records, which accounting law
-requires keeping and which let a later refund or dispute still find its wallet.
+requires keeping and which let a later refund or dispute still find its wallet; through
+Stripe's own metadata they lead back to the customer (docs/privacy.md).
 
 What is erased: the tenant row (name, email, external_id), the key rows (their names
-are often personal), the tenant's client IPs everywhere in the access log (including
-unauthenticated rows from the same addresses). SQLite runs with secure_delete, and the
-WAL is checkpointed and truncated afterwards, so the bytes are gone from the database
-files. On PostgreSQL, once no transaction could still see the deleted row versions (until
-then even VACUUM FULL keeps them), VACUUM FULL rewrites the small tables that held names
-and the access log is vacuumed; its WAL, replicas and backups age out by the operator's
-policy.
+are often personal), the tenant's client IPs in its access-log rows. SQLite runs with
+secure_delete, and the WAL is checkpointed and truncated afterwards, so the bytes are
+gone from the database files. On PostgreSQL, once no transaction could still see the
+old row versions (until then even VACUUM FULL keeps them), VACUUM FULL rewrites every
+table the deletion touched (erasure.REWRITTEN_TABLES); its WAL, replicas and backups age
+out by the operator's policy.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
-import secrets
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -42,8 +43,19 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from tollway.auth.keys import new_id
+from tollway.erasure import (
+    Pseudonyms,
+    deletion_record_id,
+    find_record,
+    insert_record,
+    move_access_log,
+    move_ledger,
+    move_set_aside,
+    move_usage,
+    scrub_files,
+    utc_day,
+)
 from tollway.errors import Conflict, NotFound
-from tollway.ledger.journal import Charge
 from tollway.ledger.transactions import Ledger
 from tollway.money import format_usd
 from tollway.store.db import Store, now_ms
@@ -80,7 +92,6 @@ TENANT_TABLES: dict[str, str] = {
     "set_aside_charges": "moved to the pseudonym; request and key ids pseudonymised",
     "deletion_requests": "kept: the record of the request and its completion",
 }
-_REQUEST_KINDS = frozenset({"reserve", "release", "debit"})
 _ATTEMPTS = 5
 
 
@@ -178,11 +189,12 @@ class Tenants:
         if erased is None:
             raise Conflict("requests of this tenant are still starting; retry the deletion in a moment")
         result, xid = erased
-        scrubbed = await self._scrub_files(xid)
+        scrubbed = await scrub_files(self.store, xid)
         if not scrubbed:
             log.warning("tenant_deleted_files_not_scrubbed", tenant_id=tenant_id,
-                        notice="an older transaction outlived the wait; the erased bytes leave the "
-                               "database files at the next checkpoint (SQLite) or vacuum (PostgreSQL)")
+                        notice="an older transaction outlived the wait, or the database role may not "
+                               "rewrite the tables (PostgreSQL: superuser or database owner); the erased bytes "
+                               "leave the files at the next checkpoint (SQLite) or VACUUM FULL (PostgreSQL)")
         log.info("tenant_deleted", tenant_id=tenant_id, count=revoked, released=released)
         return {**result, "keys_revoked": revoked, "reservations_released": released, "already_deleted": False,
                 "files_scrubbed": scrubbed}
@@ -190,18 +202,17 @@ class Tenants:
     async def _record_request(self, tenant_id: str) -> tuple[dict[str, Any], bool]:
         async with self.store.write() as conn:
             t = (await conn.execute(sa.select(tenants.c.deleted_at).where(tenants.c.id == tenant_id))).first()
-            found = (await conn.execute(sa.select(deletion_requests)
-                                        .where(deletion_requests.c.tenant_id == tenant_id))).mappings().first()
+            found = await find_record(conn, tenant_id)
             if t is None or t.deleted_at is not None:
                 if found is not None and found["completed_at"] is not None:
-                    return _request_view(dict(found)), True
+                    return _request_view(tenant_id, found), True
                 raise NotFound(f"no tenant {tenant_id}")
             if found is not None:
-                return _request_view(dict(found)), False  # an interrupted deletion: finish it
-            ts = now_ms()
-            await conn.execute(deletion_requests.insert().values(tenant_id=tenant_id, requested_at=ts))
-            await conn.execute(tenants.update().where(tenants.c.id == tenant_id).values(deletion_requested_at=ts))
-        return _request_view({"tenant_id": tenant_id, "requested_at": ts, "completed_at": None}), False
+                return _request_view(tenant_id, found), False  # an interrupted deletion: finish it
+            day = utc_day(now_ms())
+            await insert_record(conn, self.store.is_sqlite, deletion_record_id(tenant_id), day)
+            await conn.execute(tenants.update().where(tenants.c.id == tenant_id).values(deletion_requested_at=day))
+        return _request_view(tenant_id, {"requested_at": day, "completed_at": None}), False
 
     async def _erase(self, tenant_id: str) -> tuple[dict[str, Any], int | None] | None:
         """One transaction; None (and nothing changed) if a reservation appeared meanwhile.
@@ -211,19 +222,24 @@ class Tenants:
                                        .where(reservations.c.tenant_id == tenant_id))).scalar_one()
             if held or self.ledger.held_in_memory(tenant_id) or self.ledger.unapplied(tenant_id):
                 return None
-            ts = now_ms()
-            pseudo = _Pseudonyms()
+            pseudo = Pseudonyms()
             anon = pseudo.tenant
-            await conn.execute(tenants.insert().values(id=anon, created_at=ts, deletion_requested_at=ts,
-                                                       deleted_at=ts))
-            balance = int((await conn.execute(
-                sa.select(wallets.c.balance_micros).where(wallets.c.tenant_id == tenant_id))).scalar() or 0)
-            await conn.execute(wallets.insert().values(tenant_id=anon, balance_micros=balance, updated_at=ts))
+            # The pseudonymous rows take their times from the books (when the account was
+            # opened, its last balance change), never the time of this transaction: the
+            # deletion record keeps that, and one shared value would join the two.
+            created = (await conn.execute(sa.select(tenants.c.created_at)
+                                          .where(tenants.c.id == tenant_id))).scalar_one()
+            wallet = (await conn.execute(sa.select(wallets.c.balance_micros, wallets.c.updated_at)
+                                         .where(wallets.c.tenant_id == tenant_id))).first()
+            balance, last = (int(wallet[0]), int(wallet[1])) if wallet is not None else (0, created)
+            await conn.execute(tenants.insert().values(id=anon, created_at=created, deletion_requested_at=last,
+                                                       deleted_at=last))
+            await conn.execute(wallets.insert().values(tenant_id=anon, balance_micros=balance, updated_at=last))
             await conn.execute(wallets.delete().where(wallets.c.tenant_id == tenant_id))
-            await _move_ledger(conn, tenant_id, anon, pseudo)
-            await _move_usage(conn, tenant_id, anon, pseudo)
-            await _move_access_log(conn, tenant_id, anon, pseudo)
-            await _move_set_aside(conn, tenant_id, anon, pseudo)
+            await move_ledger(conn, tenant_id, anon, pseudo)
+            await move_usage(conn, tenant_id, anon, pseudo)
+            await move_access_log(conn, tenant_id, anon, pseudo)
+            await move_set_aside(conn, tenant_id, anon, pseudo)
             await conn.execute(topups.update().where(topups.c.tenant_id == tenant_id).values(tenant_id=anon))
             await conn.execute(  # outcomes name the tenant ("credited 5.00 to tn_...")
                 stripe_events.update().where(stripe_events.c.outcome.contains(tenant_id, autoescape=True))
@@ -232,153 +248,27 @@ class Tenants:
             await conn.execute(key_spend.delete().where(key_spend.c.key_id.in_(key_ids)))
             await conn.execute(api_keys.delete().where(api_keys.c.tenant_id == tenant_id))
             await conn.execute(tenants.delete().where(tenants.c.id == tenant_id))
-            await conn.execute(deletion_requests.update().where(deletion_requests.c.tenant_id == tenant_id)
-                               .values(completed_at=ts))
-            req = (await conn.execute(sa.select(deletion_requests)
-                                      .where(deletion_requests.c.tenant_id == tenant_id))).mappings().one()
+            record = deletion_requests.c.tenant_id.in_((deletion_record_id(tenant_id), tenant_id))
+            await conn.execute(deletion_requests.update().where(record).values(  # a record made before the
+                tenant_id=deletion_record_id(tenant_id), completed_at=utc_day(now_ms())))  # hash gets it too
+            req = (await conn.execute(sa.select(deletion_requests).where(record))).mappings().one()
             xid = None  # PostgreSQL: this transaction's id, to know when its deletes are invisible
             if not self.store.is_sqlite:
                 xid = int((await conn.exec_driver_sql("SELECT txid_current()")).scalar_one())
         # The remaining balance is reported so the operator can refund it; the pseudonym is not.
-        return {**_request_view(dict(req)), "balance_usd": format_usd(balance)}, xid
-
-    async def _scrub_files(self, xid: int | None) -> bool:
-        """Make the erased bytes leave the database files, not only the tables."""
-        if self.store.is_sqlite:
-            return await checkpoint_sqlite(self.store)
-        assert xid is not None
-        async with self.store.engine.connect() as conn:
-            auto = await conn.execution_options(isolation_level="AUTOCOMMIT")
-            clear = await _wait_until_invisible(auto, xid)
-            await auto.exec_driver_sql("VACUUM (FULL) tenants, api_keys")
-            await auto.exec_driver_sql("VACUUM access_log")
-        return clear
-
-
-async def checkpoint_sqlite(store: Store, attempts: int = 50) -> bool:
-    """PRAGMA wal_checkpoint(TRUNCATE): copy the WAL into the database and empty it, so
-    old page images (which still hold erased rows) leave the -wal file. Retries while a
-    reader holds an old snapshot; returns False if it never got a clean checkpoint."""
-    for _ in range(attempts):
-        async with store.engine.connect() as conn:
-            raw = await conn.get_raw_connection()
-            driver: Any = raw.driver_connection
-            cursor = await driver.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            busy = (await cursor.fetchone())[0]
-            await cursor.close()
-        if not busy:
-            return True
-        await asyncio.sleep(0.1)
-    return False
-
-
-async def _wait_until_invisible(conn: AsyncConnection, xid: int, limit: float = 30.0) -> bool:
-    """Wait until no transaction could still see the rows the erasing transaction (xid)
-    deleted. Until then PostgreSQL keeps those row versions and even VACUUM FULL copies
-    them; a snapshot's horizon is cluster-wide (a transaction running in another database
-    holds it back too), so wait for every older transaction, and for every older snapshot
-    in this database. Returns False if one outlived `limit` seconds."""
-    deadline = asyncio.get_running_loop().time() + limit
-    while True:
-        oldest_running = int((await conn.exec_driver_sql(
-            "SELECT txid_snapshot_xmin(txid_current_snapshot())")).scalar_one())
-        older_snapshots = (await conn.exec_driver_sql(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-            "AND pid <> pg_backend_pid() AND backend_xmin IS NOT NULL "
-            "AND age(backend_xmin) >= age((($1::bigint) % 4294967296)::text::xid)", (xid,))).scalar_one()
-        if oldest_running > xid and not older_snapshots:
-            return True
-        if asyncio.get_running_loop().time() > deadline:
-            return False
-        await asyncio.sleep(0.05)
-
-
-class _Pseudonyms:
-    """Fresh ids for one deletion; the salt lives only as long as this object."""
-
-    def __init__(self) -> None:
-        self._salt = secrets.token_bytes(32)
-        self.tenant = "tn_anon_" + secrets.token_hex(8)
-
-    def _mac(self, value: str) -> str:
-        return hmac.new(self._salt, value.encode("utf-8"), hashlib.sha256).hexdigest()
-
-    def request(self, request_id: str) -> str:
-        return "req_anon_" + self._mac("r:" + request_id)[:24]
-
-    def key(self, key_id: str | None) -> str | None:
-        return "key_anon_" + self._mac("k:" + key_id)[:16] if key_id else None
-
-
-async def _move_ledger(conn: AsyncConnection, tenant_id: str, anon: str, pseudo: _Pseudonyms) -> None:
-    rows = (await conn.execute(sa.select(ledger_entries.c.id, ledger_entries.c.kind, ledger_entries.c.reference)
-                               .where(ledger_entries.c.tenant_id == tenant_id))).all()
-    updates = []
-    for entry_id, kind, ref in rows:
-        new_id = entry_id.replace(tenant_id, anon)
-        new_ref = ref.replace(tenant_id, anon) if ref else ref
-        if kind in _REQUEST_KINDS and ref:
-            new_id, new_ref = new_id.replace(ref, pseudo.request(ref)), pseudo.request(ref)
-        updates.append({"b_old": entry_id, "b_id": new_id, "b_ref": new_ref})
-    if updates:
-        await conn.execute(
-            ledger_entries.update().where(ledger_entries.c.id == sa.bindparam("b_old"))
-            .values(id=sa.bindparam("b_id"), reference=sa.bindparam("b_ref"), tenant_id=anon), updates)
-
-
-async def _move_usage(conn: AsyncConnection, tenant_id: str, anon: str, pseudo: _Pseudonyms) -> None:
-    rows = (await conn.execute(sa.select(usage_events.c.request_id, usage_events.c.key_id)
-                               .where(usage_events.c.tenant_id == tenant_id))).all()
-    updates = [{"b_old": rid, "b_rid": pseudo.request(rid), "b_key": pseudo.key(kid)} for rid, kid in rows]
-    if updates:
-        await conn.execute(
-            usage_events.update().where(usage_events.c.request_id == sa.bindparam("b_old"))
-            .values(request_id=sa.bindparam("b_rid"), key_id=sa.bindparam("b_key"), tenant_id=anon), updates)
-
-
-async def _move_set_aside(conn: AsyncConnection, tenant_id: str, anon: str, pseudo: _Pseudonyms) -> None:
-    """Charges the journal set aside (ledger/journal.py) stay for the operator to resolve against
-    the moved wallet, under the same pseudonyms as the rest of the books."""
-    rows = (await conn.execute(sa.select(set_aside_charges.c.request_id, set_aside_charges.c.charge)
-                               .where(set_aside_charges.c.tenant_id == tenant_id))).all()
-    for rid, line in rows:
-        charge = Charge.parse(line.encode())
-        if charge is not None:
-            charge.request_id, charge.tenant_id = pseudo.request(rid), anon
-            charge.key = (pseudo.key(charge.key[0]) or "", charge.key[1]) if charge.key else None
-            if charge.usage is not None:
-                charge.usage["key_id"] = pseudo.key(charge.usage.get("key_id"))
-        await conn.execute(set_aside_charges.update().where(set_aside_charges.c.request_id == rid).values(
-            request_id=pseudo.request(rid), tenant_id=anon,
-            charge=charge.line().decode().strip() if charge is not None else "unreadable"))
-
-
-async def _move_access_log(conn: AsyncConnection, tenant_id: str, anon: str, pseudo: _Pseudonyms) -> None:
-    ips = (await conn.execute(sa.select(access_log.c.client_ip).distinct()
-                              .where(access_log.c.tenant_id == tenant_id, access_log.c.client_ip.is_not(None))
-                              )).scalars().all()
-    if ips:
-        # Their addresses go from every row, including requests that never authenticated.
-        await conn.execute(access_log.update().where(access_log.c.client_ip.in_(ips)).values(client_ip=None))
-    rows = (await conn.execute(sa.select(access_log.c.id, access_log.c.request_id)
-                               .where(access_log.c.tenant_id == tenant_id))).all()
-    updates = [{"b_old": row_id, "b_rid": pseudo.request(rid)} for row_id, rid in rows]
-    if updates:
-        await conn.execute(
-            access_log.update().where(access_log.c.id == sa.bindparam("b_old"))
-            .values(request_id=sa.bindparam("b_rid"), tenant_id=anon), updates)
+        return {**_request_view(tenant_id, dict(req)), "balance_usd": format_usd(balance)}, xid
 
 
 async def _not_found(conn: AsyncConnection, tenant_id: str) -> NotFound:
-    done = (await conn.execute(sa.select(deletion_requests.c.completed_at)
-                               .where(deletion_requests.c.tenant_id == tenant_id))).scalar()
+    record = await find_record(conn, tenant_id)
+    done = record["completed_at"] if record is not None else None
     if done is not None:
-        return NotFound(f"tenant {tenant_id} was deleted at {_iso(done)}")
+        return NotFound(f"tenant {tenant_id} was deleted on {_iso(done)[:10]}")
     return NotFound(f"no tenant {tenant_id}")
 
 
-def _request_view(req: dict[str, Any]) -> dict[str, Any]:
-    return {"tenant_id": req["tenant_id"], "requested_at": _iso(req["requested_at"]),
+def _request_view(tenant_id: str, req: Mapping[str, Any]) -> dict[str, Any]:
+    return {"tenant_id": tenant_id, "requested_at": _iso(req["requested_at"]),
             "completed_at": _iso(req["completed_at"]) if req["completed_at"] is not None else None}
 
 

@@ -7,6 +7,8 @@ not be. Behaviour by upstream model name:
 
   canary-chat    chat/completions and completions, streaming or not, with usage
   canary-error   HTTP 400 whose message quotes the first message of the prompt
+  canary-keyecho HTTP 400 (Messages: 422) whose message, code and param quote the
+                 provider key the request carried (a provider echoing credentials)
   canary-slow    a stream of many canary chunks, 20 ms apart (for disconnects)
   (embeddings)   a small vector per input
   /v1/messages   the same three behaviours in Anthropic's Messages format
@@ -31,6 +33,7 @@ class CanaryUpstream:
     canary: str
     raw_requests: list[bytes] = field(default_factory=list)
     cancelled: int = 0
+    keys_echoed: list[str] = field(default_factory=list)
 
     @property
     def app(self) -> Starlette:
@@ -51,6 +54,8 @@ class CanaryUpstream:
         body = orjson.loads(raw)
         model = body["model"]
         chat = request.url.path.endswith("/chat/completions")
+        if model == "canary-keyecho":
+            return self._key_echo(request.headers.get("authorization", "").removeprefix("Bearer "), 400)
         if model == "canary-error":
             first = (body.get("messages") or [{}])[0].get("content") if chat else body.get("prompt")
             err = {"error": {"message": f"Invalid prompt: {first!s} is not allowed",
@@ -70,6 +75,12 @@ class CanaryUpstream:
         out = {"id": "cmpl-canary", "object": "chat.completion" if chat else "text_completion", "created": 1,
                "model": model, "choices": [choice], "usage": self.usage()}
         return Response(orjson.dumps(out), media_type="application/json")
+
+    def _key_echo(self, key: str, status: int) -> Response:
+        self.keys_echoed.append(key)
+        err = {"error": {"message": f"Incorrect API key provided: {key}", "type": "invalid_request_error",
+                         "param": key, "code": key}}
+        return Response(orjson.dumps(err), status_code=status, media_type="application/json")
 
     async def _stream(self, model: str, chat: bool, asked: bool) -> AsyncIterator[bytes]:
         base = {"id": "cmpl-canary", "object": "chat.completion.chunk" if chat else "text_completion",
@@ -113,6 +124,8 @@ class CanaryUpstream:
         self.raw_requests.append(raw)
         body = orjson.loads(raw)
         model = body["model"]
+        if model == "canary-keyecho":
+            return self._key_echo(request.headers.get("x-api-key", ""), 422)
         if model == "canary-error":
             first = (body.get("messages") or [{}])[0].get("content")
             err = {"type": "error", "error": {"type": "invalid_request_error",

@@ -33,7 +33,9 @@ a settle of its own would write them (`_charge`). The wallet row holds what the 
 (reservations, and charges not yet applied) is deducted when a balance is read.
 
 Entry ids: `<request>:reserve`, `<request>:release` (or `:swept`), `<request>:debit`;
-operator credits `manual:<tenant>:<reference>`; Stripe `stripe:...`.
+operator credits `manual:<tenant>:<reference>`; Stripe `stripe:...`. An id must fit the
+column (ENTRY_ID_MAX; PostgreSQL enforces it), and a manual reference must leave room for
+the longer pseudonym a deletion puts in its place (MANUAL_REFERENCE_MAX).
 """
 
 from __future__ import annotations
@@ -70,6 +72,9 @@ from tollway.telemetry import log
 
 T = TypeVar("T")
 P = ParamSpec("P")
+ENTRY_ID_MAX: int = ledger_entries.c.id.type.length  # type: ignore[attr-defined]
+# "manual:" + a pseudonym ("tn_anon_" + 16 hex) + ":" + reference must fit ENTRY_ID_MAX.
+MANUAL_REFERENCE_MAX = 80
 CREDIT_KINDS = ("credit", "topup", "refund_credit", "adjust")
 DEBIT_KINDS = ("debit", "refund", "dispute", "adjust_debit")
 
@@ -136,6 +141,7 @@ class Ledger:
         IntegrityError there, rolling the caller's transaction back whole)."""
         if amount_micros <= 0:
             raise ValueError("credit amount must be positive")
+        _check_entry_id(entry_id)
         try:
             return self._spendable(await self._run(conn, self._credit, tenant_id, amount_micros, entry_id, kind,
                                                    reference), tenant_id)
@@ -163,10 +169,10 @@ class Ledger:
         """An operator's credit; idempotent on (tenant, reference). The same reference with
         another amount is refused (Conflict naming it): ignoring it would tell the operator
         nothing while the wallet holds a different sum than they asked for."""
-        entry_id = f"manual:{tenant_id}:{reference}"
-        if len(entry_id) > ENTRY_ID_CHARS:  # PostgreSQL would refuse it with a 500
-            raise BadRequest(f"reference: at most {ENTRY_ID_CHARS - len(entry_id) + len(reference)} characters",
+        if not 0 < len(reference) <= MANUAL_REFERENCE_MAX:
+            raise BadRequest(f"reference: must be 1 to {MANUAL_REFERENCE_MAX} characters (got {len(reference)})",
                              param="reference")
+        entry_id = f"manual:{tenant_id}:{reference}"
         result = await self.credit(tenant_id, amount_micros, entry_id, reference=reference)
         if not result["applied"]:
             async with self.store.read() as conn:
@@ -183,6 +189,7 @@ class Ledger:
         balance cannot cover is reported as `shortfall_micros`, not invented."""
         if amount_micros <= 0:
             raise ValueError("debit amount must be positive")
+        _check_entry_id(entry_id)
         try:
             return self._spendable(await self._run(conn, self._debit, tenant_id, amount_micros, entry_id, kind,
                                                    reference), tenant_id)
@@ -616,13 +623,16 @@ class Ledger:
         await conn.execute(wallets.insert().values(tenant_id=tenant_id, balance_micros=0, updated_at=now_ms()))
 
 
-ENTRY_ID_CHARS = 120  # ledger_entries.id is a VARCHAR(120)
-
-
 def _usage_row(request_id: str, tenant_id: str, charged: int, usage: dict[str, Any], ts: int) -> dict[str, Any]:
     row = {**usage, "request_id": request_id, "tenant_id": tenant_id, "cost_micros": charged}
     row.setdefault("created_at", ts)
     return row
+
+
+def _check_entry_id(entry_id: str) -> None:
+    if len(entry_id) > ENTRY_ID_MAX:
+        raise BadRequest(f"The ledger entry id is {len(entry_id)} characters long; at most {ENTRY_ID_MAX} fit.",
+                         code="entry_id_too_long")
 
 
 def _exists(conn: Connection, entry_id: str) -> bool:

@@ -27,6 +27,7 @@ from tollway.providers.base import (
     sse_data,
     text_markers,
 )
+from tollway.providers.tenant_tag import TenantTag
 
 DEFAULT_VERSION = "2023-06-01"
 _USAGE_FIELDS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
@@ -74,6 +75,13 @@ class AnthropicAdapter:
 
     def meter(self, target: Target, strip_usage: bool) -> AnthropicStream:
         return AnthropicStream(target.slug)
+
+    def tag_tenant(self, endpoint: str, body: dict[str, Any], who: TenantTag, fields: str) -> None:
+        meta = body.get("metadata")
+        if isinstance(meta, dict) and meta.get("user_id") is not None:
+            meta["user_id"] = who.of(meta["user_id"])
+        elif fields != "none" and (meta is None or isinstance(meta, dict)):
+            body["metadata"] = {**(meta or {}), "user_id": who.tag}
 
     def error_event(self, exc: TollwayError) -> bytes:
         # The Anthropic SDKs raise on `event: error`; an unnamed event would be ignored.

@@ -28,6 +28,7 @@ from tollway import __version__
 from tollway.config import ProviderConfig
 from tollway.errors import TollwayError, UpstreamError
 from tollway.money import Usage
+from tollway.providers.tenant_tag import TenantTag
 
 USER_AGENT = f"tollway/{__version__}"
 BYTES_PER_TOKEN = 4
@@ -113,6 +114,11 @@ class Adapter(Protocol):
     def meter(self, target: Target, strip_usage: bool) -> StreamMeter: ...
 
     def error_event(self, exc: TollwayError) -> bytes: ...
+
+    def tag_tenant(self, endpoint: str, body: dict[str, Any], who: TenantTag, fields: str) -> None:
+        """Put the tenant's pseudonym in the fields that partition the provider's per-user
+        state (tenant_tag.py); `fields` is the provider's resolved tenant_fields."""
+        ...
 
 
 def gateway_headers(provider: ProviderConfig, cf_token: str | None) -> dict[str, str]:

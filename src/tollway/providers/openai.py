@@ -28,6 +28,7 @@ from tollway.providers.base import (
     sse_data,
     text_markers,
 )
+from tollway.providers.tenant_tag import TenantTag
 
 PATHS = {CHAT: "/chat/completions", COMPLETIONS: "/completions", EMBEDDINGS: "/embeddings"}
 
@@ -36,6 +37,9 @@ PATHS = {CHAT: "/chat/completions", COMPLETIONS: "/completions", EMBEDDINGS: "/e
 _TEXT_MARKERS = text_markers("content", "reasoning_content", "reasoning", "arguments", "text")
 _MODEL = re.compile(rb'"model"\s*:\s*"(?:[^"\\]|\\.)*"')
 _DONE = (b"data: [DONE]", b"data:[DONE]")
+# What the client may send and what OpenAI takes per endpoint (tenant_tag.py).
+_TENANT_FIELDS = ("prompt_cache_key", "safety_identifier", "user")
+_TAGGED = {CHAT: ("prompt_cache_key", "safety_identifier"), COMPLETIONS: ("user",), EMBEDDINGS: ("user",)}
 
 
 def parse_usage(u: Any) -> Usage | None:
@@ -97,6 +101,14 @@ class OpenAIAdapter:
 
     def error_event(self, exc: TollwayError) -> bytes:
         return render_sse(exc)
+
+    def tag_tenant(self, endpoint: str, body: dict[str, Any], who: TenantTag, fields: str) -> None:
+        for name in _TENANT_FIELDS:
+            if body.get(name) is not None:
+                body[name] = who.of(body[name])
+        for name in _TAGGED[endpoint] if fields == "openai" else ("user",) if fields == "user" else ():
+            if body.get(name) is None:  # an explicit null would opt out of the partition
+                body[name] = who.tag
 
 
 class OpenAIStream:

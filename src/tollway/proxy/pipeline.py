@@ -41,7 +41,7 @@ from tollway.errors import (
     render_json,
 )
 from tollway.money import Prices, Usage, cost, format_usd, max_cost
-from tollway.privacy import forwarded_headers, returned_headers, scrub
+from tollway.privacy import forwarded_headers, returned_headers, scrub, scrub_identifier
 from tollway.providers import ADAPTERS
 from tollway.providers.base import (
     EMBEDDINGS,
@@ -58,6 +58,7 @@ from tollway.providers.base import (
     upstream_error_details,
 )
 from tollway.providers.echo import EchoTransport
+from tollway.providers.tenant_tag import TenantTagger, resolve_fields
 from tollway.proxy.inbound import ClientGone, header_map, model_slug, parse_json, read_body, shape
 from tollway.proxy.relay import Relay, StreamEnd, shielded
 from tollway.proxy.upstream import Upstream
@@ -82,6 +83,7 @@ class Route:
     transport: Transport | None  # None: the provider's key is missing
     prices: Prices
     secrets: tuple[str, ...]  # what scrub() must remove from anything sent back
+    tenant_fields: str = "none"  # tenant_tag.resolve_fields of its provider
 
 
 class Call:
@@ -133,7 +135,8 @@ def build_routes(cfg: config_mod.Config, provider_keys: dict[str, Any], upstream
                         adapter.static_headers(provider, key, cf_token), provider.max_tokens_field)
         prices = Prices(m.input_usd_per_mtok, m.output_usd_per_mtok, m.cached_input_usd_per_mtok,
                         m.reasoning_usd_per_mtok, m.cache_write_usd_per_mtok)
-        routes[m.id] = Route(target, m, adapter, transport, prices, tuple(s for s in (key, cf_token) if s))
+        routes[m.id] = Route(target, m, adapter, transport, prices, tuple(s for s in (key, cf_token) if s),
+                             resolve_fields(provider))
     return routes
 
 
@@ -145,6 +148,7 @@ class Pipeline:
         self.attribution = cfg.attribution.header.lower() if cfg.attribution else None
         self.upstream = Upstream(cfg.server.request_timeout_seconds, cfg.server.stream_idle_timeout_seconds)
         self.routes = build_routes(cfg, provider_keys, self.upstream, EchoTransport())
+        self.tenant_tags = TenantTagger(svc.keys.secret)
 
     async def start(self) -> None:
         await self.upstream.start()
@@ -224,6 +228,8 @@ class Pipeline:
                 "tenant_id": call.principal.tenant_id, "key_id": call.principal.key_id,
                 "request_id": call.request_id}).decode()
         out_headers = merge_headers(forwarded_headers(headers.items()), route.target.headers, per_request)
+        route.adapter.tag_tenant(call.endpoint, call.body, self.tenant_tags.tag(
+            route.target.provider, call.principal.tenant_id), route.tenant_fields)
         request = route.adapter.prepare(route.target, call.endpoint, call.body, stream, out_headers)
         resp = await route.transport.send(request)
         call.upstream_status = resp.status
@@ -281,6 +287,7 @@ class Pipeline:
         message, code, param = upstream_error_details(raw[:ERROR_BODY_CAP])
         t = route.target
         message = scrub(message.replace(t.upstream_model, t.slug), route.secrets)
+        code, param = scrub_identifier(code, route.secrets), scrub_identifier(param, route.secrets)
         retry = {k: v for k, v in returned_headers(resp.headers).items() if k.startswith("retry-after")}
         if status == 429:
             return UpstreamRateLimited(f"The model provider is rate limiting requests: {message}", headers=retry)
