@@ -129,7 +129,7 @@ def admin_app(svc: Services) -> FastAPI:
 
     @api.get("/ledger/verify")
     async def verify() -> dict[str, Any]:
-        problems = await svc.ledger.verify(svc.config.server.request_timeout_seconds * 1000 + 60_000)
+        problems = await svc.ledger.verify(svc.config.server.max_request_ms)
         return {"ok": not problems, "problems": problems}
 
     return api
