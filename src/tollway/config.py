@@ -184,6 +184,10 @@ class ModelConfig:
         "Output bound reserved when a request sets no max_tokens.", 4096
     )
     kind: Literal["chat", "embedding"] = doc("chat (chat/completions) or embedding.", "chat")
+    hidden_reasoning: bool = doc(
+        "The model may generate reasoning it does not stream (OpenAI o-series, summarised thinking): a stream "
+        "left before its usage could be read is billed up to its output bound (docs/proxy.md).", False
+    )
 
 
 @dataclass(frozen=True)

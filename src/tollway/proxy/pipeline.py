@@ -56,8 +56,9 @@ from tollway.providers.base import (
     upstream_error_details,
 )
 from tollway.providers.echo import EchoTransport
+from tollway.proxy.disconnect import conservative_usage
 from tollway.proxy.inbound import ClientGone, header_map, model_slug, parse_json, read_body, shape
-from tollway.proxy.relay import Relay, StreamEnd, shielded
+from tollway.proxy.relay import Relay, RelayLimits, StreamEnd, shielded
 from tollway.proxy.upstream import Upstream
 from tollway.services import Services
 from tollway.store.db import retry_while_unavailable
@@ -85,8 +86,8 @@ class Route:
 class Call:
     """One request's facts, for the settle, the usage row and the log line."""
 
-    __slots__ = ("body", "endpoint", "error_code", "error_type", "principal", "recorded", "request_id", "route",
-                 "settled", "started", "status", "stream", "upstream_status")
+    __slots__ = ("body", "endpoint", "error_code", "error_type", "output_bound", "principal", "prompt_bound",
+                 "recorded", "request_id", "route", "settled", "started", "status", "stream", "upstream_status")
 
     def __init__(self, request_id: str, endpoint: str) -> None:
         self.request_id = request_id
@@ -102,6 +103,8 @@ class Call:
         self.upstream_status: int | None = None
         self.settled = False
         self.recorded = False
+        self.prompt_bound = 0  # what the reservation holds: tokens of prompt and of output
+        self.output_bound = 0
 
     def failed(self, exc: TollwayError) -> None:
         self.status = exc.status
@@ -140,6 +143,9 @@ class Pipeline:
         self.max_body = cfg.server.max_body_bytes
         self.attribution = cfg.attribution.header.lower() if cfg.attribution else None
         self.upstream = Upstream(cfg.server.request_timeout_seconds, cfg.server.stream_idle_timeout_seconds)
+        self.request_timeout = cfg.server.request_timeout_seconds
+        self.relay_limits = RelayLimits(cfg.server.disconnect_drain_seconds, cfg.server.disconnect_drain_bytes)
+        self.live = svc.ledger.live
         self.routes = build_routes(cfg, provider_keys, self.upstream, EchoTransport())
 
     async def start(self) -> None:
@@ -161,6 +167,8 @@ class Pipeline:
                 call.failed(exc)
                 self._record(call, None, None)
             await render_json(exc, call.request_id)(scope, receive, send)
+        finally:
+            self.live.discard(call.request_id)
 
     async def _serve(self, call: Call, state: dict[str, Any], scope: Scope, receive: Receive, send: Send) -> None:
         headers = header_map(scope)
@@ -171,9 +179,11 @@ class Pipeline:
         call.route = route = self._resolve(call.endpoint, model_slug(body))
         sh = shape(call.endpoint, body, route.model)
         call.stream = sh.stream
+        call.prompt_bound, call.output_bound = len(raw), sh.completion_bound
         if route.transport is None:
             raise ServiceUnavailable(f"The model '{route.target.slug}' is not available right now: its provider "
                                      f"has no key configured on this gateway.")
+        self.live.add(call.request_id)  # from here until it ends, the sweep leaves its hold alone
         try:
             await self.svc.ledger.reserve(
                 principal.tenant_id, call.request_id, max_cost(len(raw), sh.completion_bound, route.prices),
@@ -225,9 +235,11 @@ class Pipeline:
         if not 200 <= resp.status < 300:
             raise await self._upstream_failure(route, resp)
         if stream:
+            # The whole call, the client's reading included, ends request_timeout after it began.
+            deadline = asyncio.get_running_loop().time() + self.request_timeout - (time.perf_counter() - call.started)
             relay = Relay(resp, route.adapter.meter(route.target, strip_usage=not wants_usage),
                           _stream_headers(resp), route.adapter.error_event, route.secrets,
-                          lambda end: self._stream_ended(call, end))
+                          lambda end: self._stream_ended(call, end), deadline, self.relay_limits)
             await relay(scope, receive, send)
             return
         try:
@@ -302,9 +314,15 @@ class Pipeline:
     async def _stream_ended(self, call: Call, end: StreamEnd) -> None:
         usage = end.meter.usage()
         if usage is None or usage.estimated:
-            usage = self._estimate(call, end.meter.text_bytes, usage)
+            if end.client_gone or end.timed_out:
+                usage = conservative_usage(call.route.model if call.route else None, call.body, call.prompt_bound,
+                                           call.output_bound, end.meter.text_bytes, usage)
+            else:
+                usage = self._estimate(call, end.meter.text_bytes, usage)
         if end.client_gone:
             call.status, call.error_type = 499, "client_disconnected"
+        elif end.timed_out:
+            call.error_type, call.error_code = "StreamDeadline", "stream_deadline"
         elif end.error is not None:
             call.error_type, call.error_code = type(end.error).__name__, end.error.instance_code
         await self._settle(call, usage)
