@@ -5,9 +5,11 @@ documented conservative rule is billed). Real gateway under uvicorn, real socket
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
-from collections.abc import Callable
+import tracemalloc
+from collections.abc import Callable, Iterator
 from decimal import Decimal
 from typing import Any
 
@@ -19,7 +21,10 @@ from tests.conftest import ServerThread
 from tests.fakes.anthropic_upstream import CACHE_READ, CACHE_WRITE, HIDDEN_THINKING, INPUT, FakeAnthropic
 from tests.fakes.harness import ANTHROPIC_KEY, PROVIDER_KEY, Gateway, fake_models
 from tests.fakes.openai_upstream import BIG_CHUNK_BYTES, HIDDEN_REASONING, FakeOpenAI
+from tollway.errors import render_sse
 from tollway.money import Prices, Usage, cost
+from tollway.providers.openai import OpenAIStream
+from tollway.proxy.relay import Relay, RelayLimits, StreamEnd
 
 PRICES = Prices(Decimal("2.50"), Decimal("10.00"), Decimal("1.25"), Decimal("12.00"))
 PLAIN = Prices(Decimal("2.50"), Decimal("10.00"))  # acme/think-hidden: no cached or reasoning price
@@ -121,14 +126,14 @@ def delivered_text(body: bytes) -> tuple[int, list[bytes]]:
 def test_a_client_that_stalls_past_the_sweep_backstop_is_never_served_for_free(
         launch: Callable[..., Gateway], serve_app: Callable[[Any], ServerThread], fake: FakeOpenAI,
         backend: dict[str, Any]) -> None:
-    # Backstop: request_timeout 2 s + grace 1 s, a sweep every 2 s; the client reads nothing
-    # for 7 s through a 4 KiB receive buffer while the provider has 8 MiB to send.
-    gw = launch(serve_app(fake.app).url, server={"request_timeout_seconds": 2, "sweep_grace_seconds": 1,
-                                                 "stream_idle_timeout_seconds": 30},
+    # Backstop: request_timeout 2 s + drain 1 s + grace 1 s, a sweep every 2 s; the client
+    # reads nothing for 8 s through a 4 KiB receive buffer while the provider has 8 MiB to send.
+    gw = launch(serve_app(fake.app).url, server={"request_timeout_seconds": 2, "disconnect_drain_seconds": 1,
+                                                 "sweep_grace_seconds": 1, "stream_idle_timeout_seconds": 30},
                 credit_micros=100_000_000, **backend)
     before = gw.balance()
     body = orjson.dumps({"model": "acme/big", "stream": True, "messages": MSG})
-    headers, received, complete = raw_stream(gw, body, stall=7.0)
+    headers, received, complete = raw_stream(gw, body, stall=8.0)
     text, events = delivered_text(received)
     assert text >= BIG_CHUNK_BYTES  # it got megabytes...
     charged = before - gw.balance()
@@ -210,3 +215,96 @@ def test_without_reasoning_the_rule_bills_what_was_seen(gw: Gateway) -> None:
     assert row["estimated"] is True and row["reasoning_tokens"] == 0
     # " tN" per delta read before or after the client left, and the one thinking delta.
     assert 3 <= row["completion_tokens"] < 1_000
+
+
+# --- reading on after a disconnect: bounded memory, bounded bytes -------------------------------
+
+
+class Body:
+    """An upstream response whose body is made on demand from `parts`, counting what is read."""
+
+    status = 200
+    headers: list[tuple[str, str]] = []
+
+    def __init__(self, parts: Iterator[bytes]) -> None:
+        self.parts = parts
+        self.read_bytes = 0
+        self.closed = False
+
+    async def read(self) -> bytes:
+        raise AssertionError("a stream is read in chunks")
+
+    async def chunk(self) -> bytes:
+        await asyncio.sleep(0)
+        part = next(self.parts, b"")
+        self.read_bytes += len(part)
+        return part
+
+    def at_end(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        self.closed = True
+
+    def release(self) -> None:
+        pass
+
+
+def event(payload: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+FIRST = event({"model": "m", "choices": [{"index": 0, "delta": {"content": "Hi"}}]})
+USAGE = event({"model": "m", "choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 90_000}})
+
+
+async def relay_left_after_first_event(parts: Iterator[bytes], limits: RelayLimits) -> tuple[Body, StreamEnd]:
+    """Run a Relay whose client hangs up once it got the first event."""
+    body, ended, got_body = Body(parts), [], asyncio.Event()
+
+    async def on_end(end: StreamEnd) -> None:
+        ended.append(end)
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body":
+            got_body.set()
+
+    async def receive() -> dict[str, Any]:
+        await got_body.wait()
+        return {"type": "http.disconnect"}
+
+    meter = OpenAIStream("acme/x", strip_usage=False)
+    relay = Relay(body, meter, [], render_sse, (), on_end, asyncio.get_running_loop().time() + 60, limits)
+    await relay({"type": "http"}, receive, send)  # type: ignore[arg-type]
+    assert len(ended) == 1 and ended[0].client_gone
+    return body, ended[0]
+
+
+async def test_reading_on_keeps_only_the_event_being_read() -> None:
+    def parts() -> Iterator[bytes]:
+        yield FIRST
+        yield b'data: {"choices":[{"delta":{"content":"'
+        for _ in range(192):  # one 12 MiB event: never held whole
+            yield b"x" * 65_536
+        yield b'"}}]}\n\n' + USAGE + b"data: [DONE]\n\n"
+
+    tracemalloc.start()
+    try:
+        body, end = await relay_left_after_first_event(parts(), RelayLimits(30, 64 << 20))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert body.read_bytes > 12 << 20 and peak < 2 << 20
+    usage = end.meter.usage()
+    assert usage is not None and usage.completion_tokens == 90_000 and not usage.estimated
+
+
+async def test_reading_on_stops_at_the_byte_cap() -> None:
+    def endless() -> Iterator[bytes]:
+        yield FIRST
+        while True:
+            yield event({"model": "m", "choices": [{"index": 0, "delta": {"content": "y" * 1000}}]})
+
+    body, end = await relay_left_after_first_event(endless(), RelayLimits(30, 1 << 20))
+    assert (1 << 20) < body.read_bytes < (1 << 20) + 2_000 and body.closed
+    assert end.meter.usage() is None and end.meter.text_bytes > 900_000  # what the rule bills from

@@ -79,8 +79,9 @@ class ServerConfig:
         "Longest an upstream stream may stay silent before the client gets an error event.", 60
     )
     sweep_grace_seconds: int = doc(
-        "How long past request_timeout_seconds a hold whose request this process no longer serves (its "
-        "settle failed) stays open before the sweep releases it; a hold of a request still served never is.", 60
+        "How long past the longest request (request_timeout_seconds + disconnect_drain_seconds) a hold whose "
+        "request is no longer served (its settle failed) stays open before the sweep releases it; a hold of a "
+        "request still served never is.", 60
     )
     disconnect_drain_seconds: int = doc(
         "After a streaming client leaves (or stops reading past request_timeout_seconds), how long the "
@@ -94,7 +95,7 @@ class ServerConfig:
     @property
     def max_request_ms(self) -> int:
         """Age past which the sweep releases a hold no request serves any more."""
-        return (self.request_timeout_seconds + self.sweep_grace_seconds) * 1000
+        return (self.request_timeout_seconds + self.disconnect_drain_seconds + self.sweep_grace_seconds) * 1000
 
 
 @dataclass(frozen=True)

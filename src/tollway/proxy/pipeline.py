@@ -10,7 +10,9 @@ Money rules kept here:
   (images by URL, audio) are still charged in full at settle, up to the wallet balance;
   the bound only limits what concurrent requests can overspend.
 * Every reservation is settled exactly once: with the metered cost on success, with an
-  estimate (base.py) when a started call reported no usage, with 0 on every error path.
+  estimate (base.py) when a started call reported no usage, with the conservative rule
+  (disconnect.py) when a stream's client left before the provider's usage could be read,
+  with 0 on every error path. The request is in `Ledger.live` meanwhile: never swept.
   Settles run shielded from cancellation, or within one step of the loop, where nothing can cancel them.
 """
 
