@@ -170,6 +170,14 @@ def test_openai_stream_left_after_three_chunks_is_billed_the_providers_hidden_re
     assert row["cost_micros"] == cost(reported, PRICES) == 600_157
 
 
+def test_a_running_usage_is_read_on_to_the_providers_final_count(gw: Gateway, fake: FakeOpenAI) -> None:
+    before = gw.balance()
+    body = orjson.dumps({"model": "acme/running", "stream": True, "messages": MSG})
+    row = settled_at(gw, leave_after(gw, "/v1/chat/completions", body, b'"content":"', 3), before)
+    reported = Usage(17, fake.think_chunks + HIDDEN_REASONING, 5, reasoning_tokens=HIDDEN_REASONING)
+    assert row["estimated"] is False and row["cost_micros"] == cost(reported, PRICES)
+
+
 def test_anthropic_stream_left_after_three_chunks_is_billed_the_providers_hidden_thinking(
         gw: Gateway, claude: FakeAnthropic) -> None:
     before = gw.balance()

@@ -17,6 +17,8 @@ gateway sends it (the config's `upstream`):
   fake-think           `think_chunks` chunks `think_interval` apart, then usage reporting
                        HIDDEN_REASONING reasoning tokens that were never streamed
   fake-think-endless   chunks `think_interval` apart for minutes, never any usage
+  fake-running         as fake-think, with a running usage on every chunk (vLLM's
+                       continuous usage stats): only the last one is the total
   fake-400 / fake-401 / fake-429 / fake-500 / fake-503
                        errors whose body echoes the provider key (and any
                        cf-aig-authorization token) it was sent
@@ -133,7 +135,7 @@ class FakeOpenAI:
         """The usage the stream of `model` reports at its end."""
         if model == "fake-big":
             return self._usage(sum(len(w) for w in words) // 4)
-        if model == "fake-think":
+        if model in ("fake-think", "fake-running"):
             return self._usage(len(words) + HIDDEN_REASONING, HIDDEN_REASONING)
         return self._usage(len(words))
 
@@ -159,15 +161,15 @@ class FakeOpenAI:
             words = [f" w{i}" for i in range(self.slow_chunks)]
         elif model == "fake-big":
             words = ["x" * BIG_CHUNK_BYTES] * self.big_chunks
-        elif model in ("fake-think", "fake-think-endless"):
-            words = [f" t{i}" for i in range(self.think_chunks if model == "fake-think" else 100_000)]
+        elif model in ("fake-think", "fake-think-endless", "fake-running"):
+            words = [f" t{i}" for i in range(100_000 if model == "fake-think-endless" else self.think_chunks)]
         try:
             for i, w in enumerate(words):
                 if model == "fake-stall" and i == 1:
                     await asyncio.sleep(self.stall_seconds)
                 if model == "fake-slow":
                     await asyncio.sleep(self.slow_interval)
-                elif model in ("fake-think", "fake-think-endless"):
+                elif model in ("fake-think", "fake-think-endless", "fake-running"):
                     await asyncio.sleep(self.think_interval)
                 if model == "fake-cut" and i == 2:
                     raise ConnectionResetError  # uvicorn drops the connection mid-body
@@ -177,7 +179,7 @@ class FakeOpenAI:
                     yield b"data: [DONE]\n\n"
                     return
                 self.chunks_sent += 1
-                yield chunk(w)
+                yield chunk(w, usage=self._usage(i + 1, 0)) if model == "fake-running" else chunk(w)
             yield chunk(None, "stop")
             if asked:
                 usage = self.stream_usage(model, words)

@@ -315,12 +315,12 @@ class Pipeline:
 
     async def _stream_ended(self, call: Call, end: StreamEnd) -> None:
         usage = end.meter.usage()
-        if usage is None or usage.estimated:
-            if end.client_gone or end.timed_out:
+        if end.client_gone or end.timed_out:
+            if usage is None or usage.estimated or not end.complete:  # the provider's final count, or the rule
                 usage = conservative_usage(call.route.model if call.route else None, call.body, call.prompt_bound,
                                            call.output_bound, end.meter.text_bytes, usage)
-            else:
-                usage = self._estimate(call, end.meter.text_bytes, usage)
+        elif usage is None or usage.estimated:
+            usage = self._estimate(call, end.meter.text_bytes, usage)
         if end.client_gone:
             call.status, call.error_type = 499, "client_disconnected"
         elif end.timed_out:

@@ -62,6 +62,7 @@ class StreamEnd:
     error: TollwayError | None = None  # the upstream failed mid-stream
     client_gone: bool = False
     timed_out: bool = False  # the deadline passed before the stream was delivered
+    complete: bool = False  # the provider's stream was read to its end marker or its end
     # Cancelling the relay's task (watcher, deadline) is allowed only while it sends or
     # reads the stream: never while it drains or settles.
     cancellable: bool = True
@@ -118,6 +119,7 @@ class Relay:
                 _absorb(task, end)
         if end.client_gone or end.timed_out:
             await self._read_on_for_usage()
+        end.complete = self.meter.done or self.drained
         if self.drained:
             self.resp.release()
         else:
@@ -150,11 +152,11 @@ class Relay:
     async def _read_on_for_usage(self) -> None:
         """The drain: the client is gone (or past the deadline), the provider's usage is not
         known yet. Read on, forwarding nothing and keeping only an unfinished event (at
-        most DRAIN_EVENT_CAP), until the meter has it or `limits` are reached."""
+        most DRAIN_EVENT_CAP), to the stream's end or until `limits` are reached."""
         meter = self.meter
-        usage = meter.usage()
-        if meter.done or (usage is not None and not usage.estimated):
+        if meter.done:
             return
+        # On to the end even when a usage came: some providers report a running one.
         buf, read, skipping = self.buf, 0, False
         self.buf = b""
         try:
