@@ -53,7 +53,7 @@ def gw(launch: Callable[..., Gateway], serve_app: Callable[[Any], ServerThread],
               *({"id": f"anthropic/{n}", "provider": "claude", "upstream": f"fake-claude-{n}", **claude_prices}
                 for n in ("think", "think-endless"))]
     return launch(serve_app(fake.app).url, models=models, anthropic_url=serve_app(claude.app).url,
-                  server={"disconnect_drain_seconds": 1}, **backend)
+                  server={"disconnect_drain_seconds": 1, "stream_idle_timeout_seconds": 1}, **backend)
 
 
 def leave_after(gw: Gateway, path: str, body: bytes, marker: bytes, count: int) -> str:
@@ -214,6 +214,25 @@ def test_anthropic_stream_without_usage_within_the_cap_is_billed_its_bounds(gw: 
     prompt = INPUT + CACHE_READ + CACHE_WRITE
     assert row["estimated"] is True and row["completion_tokens"] == 40_000 and row["prompt_tokens"] == prompt
     assert row["cost_micros"] == cost(Usage(prompt, 40_000, CACHE_READ, CACHE_WRITE), CLAUDE)
+
+
+def test_a_stream_the_gateway_cuts_for_silence_is_billed_by_the_rule(gw: Gateway, fake: FakeOpenAI) -> None:
+    # A reasoning model thinks in silence; past stream_idle_timeout_seconds the gateway hangs
+    # up, and the provider bills the reasoning done until then.
+    before = gw.balance()
+    body = orjson.dumps({"model": "acme/stall", "stream": True, "messages": MSG, "reasoning_effort": "high",
+                         "max_completion_tokens": 30_000})
+    with httpx.stream("POST", gw.url + "/v1/chat/completions", content=body, timeout=30,
+                      headers={"authorization": f"Bearer {gw.key}", "content-type": "application/json"}) as resp:
+        rid = resp.headers["x-request-id"]
+        assert b'"upstream_stalled"' in resp.read()
+    row = gw.usage_row(rid)
+    seen = -(-len("Hello") // 4)
+    assert row["estimated"] is True and row["error_type"] == "UpstreamTimeout" and row["prompt_tokens"] == len(body)
+    assert row["completion_tokens"] == 30_000 and row["reasoning_tokens"] == 30_000 - seen
+    expected = cost(Usage(len(body), 30_000, reasoning_tokens=30_000 - seen), PRICES)
+    assert row["cost_micros"] == expected and gw.balance() == before - expected
+    assert gw.open_reservations() == 0 and gw.verify() == []
 
 
 def test_without_reasoning_the_rule_bills_what_was_seen(gw: Gateway) -> None:

@@ -285,8 +285,8 @@ async def sweep(store: Store, ledger: Ledger, max_request_ms: int, identity: str
     too_old = reservations.c.created_at < now_ms() - max_request_ms
     if me is not None:
         # Only the worker serving a request knows whether it still does: by age, each
-        # worker releases its own (and those of no worker); a live worker's are its own
-        # business, a dead one's are released above.
+        # worker releases its own (and those of no worker); another live worker's are left
+        # to it, a dead one's go by the second condition.
         too_old = sa.and_(too_old, sa.or_(reservations.c.worker_id.is_(None), reservations.c.worker_id == me))
     async with store.read() as conn:
         ids = (await conn.execute(

@@ -1,5 +1,6 @@
-"""What a stream is billed when its client left (or stopped reading past the deadline)
-before the provider's usage arrived.
+"""What a stream is billed when it ended on the gateway's side before the provider's
+usage arrived: its client left or stopped reading past the deadline, or the gateway hung
+up on a silent provider (stream_idle_timeout_seconds, request_timeout_seconds).
 
 After a disconnect the relay keeps reading the provider's stream, forwarding nothing,
 for up to server.disconnect_drain_seconds and server.disconnect_drain_bytes (relay.py):

@@ -69,6 +69,9 @@ from tollway.telemetry import log, record_request
 ERROR_BODY_CAP = 65_536
 SETTLE_RETRY_SECONDS = 30.0  # rides out a database restart; then the sweep policy applies
 _TEXT_KEYS = frozenset({"content", "text", "arguments", "reasoning_content", "reasoning", "thinking"})
+# The gateway, not the provider, ended these streams (silence, the total timeout): the
+# provider bills what it generated until then, hidden reasoning included (disconnect.py).
+_GATEWAY_CUTS = frozenset({"upstream_stalled", "upstream_timeout"})
 _ENDPOINT_OF = {"chat": "/v1/chat/completions", "completions": "/v1/completions",
                 "embeddings": "/v1/embeddings", "messages": "/v1/messages"}
 
@@ -315,7 +318,7 @@ class Pipeline:
 
     async def _stream_ended(self, call: Call, end: StreamEnd) -> None:
         usage = end.meter.usage()
-        if end.client_gone or end.timed_out:
+        if end.client_gone or end.timed_out or (end.error is not None and end.error.instance_code in _GATEWAY_CUTS):
             if usage is None or usage.estimated or not end.complete:  # the provider's final count, or the rule
                 usage = conservative_usage(call.route.model if call.route else None, call.body, call.prompt_bound,
                                            call.output_bound, end.meter.text_bytes, usage)
