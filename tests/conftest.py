@@ -153,10 +153,19 @@ def pg_template() -> str:
 @contextlib.contextmanager
 def fresh_pg_database(migrated: bool = True) -> Iterator[str]:
     """A new database, dropped afterwards; migrated to head unless migrated=False."""
+    global _template_name
     need_postgres()
     name = "tollway_t_" + secrets.token_hex(6)
     template = pg_template() if migrated else "template0"
-    _pg_run(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+    try:
+        _pg_run(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+    except Exception:
+        if not migrated:
+            raise
+        # A test run of other migration files on the same server dropped this template
+        # (pg_template drops those of other files): build it again, once.
+        _template_name = None
+        _pg_run(f'CREATE DATABASE "{name}" TEMPLATE "{pg_template()}"')
     try:
         yield _pg_url(name)
     finally:
