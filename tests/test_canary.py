@@ -265,7 +265,8 @@ def test_canary_appears_nowhere(backend: dict[str, Any], make_config: Callable[.
         assert canary in seen[what], what
     assert '\\"q\\":\\"' + canary in seen["chat"]  # tool-call arguments in the answer
     assert canary in seen["upstream_error"]  # the client may see its own prompt quoted back
-    assert upstream.cancelled >= 2  # the hang-ups reached the upstream
+    # The hang-ups (499s, below) were read on to the end for the provider's usage (docs/proxy.md).
+    assert upstream.cancelled == 0
 
     logs = out_path.read_text() + err_path.read_text()
     captured = capfd.readouterr()

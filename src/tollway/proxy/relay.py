@@ -215,7 +215,7 @@ class Relay:
                     self.held = out
                 elif out:
                     await send({"type": "http.response.body", "body": out, "more_body": True})
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, OSError):
             self.buf = buf  # the drain after a disconnect goes on from this unfinished event
             raise
         out = self._feed([buf.strip()]) if buf.strip() else b""
