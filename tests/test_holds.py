@@ -191,18 +191,40 @@ async def test_settles_in_one_batch_each_see_the_others_charged(svc: Services) -
 async def test_the_sweep_releases_a_hold_older_than_the_longest_request(svc: Services) -> None:
     assert svc.ledger.holds is not None
     tid = await new_tenant(svc, 1_000_000)
-    stuck, fresh = rid(), rid()
+    stuck, served, fresh = rid(), rid(), rid()
     await svc.ledger.reserve(tid, stuck, 400_000)
+    await svc.ledger.reserve(tid, served, 200_000)
+    svc.ledger.live.add(served)  # a request still served, however old: never released under it
     time.sleep(0.2)
     await svc.ledger.reserve(tid, fresh, 100_000)
     assert await svc.ledger.release_stale_in_memory(max_request_ms=100) == 1
-    assert svc.ledger.held_in_memory() == [fresh] and await svc.ledger.balance(tid) == 900_000
-    assert await svc.ledger.settle(stuck, 1_000) is None  # released in full: never charged
+    assert sorted(svc.ledger.held_in_memory()) == sorted([served, fresh])
+    assert await svc.ledger.balance(tid) == 700_000
+    # A settle that comes after all still charges the released request, once.
+    assert await svc.ledger.settle(stuck, 1_000, usage()) == 1_000
+    assert await svc.ledger.settle(stuck, 1_000, usage()) is None
+    assert await svc.ledger.settle(served, 2_000) == 2_000
     assert await svc.ledger.settle(fresh, 1_000) == 1_000
     await svc.ledger.flush()
     async with svc.store.read() as conn:
         kinds = (await conn.execute(sa.select(ledger_entries.c.kind).where(ledger_entries.c.tenant_id == tid))).all()
-    assert sorted(k for (k,) in kinds) == ["credit", "debit"]
+    assert sorted(k for (k,) in kinds) == ["credit", "debit", "debit", "debit", "release"]
+    assert await svc.ledger.balance(tid) == 1_000_000 - 4_000
+    assert await svc.ledger.verify(3_600_000) == []
+
+
+async def test_a_late_settle_leaves_what_other_requests_hold(svc: Services) -> None:
+    tid = await new_tenant(svc, 1_000_000)
+    stuck, other = rid(), rid()
+    await svc.ledger.reserve(tid, stuck, 100_000)
+    time.sleep(0.2)
+    await svc.ledger.reserve(tid, other, 900_000)
+    assert await svc.ledger.release_stale_in_memory(max_request_ms=100) == 1
+    # The late charge may take what nobody holds (100_000), not the other request's hold.
+    assert await svc.ledger.settle(stuck, 500_000, usage()) == 100_000
+    assert await svc.ledger.settle(other, 900_000) == 900_000
+    await svc.ledger.flush()
+    assert await svc.ledger.balance(tid) == 0 and await svc.ledger.verify(3_600_000) == []
 
 
 async def test_deleting_a_tenant_releases_its_holds_in_memory(svc: Services) -> None:

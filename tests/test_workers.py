@@ -320,11 +320,12 @@ async def test_sweep_releases_exactly_the_dangling_reservations(memory_stack: Co
     try:
         tid = (await me.tenants.create("Ada"))["tenant_id"]
         await me.ledger.credit(tid, 10_000_000, "fund")
+        killed = dead_process_identity()  # a process start: under load, longer than STALE
         now = now_ms()
         async with me.store.write() as conn:
             await conn.execute(workers.insert(), [
                 {"id": "wk_silent", "acked_seq": 0, "heartbeat_at": now - int(STALE * 1000) - 1_000, "process": None},
-                {"id": "wk_killed", "acked_seq": 0, "heartbeat_at": now, "process": dead_process_identity()},
+                {"id": "wk_killed", "acked_seq": 0, "heartbeat_at": now, "process": killed},
                 {"id": "wk_remote", "acked_seq": 0, "heartbeat_at": now, "process": "other-host|pid:[9]|1|1"},
             ])
         holders = {"r_silent": "wk_silent", "r_killed": "wk_killed", "r_remote": "wk_remote",
@@ -347,6 +348,34 @@ async def test_sweep_releases_exactly_the_dangling_reservations(memory_stack: Co
         assert {"r_silent:swept", "r_killed:swept", "r_orphan:swept", "r_old:swept"} <= entries
         assert await me.ledger.verify(HOUR_MS) == []
         assert await sweep(me.store, me.ledger, HOUR_MS, me.workers.identity, me.workers.worker_id) == 0
+    finally:
+        await me.workers.unregister()
+        await me.close()
+
+
+async def test_the_age_backstop_never_releases_a_request_still_served(memory_stack: Config) -> None:
+    me = await worker(memory_stack)
+    try:
+        tid = (await me.tenants.create("Ada"))["tenant_id"]
+        await me.ledger.credit(tid, 10_000_000, "fund")
+        async with me.store.write() as conn:
+            await conn.execute(workers.insert(), [
+                {"id": "wk_alive", "acked_seq": 0, "heartbeat_at": now_ms(), "process": "other-host|pid:[9]|1|1"}])
+        holders = {"r_served": me.workers.worker_id, "r_lost": me.workers.worker_id, "r_theirs": "wk_alive"}
+        for rid, holder in holders.items():
+            await me.ledger.reserve(tid, rid, 100_000, worker_id=holder)
+        async with me.store.write() as conn:  # all older than the longest request
+            await conn.execute(reservations.update().values(created_at=now_ms() - HOUR_MS - 1))
+        me.ledger.live.add("r_served")
+        # Mine and served: kept; mine and no longer served: released; another live worker's:
+        # only it can tell whether it still serves the request.
+        assert await sweep(me.store, me.ledger, HOUR_MS, me.workers.identity, me.workers.worker_id) == 1
+        assert sorted(await me.ledger.open_reservations()) == ["r_served", "r_theirs"]
+        assert await me.ledger.settle("r_served", 70_000) == 70_000
+        me.ledger.live.discard("r_served")
+        assert await me.ledger.settle("r_lost", 50_000) == 50_000  # late, still charged once
+        assert await me.ledger.settle("r_lost", 50_000) is None
+        assert await me.ledger.balance(tid) == 10_000_000 - 120_000 - 100_000
     finally:
         await me.workers.unregister()
         await me.close()

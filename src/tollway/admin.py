@@ -173,7 +173,7 @@ def admin_app(svc: Services) -> TokenGate:
 
     @api.get("/ledger/verify")
     async def verify() -> dict[str, Any]:
-        problems = await svc.ledger.verify(svc.config.server.request_timeout_seconds * 1000 + 60_000)
+        problems = await svc.ledger.verify(svc.config.server.max_request_ms)
         return {"ok": not problems, "problems": problems}
 
     return TokenGate(api, svc.config.server.admin_token_env)

@@ -161,12 +161,12 @@ def create_app(cfg: Config, *, services: Services | None = None, migrate: bool |
         if recovered:
             telemetry.log.info("charge_journal_recovered", count=recovered)
         # Registers, then releases what a killed predecessor left reserved, before serving.
-        await svc.workers.start(svc.ledger, cfg.server.request_timeout_seconds * 1000 + 60_000)
+        await svc.workers.start(svc.ledger, cfg.server.max_request_ms)
         await proxy.start()
         access.start()
         tasks = [
             asyncio.create_task(retention.run_periodic_purge(svc.store, cfg.retention.access_log_days)),
-            asyncio.create_task(svc.workers.run(svc.ledger, cfg.server.request_timeout_seconds * 1000 + 60_000)),
+            asyncio.create_task(svc.workers.run(svc.ledger, cfg.server.max_request_ms)),
             asyncio.create_task(svc.keys.run_last_used_flusher()),
         ]
         if tune_gc:

@@ -373,7 +373,7 @@ def ledger() -> None:
 def ledger_verify(config_path: str | None, as_json: bool) -> None:
     """Recompute every balance from the ledger; exit 1 naming the tenant on any mismatch."""
     cfg = load_config(config_path)
-    max_age = cfg.server.request_timeout_seconds * 1000 + 60_000
+    max_age = cfg.server.max_request_ms
     problems = with_services(cfg, lambda s: s.ledger.verify(max_age))
     emit({"ok": not problems, "problems": problems}, as_json,
          lambda o: "ledger ok" if o["ok"] else "\n".join(o["problems"]))

@@ -85,6 +85,24 @@ class ServerConfig:
     stream_idle_timeout_seconds: int = doc(
         "Longest an upstream stream may stay silent before the client gets an error event.", 60
     )
+    sweep_grace_seconds: int = doc(
+        "How long past the longest request (request_timeout_seconds + disconnect_drain_seconds) a hold whose "
+        "request is no longer served (its settle failed) stays open before the sweep releases it; a hold of a "
+        "request still served never is.", 60
+    )
+    disconnect_drain_seconds: int = doc(
+        "After a streaming client leaves (or stops reading past request_timeout_seconds), how long the "
+        "provider's stream is still read, without forwarding it, to bill the provider's own usage.", 60
+    )
+    disconnect_drain_bytes: int = doc(
+        "Most bytes of the provider's stream read so after a client leaves; past it (or the time) the "
+        "conservative rule of docs/proxy.md is billed.", 8_388_608
+    )
+
+    @property
+    def max_request_ms(self) -> int:
+        """Age past which the sweep releases a hold no request serves any more."""
+        return (self.request_timeout_seconds + self.disconnect_drain_seconds + self.sweep_grace_seconds) * 1000
 
 
 @dataclass(frozen=True)
@@ -190,6 +208,10 @@ class ModelConfig:
         "The model's context window in tokens: caps the prompt's reservation, and is what requests with "
         "images, documents or files reserve (refused while unset).", None)
     kind: Literal["chat", "embedding"] = doc("chat (chat/completions) or embedding.", "chat")
+    hidden_reasoning: bool = doc(
+        "The model may generate reasoning it does not stream (OpenAI o-series, summarised thinking): a stream "
+        "left before its usage could be read is billed up to its output bound (docs/proxy.md).", False
+    )
 
 
 @dataclass(frozen=True)
@@ -355,6 +377,9 @@ class _Loader:
             ("server.max_body_bytes", cfg.server.max_body_bytes),
             ("server.request_timeout_seconds", cfg.server.request_timeout_seconds),
             ("server.stream_idle_timeout_seconds", cfg.server.stream_idle_timeout_seconds),
+            ("server.sweep_grace_seconds", cfg.server.sweep_grace_seconds),
+            ("server.disconnect_drain_seconds", cfg.server.disconnect_drain_seconds),
+            ("server.disconnect_drain_bytes", cfg.server.disconnect_drain_bytes),
             ("cache.key_ttl_seconds", cfg.cache.key_ttl_seconds),
             ("retention.access_log_days", cfg.retention.access_log_days),
             ("database.pool_size", cfg.database.pool_size),

@@ -1,9 +1,13 @@
 """A fake Anthropic Messages API on loopback: records requests, answers with cache
 token counts reported apart from input_tokens, streams with cumulative message_delta
-usage (integrations.md 4.1). Model "fake-claude-cut" stops after message_start."""
+usage (integrations.md 4.1). Model "fake-claude-cut" stops after message_start;
+"fake-claude-think" streams summarised thinking and `think_chunks` text deltas
+`interval` apart, then reports HIDDEN_THINKING more output tokens than it streamed;
+"fake-claude-think-endless" streams text deltas `interval` apart for minutes, no usage."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,12 +21,15 @@ from starlette.routing import Route
 INPUT, CACHE_READ, CACHE_WRITE = 11, 7, 5
 WORDS = ["Bonjour", " from", " Claude", "."]
 OUTPUT = 9  # final cumulative output_tokens
+HIDDEN_THINKING = 50_000
 
 
 @dataclass
 class FakeAnthropic:
     key: str
     requests: list[tuple[list[tuple[str, str]], dict[str, Any]]] = field(default_factory=list)
+    think_chunks: int = 12
+    interval: float = 0.05
 
     @property
     def app(self) -> Starlette:
@@ -58,6 +65,10 @@ class FakeAnthropic:
                                                   "usage": start_usage}})
         yield event("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}})
         yield event("ping", {})
+        if body["model"] in ("fake-claude-think", "fake-claude-think-endless"):
+            async for part in self._thinking(body["model"], event):
+                yield part
+            return
         for w in WORDS:
             yield event("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": w}})
         if body["model"] == "fake-claude-cut":
@@ -66,4 +77,15 @@ class FakeAnthropic:
         yield event("message_delta", {"delta": {"stop_reason": "end_turn", "stop_sequence": None},
                                       "usage": {"output_tokens": 4}})
         yield event("message_delta", {"delta": {}, "usage": {"output_tokens": OUTPUT}})  # cumulative, not added
+        yield event("message_stop", {})
+
+    async def _thinking(self, model: str, event: Any) -> AsyncIterator[bytes]:
+        yield event("content_block_delta", {"index": 0, "delta": {"type": "thinking_delta", "thinking": "Hm."}})
+        count = self.think_chunks if model == "fake-claude-think" else 100_000
+        for i in range(count):
+            await asyncio.sleep(self.interval)
+            yield event("content_block_delta", {"index": 1, "delta": {"type": "text_delta", "text": f" t{i}"}})
+        yield event("content_block_stop", {"index": 1})
+        yield event("message_delta", {"delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                                      "usage": {"output_tokens": HIDDEN_THINKING + count}})
         yield event("message_stop", {})

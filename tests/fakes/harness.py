@@ -31,6 +31,7 @@ PRICES = {"input_usd_per_mtok": "2.50", "output_usd_per_mtok": "10.00",
 
 def fake_models(provider: str = "fake") -> list[dict[str, Any]]:
     names = ["chat", "usage-on-choice", "nousage", "groq", "stall", "slow", "cut", "sleep", "onewrite",
+             "big", "think", "think-endless", "running",
              "400", "401", "429", "500", "503"]
     models = [{"id": f"acme/{n}", "provider": provider, "upstream": f"fake-{n}", **PRICES} for n in names]
     models.append({"id": "acme/embed", "provider": provider, "upstream": "fake-embed", "kind": "embedding",

@@ -13,6 +13,12 @@ gateway sends it (the config's `upstream`):
   fake-cut             two chunks, then the connection closes (no [DONE])
   fake-onewrite        the whole stream (chunks, usage, [DONE]) in one write
   fake-sleep           a normal non-streaming answer after `stall_seconds`
+  fake-big             `big_chunks` chunks of BIG_CHUNK_BYTES of text each, as fast as they are read
+  fake-think           `think_chunks` chunks `think_interval` apart, then usage reporting
+                       HIDDEN_REASONING reasoning tokens that were never streamed
+  fake-think-endless   chunks `think_interval` apart for minutes, never any usage
+  fake-running         as fake-think, with a running usage on every chunk (vLLM's
+                       continuous usage stats): only the last one is the total
   fake-400 / fake-401 / fake-429 / fake-500 / fake-503
                        errors whose body echoes the provider key (and any
                        cf-aig-authorization token) it was sent
@@ -39,6 +45,8 @@ REPLY_WORDS = ["Hello", " from", " the", " fake", " upstream", "."]
 PROMPT_TOKENS = 17
 CACHED_TOKENS = 5
 REASONING_TOKENS = 3
+BIG_CHUNK_BYTES = 65_536
+HIDDEN_REASONING = 50_000
 
 
 @dataclass
@@ -55,6 +63,9 @@ class FakeOpenAI:
     stall_seconds: float = 5.0
     slow_chunks: int = 200
     slow_interval: float = 0.02
+    big_chunks: int = 128
+    think_chunks: int = 12
+    think_interval: float = 0.05
     requests: list[Recorded] = field(default_factory=list)
     streams_cancelled: list[str] = field(default_factory=list)
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -113,16 +124,26 @@ class FakeOpenAI:
                         headers={"set-cookie": "session=upstream", "openai-organization": "org-operator",
                                  "openai-project": "proj_operator", "x-ratelimit-limit-requests": "100"})
 
-    def _usage(self, completion: int) -> dict[str, Any]:
+    def _usage(self, completion: int, reasoning: int | None = None) -> dict[str, Any]:
         return {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": completion,
                 "total_tokens": PROMPT_TOKENS + completion,
                 "prompt_tokens_details": {"cached_tokens": CACHED_TOKENS},
-                "completion_tokens_details": {"reasoning_tokens": min(REASONING_TOKENS, completion)}}
+                "completion_tokens_details": {
+                    "reasoning_tokens": min(REASONING_TOKENS, completion) if reasoning is None else reasoning}}
+
+    def stream_usage(self, model: str, words: list[str]) -> dict[str, Any]:
+        """The usage the stream of `model` reports at its end."""
+        if model == "fake-big":
+            return self._usage(sum(len(w) for w in words) // 4)
+        if model in ("fake-think", "fake-running"):
+            return self._usage(len(words) + HIDDEN_REASONING, HIDDEN_REASONING)
+        return self._usage(len(words))
 
     async def _stream(self, body: dict[str, Any], chat: bool) -> AsyncIterator[bytes]:
         model = body["model"]
         opts = body.get("stream_options") or {}
-        asked = opts.get("include_usage") is True and model not in ("fake-nousage", "fake-groq")
+        asked = opts.get("include_usage") is True and model not in ("fake-nousage", "fake-groq",
+                                                                       "fake-think-endless")
         base = {"id": "chatcmpl-fake", "object": "chat.completion.chunk" if chat else "text_completion",
                 "created": 1, "model": model + "-2024-06-01", "system_fingerprint": "fp_fake"}
         extra = {"usage": None} if asked else {}
@@ -138,24 +159,31 @@ class FakeOpenAI:
         words = REPLY_WORDS
         if model == "fake-slow":
             words = [f" w{i}" for i in range(self.slow_chunks)]
+        elif model == "fake-big":
+            words = ["x" * BIG_CHUNK_BYTES] * self.big_chunks
+        elif model in ("fake-think", "fake-think-endless", "fake-running"):
+            words = [f" t{i}" for i in range(100_000 if model == "fake-think-endless" else self.think_chunks)]
         try:
             for i, w in enumerate(words):
                 if model == "fake-stall" and i == 1:
                     await asyncio.sleep(self.stall_seconds)
                 if model == "fake-slow":
                     await asyncio.sleep(self.slow_interval)
+                elif model in ("fake-think", "fake-think-endless", "fake-running"):
+                    await asyncio.sleep(self.think_interval)
                 if model == "fake-cut" and i == 2:
                     raise ConnectionResetError  # uvicorn drops the connection mid-body
                 last = i == len(words) - 1
                 if last and model == "fake-usage-on-choice":
-                    yield chunk(w, "stop", usage=self._usage(len(words)))
+                    yield chunk(w, "stop", usage=self.stream_usage(model, words))
                     yield b"data: [DONE]\n\n"
                     return
                 self.chunks_sent += 1
-                yield chunk(w)
+                yield chunk(w, usage=self._usage(i + 1, 0)) if model == "fake-running" else chunk(w)
             yield chunk(None, "stop")
             if asked:
-                yield b"data: " + orjson.dumps({**base, "choices": [], "usage": self._usage(len(words))}) + b"\n\n"
+                usage = self.stream_usage(model, words)
+                yield b"data: " + orjson.dumps({**base, "choices": [], "usage": usage}) + b"\n\n"
             if model == "fake-groq":
                 yield b"data: " + orjson.dumps({**base, "choices": [], "x_groq": {
                     "id": "req_x", "usage": self._usage(len(words))}}) + b"\n\n"

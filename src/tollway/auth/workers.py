@@ -15,8 +15,9 @@ guarantees without any per-request cost:
   that are dead: silent for longer than STALE, or, on the same host, provably gone
   (their PID no longer runs the process that registered). The second test is what
   lets a restarted gateway release its killed predecessor's reservations at once.
-  As a backstop, any reservation older than the longest request is released too, and
-  so is any hold this process keeps in memory (ledger/holds.py) for that long.
+  As a backstop, a worker releases its own reservations older than the longest request,
+  and so the holds it keeps in memory (ledger/holds.py), unless it still serves their request
+  (Ledger.live): a request served is bounded by the relay's deadline, never swept.
 
 Heartbeats and staleness use the database's clock on PostgreSQL, so workers on hosts
 with skewed clocks still agree on who is silent.
@@ -322,13 +323,20 @@ async def sweep(store: Store, ledger: Ledger, max_request_ms: int, identity: str
     registered = sa.select(workers.c.id)
     if dead:
         registered = registered.where(workers.c.id.not_in(dead))
+    too_old = reservations.c.created_at < now_ms() - max_request_ms
+    if me is not None:
+        # Only the worker serving a request knows whether it still does: by age, each
+        # worker releases its own (and those of no worker); another live worker's are left
+        # to it, a dead one's go by the second condition.
+        too_old = sa.and_(too_old, sa.or_(reservations.c.worker_id.is_(None), reservations.c.worker_id == me))
     async with store.read() as conn:
         ids = (await conn.execute(
             sa.select(reservations.c.request_id).where(sa.or_(
-                reservations.c.created_at < now_ms() - max_request_ms,
+                too_old,
                 sa.and_(reservations.c.worker_id.is_not(None), reservations.c.worker_id.not_in(registered)),
             )).order_by(reservations.c.created_at))).scalars().all()
-    released = await ledger.release_swept(list(ids)) + await ledger.release_stale_in_memory(max_request_ms)
+    ids = [rid for rid in ids if rid not in ledger.live]  # never a request this process still serves
+    released = await ledger.release_swept(ids) + await ledger.release_stale_in_memory(max_request_ms)
     if dead:
         async with store.write() as conn:
             await conn.execute(workers.delete().where(workers.c.id.in_(dead)))

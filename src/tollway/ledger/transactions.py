@@ -40,6 +40,7 @@ the longer pseudonym a deletion puts in its place (MANUAL_REFERENCE_MAX).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Concatenate, ParamSpec, TypeVar
@@ -122,6 +123,9 @@ class Ledger:
         self.store = store
         self.holds = holds
         self.memory = MemoryPath(store, holds, self._charges, journaled=journaled) if holds is not None else None
+        # The requests this process is serving (proxy/pipeline.py adds and discards them):
+        # the sweep never releases their holds, however long they run; the relay bounds them.
+        self.live: set[str] = set()
         self._insert: Any = postgresql.insert if not store.is_sqlite else sqlite.insert
         # A usage row already there means this request was recorded: keep the first.
         self._insert_usage = Prepared(self._insert(usage_events).on_conflict_do_nothing())
@@ -395,13 +399,32 @@ class Ledger:
 
     async def release_stale_in_memory(self, max_request_ms: int) -> int:
         """The sweep's backstop for holds in memory: release any older than the longest
-        request (its settle failed), in full, as for committed ones."""
-        if self.holds is None:
+        request whose request this process no longer serves (its settle failed), in full,
+        as for committed ones, recorded as `<request>:swept` so that a settle that comes
+        after all still charges it, once (`_settle_late`). A request still served keeps
+        its hold however long it runs: released under it, its settle would find nothing."""
+        holds = self.holds
+        if holds is None:
             return 0
         released = 0
-        for request_id in self.holds.older_than(max_request_ms):
-            if await self.release(request_id) is not None:
-                released += 1
+        for request_id in holds.older_than(max_request_ms):
+            hold = None if request_id in self.live else holds.claim(request_id)
+            if hold is None:
+                continue
+
+            def swept(conn: Connection, request_id: str = request_id, tenant_id: str = hold.tenant_id) -> None:
+                found = conn.execute(sa.select(wallets.c.balance_micros)
+                                     .where(wallets.c.tenant_id == tenant_id)).scalar()
+                if found is not None:  # else the tenant was deleted meanwhile: nothing to charge later
+                    _entry(conn, f"{request_id}:swept", tenant_id, "release", 0, int(found), request_id)
+                holds.drop(request_id)
+
+            try:
+                await self.store.transact_undoable(swept, undo=functools.partial(holds.add, request_id, hold))
+            except Exception:
+                holds.unclaim(request_id)  # the next sweep tries again
+                raise
+            released += 1
         return released
 
     async def release_swept(self, request_ids: list[str]) -> int:
@@ -462,7 +485,8 @@ class Ledger:
 
     def _settle_late(self, conn: Connection, request_id: str, charge: int,
                      usage: dict[str, Any] | None) -> int | None:
-        """Settle a request whose hold the sweep already released (its worker looked dead).
+        """Settle a request whose hold the sweep already released (its worker looked dead,
+        or its settle had failed until then).
         The `:debit` entry, written even when the charge is zero, makes it the only settle."""
         swept_id, debit_id = f"{request_id}:swept", f"{request_id}:debit"
         found = dict(conn.execute(
@@ -475,7 +499,8 @@ class Ledger:
         key_id = (usage or {}).get("key_id")
         if charge and key_id:  # no hold is left: all of it is above the hold
             charge = self._within_key_limit(conn, request_id, key_id, None, 0, charge)
-        charged, new = self._take(conn, tenant_id, 0, charge)
+        # What this process holds in memory for the tenant's other requests stays theirs.
+        charged, new = self._take(conn, tenant_id, 0, charge, self._held(tenant_id))
         _entry(conn, debit_id, tenant_id, "debit", -charged, new, request_id, ts)
         if charged and key_id:
             # The hold's period went with the reservation row; count it in the current one.

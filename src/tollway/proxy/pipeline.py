@@ -11,7 +11,9 @@ Money rules kept here:
   max_tokens, at most the model's max_output_tokens) x n, written into the body so the
   provider enforces it. What would change the price per token is refused (priced.py).
 * Every reservation is settled exactly once: with the metered cost on success, with an
-  estimate (base.py) when a started call reported no usage, with 0 on every error path.
+  estimate (base.py) when a started call reported no usage, with the conservative rule
+  (disconnect.py) when a stream's client left before the provider's usage could be read,
+  with 0 on every error path. The request is in `Ledger.live` meanwhile: never swept.
   Settles run shielded from cancellation, or within one step of the loop, where nothing can cancel them.
 """
 
@@ -59,8 +61,9 @@ from tollway.providers.base import (
 )
 from tollway.providers.echo import EchoTransport
 from tollway.providers.tenant_tag import TenantTagger, resolve_fields
+from tollway.proxy.disconnect import conservative_usage
 from tollway.proxy.inbound import ClientGone, header_map, model_slug, parse_json, read_body, shape
-from tollway.proxy.relay import Relay, StreamEnd, shielded
+from tollway.proxy.relay import Relay, RelayLimits, StreamEnd, shielded
 from tollway.proxy.upstream import Upstream
 from tollway.services import Services
 from tollway.store.db import retry_while_unavailable
@@ -69,6 +72,9 @@ from tollway.telemetry import log, record_request
 ERROR_BODY_CAP = 65_536
 SETTLE_RETRY_SECONDS = 30.0  # rides out a database restart; then the sweep policy applies
 _TEXT_KEYS = frozenset({"content", "text", "arguments", "reasoning_content", "reasoning", "thinking"})
+# The gateway, not the provider, ended these streams (silence, the total timeout): the
+# provider bills what it generated until then, hidden reasoning included (disconnect.py).
+_GATEWAY_CUTS = frozenset({"upstream_stalled", "upstream_timeout"})
 _ENDPOINT_OF = {"chat": "/v1/chat/completions", "completions": "/v1/completions",
                 "embeddings": "/v1/embeddings", "messages": "/v1/messages"}
 
@@ -89,8 +95,9 @@ class Route:
 class Call:
     """One request's facts, for the settle, the usage row and the log line."""
 
-    __slots__ = ("body", "charge_reserved", "endpoint", "error_code", "error_type", "principal", "recorded",
-                 "request_id", "reserved", "route", "settled", "started", "status", "stream", "upstream_status")
+    __slots__ = ("body", "charge_reserved", "endpoint", "error_code", "error_type", "output_bound", "principal",
+                 "prompt_bound", "recorded", "request_id", "reserved", "route", "settled", "started", "status",
+                 "stream", "upstream_status")
 
     def __init__(self, request_id: str, endpoint: str) -> None:
         self.request_id = request_id
@@ -108,6 +115,8 @@ class Call:
         self.recorded = False
         self.reserved = 0
         self.charge_reserved = False  # the provider's usage report was refused (`_invalid_usage`)
+        self.prompt_bound = 0  # what the reservation holds: tokens of prompt and of output
+        self.output_bound = 0
 
     def failed(self, exc: TollwayError) -> None:
         self.status = exc.status
@@ -147,6 +156,9 @@ class Pipeline:
         self.max_body = cfg.server.max_body_bytes
         self.attribution = cfg.attribution.header.lower() if cfg.attribution else None
         self.upstream = Upstream(cfg.server.request_timeout_seconds, cfg.server.stream_idle_timeout_seconds)
+        self.request_timeout = cfg.server.request_timeout_seconds
+        self.relay_limits = RelayLimits(cfg.server.disconnect_drain_seconds, cfg.server.disconnect_drain_bytes)
+        self.live = svc.ledger.live
         self.routes = build_routes(cfg, provider_keys, self.upstream, EchoTransport())
         self.tenant_tags = TenantTagger(svc.keys.secret)
 
@@ -169,6 +181,8 @@ class Pipeline:
                 call.failed(exc)
                 self._record(call, None, None)
             await render_json(exc, call.request_id)(scope, receive, send)
+        finally:
+            self.live.discard(call.request_id)
 
     async def _serve(self, call: Call, state: dict[str, Any], scope: Scope, receive: Receive, send: Send) -> None:
         headers = header_map(scope)
@@ -179,10 +193,12 @@ class Pipeline:
         call.route = route = self._resolve(call.endpoint, model_slug(body))
         sh = shape(call.endpoint, body, len(raw), route.model, headers, route.target.output_field)
         call.stream = sh.stream
+        call.prompt_bound, call.output_bound = sh.prompt_bound, sh.completion_bound
         if route.transport is None:
             raise ServiceUnavailable(f"The model '{route.target.slug}' is not available right now: its provider "
                                      f"has no key configured on this gateway.")
         call.reserved = max_cost(sh.prompt_bound, sh.completion_bound, route.prices)
+        self.live.add(call.request_id)  # from here until it ends, the sweep leaves its hold alone
         try:
             await self.svc.ledger.reserve(
                 principal.tenant_id, call.request_id, call.reserved,
@@ -236,9 +252,11 @@ class Pipeline:
         if not 200 <= resp.status < 300:
             raise await self._upstream_failure(route, resp)
         if stream:
+            # The whole call, the client's reading included, ends request_timeout after it began.
+            deadline = asyncio.get_running_loop().time() + self.request_timeout - (time.perf_counter() - call.started)
             relay = Relay(resp, route.adapter.meter(route.target, strip_usage=not wants_usage),
                           _stream_headers(resp), route.adapter.error_event, route.secrets,
-                          lambda end: self._stream_ended(call, end))
+                          lambda end: self._stream_ended(call, end), deadline, self.relay_limits)
             await relay(scope, receive, send)
             return
         try:
@@ -318,10 +336,16 @@ class Pipeline:
         usage = end.meter.usage()
         if end.meter.invalid is not None:
             usage = self._invalid_usage(call, end.meter.invalid, end.meter.text_bytes)
+        elif end.client_gone or end.timed_out or (end.error is not None and end.error.instance_code in _GATEWAY_CUTS):
+            if usage is None or usage.estimated or not end.complete:  # the provider's final count, or the rule
+                usage = conservative_usage(call.route.model if call.route else None, call.body, call.prompt_bound,
+                                           call.output_bound, end.meter.text_bytes, usage)
         elif usage is None or usage.estimated:
             usage = self._estimate(call, end.meter.text_bytes, usage)
         if end.client_gone:
             call.status, call.error_type = 499, "client_disconnected"
+        elif end.timed_out:
+            call.error_type, call.error_code = "StreamDeadline", "stream_deadline"
         elif end.error is not None:
             call.error_type, call.error_code = type(end.error).__name__, end.error.instance_code
         await self._settle(call, usage)

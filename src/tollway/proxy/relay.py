@@ -3,15 +3,24 @@
 Per upstream read: split complete events, let the adapter's meter rewrite the model
 name and read usage (byte searches; a JSON parse only for the usage event), send
 everything in one ASGI message. No task and no buffer per chunk: one watcher task per
-stream listens for the client going away, and only the unfinished tail of an event is
-kept between reads.
+stream listens for the client going away, one timer per stream bounds it, and only the
+unfinished tail of an event is kept between reads.
+
+The deadline. The whole relay, the sends to the client included, ends by `deadline`
+(server.request_timeout_seconds after the call started): a client that stops reading
+leaves the server's send waiting on a full socket with no limit of its own, and the
+upstream client's total timeout does not cover that wait. Its request stays served
+(Ledger.live) until it settles, so the sweep never releases its hold meanwhile.
 
 Endings, each settled exactly once by `on_end` (shielded from cancellation):
   normal end              -> usage from the stream (or an estimate when none came)
   upstream stall / error  -> an SSE error event to the client, then an estimate
-  client disconnect       -> the upstream connection is closed (the provider stops
-                             generating), the watcher cancels the pump, estimate of
-                             what was delivered unless usage already arrived
+  client disconnect, or   -> the rest of the stream is read without forwarding it, within
+  the deadline passed        `RelayLimits`, for the provider's own usage (the drain); the
+                             pipeline bills that usage, or else its conservative rule
+                             (docs/proxy.md). Past the deadline the client gets an error
+                             event if it reads again within ERROR_EVENT_GRACE, or the
+                             connection is closed after what was already sent.
 """
 
 from __future__ import annotations
@@ -28,8 +37,23 @@ from tollway.privacy import scrub
 from tollway.providers.base import StreamMeter, UpstreamResponse
 
 _ERROR_KEY = b'"error":'
-DRAIN_SECONDS = 1.0
+DRAIN_SECONDS = 1.0  # after the end marker, for the body's terminator
+ERROR_EVENT_GRACE = 1.0  # past the deadline: how long the error event may wait for a stalled client
+DRAIN_EVENT_CAP = 262_144  # draining, a longer unfinished event is skipped (usage events are small)
 T = TypeVar("T")
+
+
+class StreamDeadline(TollwayError):
+    status, type, code = 504, "timeout_error", "stream_deadline"
+
+
+@dataclass(frozen=True, slots=True)
+class RelayLimits:
+    """After a client left (or the deadline passed): how long and how much of the
+    provider's stream is still read for its usage (server.disconnect_drain_*)."""
+
+    drain_seconds: float
+    drain_bytes: int
 
 
 @dataclass(slots=True)
@@ -37,20 +61,30 @@ class StreamEnd:
     meter: StreamMeter
     error: TollwayError | None = None  # the upstream failed mid-stream
     client_gone: bool = False
+    timed_out: bool = False  # the deadline passed before the stream was delivered
+    complete: bool = False  # the provider's stream was read to its end marker or its end
+    # Cancelling the relay's task (watcher, deadline) is allowed only while it sends or
+    # reads the stream: never while it drains or settles.
+    cancellable: bool = True
+    cancel_pending: bool = False  # a cancel() of ours not yet received by the task
+    settled: bool = False
 
 
 class Relay:
     def __init__(self, resp: UpstreamResponse, meter: StreamMeter, headers: list[tuple[bytes, bytes]],
                  error_event: Callable[[TollwayError], bytes], secrets: Iterable[str],
-                 on_end: Callable[[StreamEnd], Awaitable[None]]) -> None:
+                 on_end: Callable[[StreamEnd], Awaitable[None]], deadline: float, limits: RelayLimits) -> None:
         self.resp = resp
         self.meter = meter
         self.headers = headers
         self.error_event = error_event
         self.secrets = tuple(secrets)
         self.on_end = on_end
+        self.deadline = deadline  # the event loop's time by which the relay ends
+        self.limits = limits
         self.tail = b""  # the end marker ([DONE], message_stop), held back until settled
         self.held = b""  # events that arrived in the same read as the end marker: sent with it
+        self.buf = b""  # the unfinished event the pump was stopped in (set only then)
         self.drained = False  # the upstream body was read to its end: the connection is reusable
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -58,54 +92,132 @@ class Relay:
         task = asyncio.current_task()
         assert task is not None
         watcher = asyncio.create_task(_watch(receive, task, end))
+        timer = asyncio.get_running_loop().call_at(self.deadline, _expire, task, end)
+        try:
+            await self._run(send, task, end)
+        finally:
+            timer.cancel()
+            watcher.cancel()
+            if not end.settled:  # server shutdown: settle what is known, then let it propagate
+                self.resp.close()
+                end.settled = True
+                await shielded(self.on_end(end))
+
+    async def _run(self, send: Send, task: asyncio.Task[Any], end: StreamEnd) -> None:
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.headers})
             end.error = await self._pump(send)
         except asyncio.CancelledError:
-            if not end.client_gone:
-                raise  # server shutdown: settle below, then let it propagate
-            task.uncancel()
+            _absorb(task, end)
         except OSError:
             end.client_gone = True  # a server that reports a closed socket on send
-        finally:
-            watcher.cancel()
-            if self.drained:
-                self.resp.release()
-            else:
-                self.resp.close()  # the provider stops generating
-            await shielded(self.on_end(end))
-        if not end.client_gone:
+        end.cancellable = False
+        if end.cancel_pending:  # rare: asked for just as the pump returned; it lands at the next await
+            try:
+                await asyncio.sleep(0)
+            except asyncio.CancelledError:
+                _absorb(task, end)
+        if end.client_gone or end.timed_out:
+            await self._read_on_for_usage()
+        end.complete = self.meter.done or self.drained
+        if self.drained:
+            self.resp.release()
+        else:
+            self.resp.close()  # the provider stops generating
+        end.settled = True
+        await shielded(self.on_end(end))
+        if end.client_gone:
+            return
+        if end.timed_out and not self.tail:  # the client never got to the end marker
+            last = self.error_event(StreamDeadline(
+                "The stream was not read within the gateway's request timeout; it was stopped."))
+        else:
             # The end marker goes out after the settle, so a client that saw the end of its
             # stream (SDKs stop reading at [DONE]) also sees its charge.
-            await send({"type": "http.response.body", "body": self.held + self.tail, "more_body": False})
+            last = self.held + self.tail
+        loop = asyncio.get_running_loop()
+        late = loop.call_later(ERROR_EVENT_GRACE, _expire, task, end) if loop.time() >= self.deadline else None
+        end.cancellable = True
+        try:
+            await send({"type": "http.response.body", "body": last, "more_body": False})
+        except asyncio.CancelledError:
+            # Never read: return with the response unfinished, and the server closes the
+            # connection once what was already sent has gone out.
+            _absorb(task, end)
+        finally:
+            end.cancellable = False
+            if late is not None:
+                late.cancel()
+
+    async def _read_on_for_usage(self) -> None:
+        """The drain: the client is gone (or past the deadline), the provider's usage is not
+        known yet. Read on, forwarding nothing and keeping only an unfinished event (at
+        most DRAIN_EVENT_CAP), to the stream's end or until `limits` are reached."""
+        meter = self.meter
+        if meter.done:
+            return
+        # On to the end even when a usage came: some providers report a running one.
+        buf, read, skipping = self.buf, 0, False
+        self.buf = b""
+        try:
+            async with asyncio.timeout(self.limits.drain_seconds):
+                while not meter.done:
+                    chunk = await self.resp.chunk()
+                    if not chunk:
+                        self.drained = True
+                        if buf.strip() and not skipping:
+                            meter.feed(buf.strip())
+                        return
+                    read += len(chunk)
+                    if read > self.limits.drain_bytes:
+                        return  # the caps are the operator's: past them, the conservative rule
+                    buf = buf + chunk if buf else chunk
+                    if b"\r" in buf:
+                        buf = buf.replace(b"\r\n", b"\n")
+                    if b"\n\n" not in buf:
+                        if len(buf) > DRAIN_EVENT_CAP:
+                            buf, skipping = b"", True
+                        continue
+                    *events, buf = buf.split(b"\n\n")
+                    for ev in events[1:] if skipping else events:
+                        if ev:
+                            meter.feed(ev)
+                    skipping = False
+                await self._drain()
+        except (TimeoutError, UpstreamError):
+            pass  # the usage stays unknown: the pipeline's conservative rule
 
     async def _pump(self, send: Send) -> TollwayError | None:
         meter = self.meter
         buf = b""
-        while True:
-            if meter.done:
-                await self._drain()
-                return None
-            try:
-                chunk = await self.resp.chunk()
-            except UpstreamError as exc:
-                return await self._fail(send, exc)
-            if not chunk:
-                self.drained = True
-                break
-            buf = buf + chunk if buf else chunk
-            if b"\r" in buf:
-                buf = buf.replace(b"\r\n", b"\n")
-            if b"\n\n" not in buf:
-                continue
-            *events, buf = buf.split(b"\n\n")
-            out = self._feed(events)
-            if meter.done:
-                # The end marker came in this read: these bytes go out with it, after the
-                # settle, in one write (a provider usually sends usage and [DONE] together).
-                self.held = out
-            elif out:
-                await send({"type": "http.response.body", "body": out, "more_body": True})
+        try:
+            while True:
+                if meter.done:
+                    await self._drain()
+                    return None
+                try:
+                    chunk = await self.resp.chunk()
+                except UpstreamError as exc:
+                    return await self._fail(send, exc)
+                if not chunk:
+                    self.drained = True
+                    break
+                buf = buf + chunk if buf else chunk
+                if b"\r" in buf:
+                    buf = buf.replace(b"\r\n", b"\n")
+                if b"\n\n" not in buf:
+                    continue
+                *events, buf = buf.split(b"\n\n")
+                out = self._feed(events)
+                if meter.done:
+                    # The end marker came in this read: these bytes go out with it, after the
+                    # settle, in one write (a provider usually sends usage and [DONE] together).
+                    self.held = out
+                elif out:
+                    await send({"type": "http.response.body", "body": out, "more_body": True})
+        except (asyncio.CancelledError, OSError):
+            self.buf = buf  # the drain after a disconnect goes on from this unfinished event
+            raise
         out = self._feed([buf.strip()]) if buf.strip() else b""
         if out:
             await send({"type": "http.response.body", "body": out, "more_body": True})
@@ -157,8 +269,31 @@ async def _watch(receive: Receive, task: asyncio.Task[Any], end: StreamEnd) -> N
         message: Message = await receive()
         if message["type"] == "http.disconnect":
             end.client_gone = True
-            task.cancel()
+            _cancel(task, end)
             return
+
+
+def _expire(task: asyncio.Task[Any], end: StreamEnd) -> None:
+    """The deadline (or the error event's grace) passed: stop the send or read in progress.
+    Passing while the relay drains or settles, it changes nothing: those have their own bounds."""
+    if end.cancellable:
+        end.timed_out = True
+        _cancel(task, end)
+
+
+def _cancel(task: asyncio.Task[Any], end: StreamEnd) -> None:
+    if end.cancellable and not end.cancel_pending:
+        end.cancel_pending = True
+        task.cancel()
+
+
+def _absorb(task: asyncio.Task[Any], end: StreamEnd) -> None:
+    """Take back a cancellation of ours (watcher, deadline); re-raise any other (shutdown)."""
+    if not end.cancel_pending:
+        raise asyncio.CancelledError
+    end.cancel_pending = False
+    if task.uncancel():
+        raise asyncio.CancelledError
 
 
 async def shielded(aw: Awaitable[T]) -> T:

@@ -170,7 +170,7 @@ class Store:
         self.sqlite_file: Path | None = None  # the database file, when there is one
         if path is not None and str(path) != ":memory:":
             # The real file, symlinks followed: the serving lock and the journal sit beside
-            # it, so two spellings of one database cannot hold two locks (holds.py).
+            # it, so two spellings of one database cannot hold two locks (ledger/holds.py).
             self.sqlite_file = path = Path(os.path.realpath(path))
             owner_only(path)
             self.writer = SQLiteWriter(path, on_connect=_sqlite_on_connect, on_statement=self._count)
