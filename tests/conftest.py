@@ -154,9 +154,17 @@ def pg_template() -> str:
 def fresh_pg_database(migrated: bool = True) -> Iterator[str]:
     """A new database, dropped afterwards; migrated to head unless migrated=False."""
     need_postgres()
+    global _template_name
     name = "tollway_t_" + secrets.token_hex(6)
     template = pg_template() if migrated else "template0"
-    _pg_run(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+    try:
+        _pg_run(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+    except Exception as exc:
+        # A concurrent run of a checkout with other migrations dropped our template: build it again.
+        if not migrated or "does not exist" not in str(exc):
+            raise
+        _template_name = None
+        _pg_run(f'CREATE DATABASE "{name}" TEMPLATE "{pg_template()}"')
     try:
         yield _pg_url(name)
     finally:

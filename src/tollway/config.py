@@ -78,6 +78,9 @@ class ServerConfig:
     stream_idle_timeout_seconds: int = doc(
         "Longest an upstream stream may stay silent before the client gets an error event.", 60
     )
+    worker_release_after_seconds: int = doc(
+        "A worker silent this long (no heartbeat) is presumed dead and its open reservations are released; "
+        "revokes stop waiting for it after 2.5 s already. At least 5.", 60)
 
 
 @dataclass(frozen=True)
@@ -331,6 +334,9 @@ class _Loader:
         ):
             if value <= 0:
                 raise self.fail(path, f"expected a positive integer, got {value}")
+        if cfg.server.worker_release_after_seconds < 5:
+            raise self.fail("server.worker_release_after_seconds",
+                            "expected at least 5: far longer than the 2.5 s after which a revoke stops waiting")
         if cfg.server.port > 65535:
             raise self.fail("server.port", "expected a port number up to 65535")
         if cfg.stripe and cfg.stripe.min_topup_usd > cfg.stripe.max_topup_usd:
