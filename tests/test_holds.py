@@ -196,12 +196,18 @@ async def test_the_sweep_releases_a_hold_older_than_the_longest_request(svc: Ser
     await svc.ledger.reserve(tid, fresh, 100_000)
     assert await svc.ledger.release_stale_in_memory(max_request_ms=100) == 1
     assert svc.ledger.held_in_memory() == [fresh] and await svc.ledger.balance(tid) == 900_000
-    assert await svc.ledger.settle(stuck, 1_000) is None  # released in full: never charged
     assert await svc.ledger.settle(fresh, 1_000) == 1_000
     await svc.ledger.flush()
     async with svc.store.read() as conn:
         kinds = (await conn.execute(sa.select(ledger_entries.c.kind).where(ledger_entries.c.tenant_id == tid))).all()
     assert sorted(k for (k,) in kinds) == ["credit", "debit"]
+    # The process was only stalled and the request is answered now: charged, once, from
+    # what nobody else holds (as a committed hold's late settle).
+    assert await svc.ledger.settle(stuck, 350_000, usage()) == 350_000
+    assert await svc.ledger.balance(tid) == 1_000_000 - 1_000 - 350_000
+    assert await svc.ledger.settle(stuck, 1_000) is None
+    await svc.ledger.flush()
+    assert await svc.ledger.balance(tid) == 649_000 and await svc.ledger.verify(3_600_000) == []
 
 
 async def test_deleting_a_tenant_releases_its_holds_in_memory(svc: Services) -> None:

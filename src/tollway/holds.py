@@ -40,6 +40,7 @@ from typing import IO, TypeVar
 
 K = TypeVar("K")
 KeyPeriod = tuple[str, str]  # (key id, spend-limit period) a hold counts against
+SWEPT_KEPT = 10_000  # swept holds remembered for a late settle
 
 
 @dataclass(slots=True)
@@ -60,6 +61,9 @@ class MemoryHolds:
         self._holds: dict[str, Hold] = {}
         self._tenant_held: dict[str, int] = {}
         self._key_held: dict[KeyPeriod, int] = {}
+        # Holds the sweep's backstop released (request -> tenant, key period), so that a
+        # settle still to come charges, once, as a committed hold's late settle does.
+        self._swept: dict[str, tuple[str, KeyPeriod | None]] = {}
 
     def __len__(self) -> int:
         return len(self._holds)
@@ -103,6 +107,26 @@ class MemoryHolds:
         _subtract(self._tenant_held, hold.tenant_id, hold.amount_micros)
         if hold.key is not None:
             _subtract(self._key_held, hold.key, hold.amount_micros)
+
+    def sweep(self, request_id: str) -> bool:
+        """Release a hold the backstop found too old, remembering it for a late settle."""
+        hold = self._holds.get(request_id)
+        if hold is None or hold.settling:
+            return False
+        self.drop(request_id)
+        self._swept[request_id] = (hold.tenant_id, hold.key)
+        while len(self._swept) > SWEPT_KEPT:  # the oldest first: a settle that late is not coming
+            del self._swept[next(iter(self._swept))]
+        return True
+
+    def late(self, request_id: str) -> Hold | None:
+        """For the settle of a swept hold, once: a claimed hold of nothing, whose charge may
+        take only what nobody else holds."""
+        swept = self._swept.pop(request_id, None)
+        if swept is None or request_id in self._holds:
+            return None
+        self.add(request_id, Hold(swept[0], 0, swept[1]))
+        return self.claim(request_id)
 
     def reserved(self, tenant_id: str) -> int:
         """What the tenant's open reservations hold (held() less the charges not yet applied)."""

@@ -246,7 +246,8 @@ class Ledger:
         the balance never goes negative."""
         _check_usage(usage)
         charge = max(0, charge_micros)
-        if self.memory is not None and (hold := self.memory.holds.claim(request_id)) is not None:
+        if self.memory is not None and (hold := self.memory.holds.claim(request_id)
+                                        or self.memory.holds.late(request_id)) is not None:
             return await self.memory.settle(request_id, hold, charge, usage)
         # Not held here: a hold committed (by an earlier run: its sweep or late settle), or none.
         try:
@@ -368,14 +369,11 @@ class Ledger:
 
     async def release_stale_in_memory(self, max_request_ms: int) -> int:
         """The sweep's backstop for holds in memory: release any older than the longest
-        request (its settle failed), in full, as for committed ones."""
+        request (its settle failed, or the process stalled), in full, as for committed
+        ones; a settle that still comes charges then, once (MemoryHolds.late)."""
         if self.holds is None:
             return 0
-        released = 0
-        for request_id in self.holds.older_than(max_request_ms):
-            if await self.release(request_id) is not None:
-                released += 1
-        return released
+        return sum(self.holds.sweep(request_id) for request_id in self.holds.older_than(max_request_ms))
 
     async def release_swept(self, request_ids: list[str]) -> int:
         """The sweep's release: each in its own short transaction, so one bad row cannot
