@@ -15,7 +15,8 @@ What a crash does: the holds vanish with the requests they guarded; nothing was 
 for those requests and nothing needs releasing, which is what the sweep of a dead
 worker's committed holds achieves the slow way (workers.py). What a failed settle does:
 the hold stays until the sweep's backstop releases it, like a committed one, once it is
-older than the longest request.
+older than the longest request; a settle that still comes after that (the process was
+stalled, not dead) charges, once, from what nobody else holds (`MemoryHolds.late`).
 
 One limit, on a rare path: a refund or dispute debit runs in the Stripe webhook's own
 transaction, which reads what is held when its statement runs but commits a moment
