@@ -269,7 +269,8 @@ class WorkerRegistry:
             # read below may extend trust (a later one may have missed a revocation the read saw not).
             committed = self._beat_started
             if self.cache is not None:
-                rows = await self.store.statement(_REVOCATIONS_AFTER, {"acked": self.acked})
+                # Off the pool, like the heartbeat: a burst of requests must not stop the polls.
+                rows = await self.store.statement_aside(_REVOCATIONS_AFTER, {"acked": self.acked})
                 if rows:
                     await self.cache.delete(*[f"k:{h}" for _, h in rows])
                     self.generation += 1
@@ -309,25 +310,47 @@ class WorkerRegistry:
             self._heartbeats = asyncio.create_task(self.heartbeat_forever())
 
     async def run(self, ledger: Ledger, max_request_ms: int, sweep_every: float = SWEEP_EVERY) -> None:
+        """Poll for revocations; the heartbeat and the sweep run in tasks of their own, so
+        neither a sweep waiting for the pool nor a long one delays a poll or a heartbeat."""
         from tollway.telemetry import log
 
         self.start_heartbeats()
+        sweeping = asyncio.create_task(self._sweep_forever(ledger, max_request_ms, sweep_every))
+        failing = False
+        try:
+            while True:
+                try:
+                    await self.poll()
+                    failing = False
+                except Exception as exc:  # a database outage: retry; fresh() expires meanwhile
+                    if not failing:
+                        log.warning("worker_loop_error", worker_id=self.worker_id, exc_type=type(exc).__name__)
+                    failing = True
+                    self._sweep_not_before = max(self._sweep_not_before, time.monotonic() + STALE)
+                await asyncio.sleep(POLL)
+        finally:
+            sweeping.cancel()
+            with contextlib.suppress(BaseException):
+                await sweeping
+
+    async def _sweep_forever(self, ledger: Ledger, max_request_ms: int, sweep_every: float) -> None:
+        from tollway.telemetry import log
+
         next_sweep = time.monotonic() + sweep_every  # start() has just swept
         failing = False
         while True:
+            await asyncio.sleep(max(POLL, max(next_sweep, self._sweep_not_before) - time.monotonic()))
             try:
-                await self.poll()
-                if time.monotonic() >= max(next_sweep, self._sweep_not_before):
-                    released = await self._sweep(ledger, max_request_ms)
-                    # A full batch leaves more: the next pass follows after one poll.
-                    next_sweep = time.monotonic() + (0 if released >= SWEEP_BATCH else sweep_every)
+                released = await self._sweep(ledger, max_request_ms)
+                # A full batch leaves more: the next pass follows at once.
+                next_sweep = time.monotonic() + (0 if released >= SWEEP_BATCH else sweep_every)
                 failing = False
-            except Exception as exc:  # a database outage: retry; fresh() expires meanwhile
+            except Exception as exc:  # a database outage: retry after the others had time to come back
                 if not failing:
-                    log.warning("worker_loop_error", worker_id=self.worker_id, exc_type=type(exc).__name__)
+                    log.warning("sweep_failed", worker_id=self.worker_id, exc_type=type(exc).__name__)
                 failing = True
+                next_sweep = time.monotonic() + sweep_every
                 self._sweep_not_before = max(self._sweep_not_before, time.monotonic() + STALE)
-            await asyncio.sleep(POLL)
 
     async def _sweep(self, ledger: Ledger, max_request_ms: int) -> int:
         return await sweep(self.store, ledger, max_request_ms, self.identity, self.worker_id,

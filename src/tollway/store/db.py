@@ -250,11 +250,23 @@ class Store:
         and any write waits for the file's one write lock anyway."""
         if self.is_sqlite:
             return await self.transact(fn, *args, **kwargs)
+        async with self._translate(), self._aside_engine().begin() as conn:
+            return await conn.run_sync(fn, *args, **kwargs)
+
+    async def statement_aside(self, prepared: Prepared, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
+        """`statement` on transact_aside's connection (PostgreSQL): for the revocation poll,
+        which a worker must keep up with while its pool is busy, or it stops trusting its
+        key cache and revokes wait for its acknowledgement in vain."""
+        if self.is_sqlite:
+            return await self.statement(prepared, params)
+        async with self._translate(), self._aside_engine().connect() as conn:
+            return await conn.run_sync(prepared.rows, params)
+
+    def _aside_engine(self) -> AsyncEngine:
         if self._aside is None:
             self._aside = create_async_engine(self.engine.url, pool_size=1, max_overflow=0, pool_recycle=300,
                                               pool_pre_ping=True, connect_args=self._connect_args)
-        async with self._translate(), self._aside.begin() as conn:
-            return await conn.run_sync(fn, *args, **kwargs)
+        return self._aside
 
     def read_now(self, prepared: Prepared, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
         """SQLite only: one read statement on the writer's connection, without awaiting, so
