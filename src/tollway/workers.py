@@ -25,9 +25,10 @@ guarantees without any per-request cost:
   As a backstop, any reservation older than the longest request is released too, and
   so is any hold this process keeps in memory (holds.py) for that long.
 
-The heartbeat runs in a task of its own on a connection of its own (Store.transact_aside):
-neither a busy pool nor a long sweep delays it. The sweep releases at most SWEEP_BATCH
-reservations per pass.
+The heartbeat runs in a task of its own on a connection of its own (Store.transact_aside),
+and the revocation poll reads on that connection too; the sweep runs in a task of its
+own, at most SWEEP_BATCH reservations per pass. So neither a busy pool nor a long sweep
+delays a heartbeat or a poll.
 
 Heartbeats and reservation ages are written and compared on the database's clock on
 PostgreSQL (db_clock), so hosts with skewed clocks still agree on who is silent and what
