@@ -29,7 +29,7 @@ from tollway.keys import Principal
 from tollway.services import Services, build
 from tollway.store.db import now_ms
 from tollway.store.schema import reservations, workers
-from tollway.workers import STALE, dead_workers, process_identity, provably_dead, sweep
+from tollway.workers import HEARTBEAT_EVERY, STALE, dead_workers, process_identity, provably_dead, sweep
 
 HOUR_MS = 3_600_000
 RELEASE_MS = int(workers_mod.RELEASE_AFTER * 1000)
@@ -550,6 +550,46 @@ async def test_heartbeats_commit_while_the_pool_is_exhausted(make_config: Callab
             loop.cancel()
             with contextlib.suppress(BaseException):
                 await loop
+            await stop(w)
+
+
+async def test_a_long_sweep_does_not_silence_the_sweeping_worker(make_config: Callable[..., Config]) -> None:
+    """Hole: a worker sweeping 3,000 reservations of a dead peer went 2.6 s without a
+    heartbeat (the sweep ran in the heartbeat's loop, all at once). Now the sweep runs in a
+    task of its own, in batches."""
+    with pg_redis_config(make_config) as cfg:
+        w = await worker(cfg)
+        try:
+            tid = str((await w.tenants.create("Ada"))["tenant_id"])
+            await w.ledger.credit(tid, 100_000_000, "fund")
+            async with w.store.write() as conn:
+                await conn.execute(workers.insert().values(id="wk_killed", acked_seq=0, heartbeat_at=now_ms(),
+                                                           process=dead_process_identity()))
+            for start in range(0, 1_500, 100):
+                await asyncio.gather(*(w.ledger.reserve(tid, f"r{i}", 1_000, worker_id="wk_killed")
+                                       for i in range(start, start + 100)))
+            loop = asyncio.create_task(w.workers.run(w.ledger, HOUR_MS, sweep_every=0.1))
+            oldest, lag, started = 0.0, 0.0, time.monotonic()
+            await asyncio.sleep(HEARTBEAT_EVERY)  # its first heartbeat since the reservations were made
+            try:
+                while await w.ledger.open_reservations(tenant_id=tid):
+                    assert time.monotonic() - started < 120
+                    oldest = max(oldest, time.monotonic() - w.workers._last_beat)
+                    before = time.monotonic()
+                    await asyncio.sleep(0.1)
+                    lag = max(lag, time.monotonic() - before - 0.1)  # the event loop's own delay
+            finally:
+                loop.cancel()
+                with contextlib.suppress(BaseException):
+                    await loop
+            took = time.monotonic() - started
+            print(f"swept 1,500 reservations in {took:.1f}s; longest since a committed heartbeat {oldest:.2f}s; "
+                  f"event loop lag up to {lag:.2f}s")
+            assert took > STALE  # long enough to have silenced a worker that swept in its heartbeat's loop
+            # Between heartbeats: their interval, one commit, and what the machine's load delays the loop.
+            assert oldest < HEARTBEAT_EVERY + 1.0 + lag
+            assert await w.ledger.verify(HOUR_MS) == []
+        finally:
             await stop(w)
 
 
