@@ -21,6 +21,7 @@ import pytest
 import sqlalchemy as sa
 
 from tests.conftest import REDIS_URL, ServerThread, fresh_pg_database, need_redis
+from tollway import process_identity as identity_mod
 from tollway import workers as workers_mod
 from tollway.app import create_app
 from tollway.config import Config
@@ -297,7 +298,7 @@ def identity_of(pid: int) -> str:
     """The identity the process `pid` (on this host, in our PID namespace) registered."""
     fields = str(process_identity()).split("|")
     at = fields.index(str(os.getpid()))
-    fields[at], fields[at + 1] = str(pid), str(workers_mod._start_ticks(pid))
+    fields[at], fields[at + 1] = str(pid), str(identity_mod._start_ticks(pid))
     return "|".join(fields)
 
 
@@ -335,8 +336,8 @@ def test_a_host_cloned_with_the_same_boot_id_cannot_judge_another_hosts_workers(
     """Hosts cloned from one running image share the boot id and the initial PID
     namespace's inode: a PID missing here says nothing about a worker registered there."""
     there = dead_process_identity()  # a PID that does not run here
-    real = workers_mod._read_id
-    monkeypatch.setattr(workers_mod, "_read_id",
+    real = identity_mod._read_id
+    monkeypatch.setattr(identity_mod, "_read_id",
                         lambda path: "another-machine" if "machine-id" in path else real(path))
     here = process_identity()
     assert here is not None and here.split("|")[2:4] == there.split("|")[2:4]  # same boot id and namespace
@@ -393,11 +394,11 @@ def test_an_unreaped_zombie_counts_as_dead() -> None:
     mine = process_identity()
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5)"])
     deadline = time.monotonic() + 10
-    while workers_mod._start_ticks(proc.pid) in (None, "Z") and time.monotonic() < deadline:
+    while identity_mod._start_ticks(proc.pid) in (None, "Z") and time.monotonic() < deadline:
         time.sleep(0.01)  # until /proc shows it running
     theirs = identity_of(proc.pid)
     assert not provably_dead(theirs, mine)
-    while workers_mod._start_ticks(proc.pid) != "Z" and time.monotonic() < deadline:
+    while identity_mod._start_ticks(proc.pid) != "Z" and time.monotonic() < deadline:
         time.sleep(0.02)  # exited but not yet reaped: a zombie
     assert provably_dead(theirs, mine)
     proc.wait()
