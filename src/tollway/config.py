@@ -99,6 +99,10 @@ class ServerConfig:
         "conservative rule of docs/proxy.md is billed.", 8_388_608
     )
 
+    worker_release_after_seconds: int = doc(
+        "A worker silent this long (no heartbeat) is presumed dead and its open reservations are released; "
+        "revokes stop waiting for it after 2.5 s already. At least 5.", 60)
+
     @property
     def max_request_ms(self) -> int:
         """Age past which the sweep releases a hold no request serves any more."""
@@ -387,6 +391,9 @@ class _Loader:
         ):
             if value <= 0:
                 raise self.fail(path, f"expected a positive integer, got {value}")
+        if cfg.server.worker_release_after_seconds < 5:
+            raise self.fail("server.worker_release_after_seconds",
+                            "expected at least 5: far longer than the 2.5 s after which a revoke stops waiting")
         if cfg.server.port > 65535:
             raise self.fail("server.port", "expected a port number up to 65535")
         if cfg.attribution and (problem := metadata_header_problem(cfg.attribution.header)):

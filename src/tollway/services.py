@@ -63,7 +63,8 @@ def build(cfg: Config, *, worker_id: str | None = None, sole_server: bool = Fals
     previous, rotation = load_previous_secret(cfg.server.key_secret_previous_env, secret)
     # Each worker keeps verified keys in memory; with Redis that is a layer in front of it,
     # which saves a Redis round trip per request (auth/keys.py). The revocation bus evicts from it.
-    registry = WorkerRegistry(store, MemoryCache() if cache.shared else cache, worker_id)
+    registry = WorkerRegistry(store, MemoryCache() if cache.shared else cache, worker_id,
+                              release_after=cfg.server.worker_release_after_seconds)
     keys = Keys(store, cache, secret, ttl=cfg.cache.key_ttl_seconds, negative_ttl=cfg.cache.negative_ttl_seconds,
                 bus=registry, previous=previous)
     in_memory = sole_server and store.sqlite_file is not None

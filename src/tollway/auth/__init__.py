@@ -13,6 +13,8 @@ Modules, in reading order:
   workers.py  `WorkerRegistry`: each serving process's row and heartbeat, the revocation
               bus every worker polls and acknowledges, and the sweep that releases the
               holds of workers that are dead.
+  process_identity.py  who a worker is (machine id, boot id, PID namespace, PID, start
+              time, nonce) and when a worker on this host is provably gone.
 
 The revocation bound, by deployment:
   embedded default (one process, memory://)   immediate: the revoke evicts the process's

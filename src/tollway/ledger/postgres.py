@@ -34,6 +34,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.sql.expression import Select
 
+from tollway.store.db import PG_CLOCK_MS
 from tollway.store.prepared import Prepared
 from tollway.store.schema import key_spend, ledger_entries, reservations, usage_events, wallets
 
@@ -71,8 +72,9 @@ def _reserve() -> Prepared:
         _str("rid"), _int("ts"))).cte("entry")
     held = reservations.insert().from_select(
         ["request_id", "tenant_id", "key_id", "key_period", "worker_id", "amount_micros", "created_at"],
+        # Its age is compared by the sweep on the database's clock: written on it too.
         sa.select(_str("rid"), _str("tenant"), _str("key_id"), sa.null(), _str("worker_id"), _int("amount"),
-                  _int("ts")).select_from(w)).cte("held")
+                  PG_CLOCK_MS).select_from(w)).cte("held")
     return Prepared(sa.select(w.c.balance_micros).add_cte(entry, held))
 
 

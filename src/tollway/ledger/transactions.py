@@ -57,7 +57,7 @@ from tollway.ledger.embedded import MemoryPath, recover_charges
 from tollway.ledger.holds import MemoryHolds
 from tollway.ledger.journal import Charge, Journal
 from tollway.money import format_usd
-from tollway.store.db import Store, now_ms
+from tollway.store.db import PG_CLOCK_MS, Store, db_clock, now_ms
 from tollway.store.prepared import Prepared
 from tollway.store.schema import (
     api_keys,
@@ -93,6 +93,7 @@ def _check_usage(usage: dict[str, Any] | None) -> None:
         raise ValueError(f"not usage_events columns: {sorted(usage.keys() - _USAGE_COLUMNS)}")
 _INSERT_ENTRY = Prepared(ledger_entries.insert())
 _INSERT_RESERVATION = Prepared(reservations.insert())
+_INSERT_RESERVATION_PG = Prepared(reservations.insert().values(created_at=PG_CLOCK_MS))
 _RESERVE = Prepared(wallets.update()
             .where(wallets.c.tenant_id == _P("tenant"), wallets.c.balance_micros >= _P("amount"))
             .values(balance_micros=wallets.c.balance_micros - _P("amount"), updated_at=_P("ts"))
@@ -244,10 +245,13 @@ class Ledger:
             self._hold_key_spend(conn, key_id or "", key_period or "", amount, key_limit)
         new = row[0]
         _entry(conn, f"{request_id}:reserve", tenant_id, "reserve", -amount, new, request_id, ts)
-        _INSERT_RESERVATION.rows(conn, {
-            "request_id": request_id, "tenant_id": tenant_id, "key_id": key_id,
-            "key_period": key_period if key_limit is not None else None, "worker_id": worker_id,
-            "amount_micros": amount, "created_at": ts})
+        held = {"request_id": request_id, "tenant_id": tenant_id, "key_id": key_id,
+                "key_period": key_period if key_limit is not None else None, "worker_id": worker_id,
+                "amount_micros": amount}
+        if self.store.is_sqlite:
+            _INSERT_RESERVATION.rows(conn, {**held, "created_at": ts})
+        else:  # its age is compared on the database's clock (workers.sweep): written on it too
+            _INSERT_RESERVATION_PG.rows(conn, held)
         return int(new)
 
     def _hold_key_spend(self, conn: Connection, key_id: str, period: str, amount: int, limit: int) -> None:
@@ -586,7 +590,7 @@ class Ledger:
         so it can run against a live gateway without false alarms."""
         await self.flush()
         problems: list[str] = []
-        cutoff = now_ms() - max_reservation_age_ms
+        cutoff = db_clock(self.store) - max_reservation_age_ms  # the clock reservations are written on
         async with self.store.read() as conn:
             if not self.store.is_sqlite:
                 await conn.execution_options(isolation_level="REPEATABLE READ")
@@ -638,7 +642,7 @@ class Ledger:
         if tenant_id is not None:
             q = q.where(reservations.c.tenant_id == tenant_id)
         if older_than_ms is not None:
-            q = q.where(reservations.c.created_at < now_ms() - older_than_ms)
+            q = q.where(reservations.c.created_at < db_clock(self.store) - older_than_ms)
         if worker_ids is not None:
             q = q.where(reservations.c.worker_id.in_(worker_ids))
         async with self.store.read() as conn:

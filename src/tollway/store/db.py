@@ -72,6 +72,22 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+# Now in epoch milliseconds by PostgreSQL's clock. Ages that several hosts write and compare
+# (heartbeats, reservations) use it, so a host whose clock is off neither looks silent nor
+# makes everyone else's reservations look old (workers.py).
+# Literal SQL: no bound parameter, so statements compiled once (prepared.py) take no extra one.
+PG_CLOCK_MS: sa.ColumnElement[int] = sa.literal_column(
+    "CAST(floor(extract(epoch FROM clock_timestamp()) * 1000) AS BIGINT)", sa.BigInteger)
+
+
+def db_clock(store: Store) -> sa.ColumnElement[int]:
+    """Now, in epoch milliseconds, by the database's clock (PostgreSQL) or this host's
+    (SQLite: every process serving from the file runs on this host)."""
+    if store.is_sqlite:
+        return sa.literal(now_ms(), sa.BigInteger)
+    return PG_CLOCK_MS
+
+
 def async_url(url: str, base_dir: Path | None = None) -> str:
     """tollway.toml URL -> SQLAlchemy async URL. Relative SQLite paths are relative to
     the config file's folder, so `--config /etc/tollway/tollway.toml` finds its data."""
@@ -146,7 +162,12 @@ class Store:
         self.queries = 0  # statements sent; tests assert cache hits cost none
         self.pings = 0    # liveness round trips spent on idle pooled connections
         kwargs: dict[str, Any] = {}
+        self._aside: AsyncEngine | None = None  # transact_aside's engine, made on first use
+        self._connect_args: dict[str, Any] = {}
         if not self.is_sqlite:
+            self._connect_args = {"timeout": 5, "command_timeout": 30,
+                                  "server_settings": {"application_name": "tollway"},
+                                  **({"password": password} if password else {})}
             kwargs.update(
                 pool_size=pool_size,
                 # No overflow: a connection opened for a burst is closed when it is
@@ -157,9 +178,7 @@ class Store:
                 # A request that cannot get a connection this long gets a 503, not a hang.
                 pool_timeout=pool_timeout,
                 pool_recycle=300,
-                connect_args={"timeout": 5, "command_timeout": 30,
-                              "server_settings": {"application_name": "tollway"},
-                              **({"password": password} if password else {})},
+                connect_args=self._connect_args,
             )
         self.engine: AsyncEngine = create_async_engine(async_url(url, base_dir), **kwargs)
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
@@ -242,6 +261,33 @@ class Store:
                 raise _unavailable() from exc
             raise
 
+    async def transact_aside(self, fn: Callable[Concatenate[Connection, P], T], *args: P.args,
+                             **kwargs: P.kwargs) -> T:
+        """`transact` on a connection of its own, never one of the pool's (PostgreSQL): for
+        the heartbeat, which must not queue behind requests for a pooled connection (up to
+        pool_timeout, 10 s by default, four times the silence after which revokes stop
+        waiting for a worker). On SQLite it is `transact`: there is no pool to wait for,
+        and any write waits for the file's one write lock anyway."""
+        if self.is_sqlite:
+            return await self.transact(fn, *args, **kwargs)
+        async with self._translate(), self._aside_engine().begin() as conn:
+            return await conn.run_sync(fn, *args, **kwargs)
+
+    async def statement_aside(self, prepared: Prepared, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
+        """`statement` on transact_aside's connection (PostgreSQL): for the revocation poll,
+        which a worker must keep up with while its pool is busy, or it stops trusting its
+        key cache and revokes wait for its acknowledgement in vain."""
+        if self.is_sqlite:
+            return await self.statement(prepared, params)
+        async with self._translate(), self._aside_engine().connect() as conn:
+            return await conn.run_sync(prepared.rows, params)
+
+    def _aside_engine(self) -> AsyncEngine:
+        if self._aside is None:
+            self._aside = create_async_engine(self.engine.url, pool_size=1, max_overflow=0, pool_recycle=300,
+                                              pool_pre_ping=True, connect_args=self._connect_args)
+        return self._aside
+
     def read_now(self, prepared: Prepared, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
         """SQLite only: one read statement on the writer's connection, without awaiting, so
         a caller can check what it read and act on it in the same step of the loop (the
@@ -317,6 +363,8 @@ class Store:
 
     async def close(self) -> None:
         await self.engine.dispose()
+        if self._aside is not None:
+            await self._aside.dispose()
         if self.writer is not None:
             writer, self.writer = self.writer, None
             writer.close()
