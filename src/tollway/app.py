@@ -42,6 +42,9 @@ ROUTE_TABLE: list[tuple[str, str, str, str]] = [
     ("/admin/*", "GET,POST,DELETE", "operator token", "operator API (off unless the token env var is set)"),
     ("/metrics", "GET", "anyone on the listener", "Prometheus metrics (no tenant or content labels)"),
     ("/webhooks/stripe", "POST", "Stripe signature", "wallet top-ups from Stripe Checkout"),
+    ("/dashboard/*", "GET,POST", "customer session", "customer dashboard: keys, wallet, usage, privacy"),
+    ("/security", "GET", "anyone", "security page generated from this configuration"),
+    ("/.well-known/security.txt", "GET", "anyone", "vulnerability contact (RFC 9116)"),
 ]
 
 
@@ -115,6 +118,9 @@ def create_app(cfg: Config, *, services: Services | None = None, migrate: bool |
         from tollway.webhooks.stripe import stripe_routes
 
         routes += stripe_routes(svc)
+    from tollway.dashboard import dashboard_routes
+
+    routes += dashboard_routes(svc)
     if cfg.metrics.enabled:
         routes.append(Route("/metrics", telemetry.metrics_endpoint, methods=["GET"]))
     telemetry.configure_logging()

@@ -184,3 +184,11 @@ deletion_requests = Table(
     Column("requested_at", BigInteger, nullable=False),
     Column("completed_at", BigInteger, nullable=True),
 )
+
+# One row per dashboard sign-in link that was used (dashboard/sessions.py): the primary
+# key makes a second use of the same link fail, on every worker at once.
+dashboard_link_uses = Table(
+    "dashboard_link_uses", metadata,
+    Column("nonce", String(64), primary_key=True),
+    Column("used_at", BigInteger, nullable=False),
+)
