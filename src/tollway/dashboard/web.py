@@ -30,9 +30,12 @@ Handler = Callable[[Request], Awaitable[Response]]
 
 
 def cents(micros: int | None) -> str:
-    """$1,234.57 (rounded to the cent for reading; the exact value goes in a tooltip)."""
+    """$1,234.57: rounded to the cent for reading (the exact value goes in a tooltip), except
+    that an amount below a cent is shown exactly ("$0.000026"), never as a misleading $0.00."""
     value = int(micros or 0)
     sign = "-" if value < 0 else ""
+    if 0 < abs(value) < 5_000:
+        return f"{sign}${format_usd(abs(value)).rstrip('0')}"
     whole_cents = (abs(value) + 5_000) // 10_000
     return f"{sign}${whole_cents // 100:,}.{whole_cents % 100:02d}"
 
