@@ -118,9 +118,9 @@ def create_app(cfg: Config, *, services: Services | None = None, migrate: bool |
         from tollway.webhooks.stripe import stripe_routes
 
         routes += stripe_routes(svc)
-    from tollway.dashboard import dashboard_routes
+    from tollway import dashboard
 
-    routes += dashboard_routes(svc)
+    routes += dashboard.dashboard_routes(svc)
     if cfg.metrics.enabled:
         routes.append(Route("/metrics", telemetry.metrics_endpoint, methods=["GET"]))
     telemetry.configure_logging()
@@ -159,6 +159,7 @@ def create_app(cfg: Config, *, services: Services | None = None, migrate: bool |
             asyncio.create_task(retention.run_periodic_purge(svc.store, cfg.retention.access_log_days)),
             asyncio.create_task(svc.workers.run(svc.ledger, cfg.server.request_timeout_seconds * 1000 + 60_000)),
             asyncio.create_task(svc.keys.run_last_used_flusher()),
+            asyncio.create_task(dashboard.background(svc)),
         ]
         if tune_gc:
             serve_gc()

@@ -56,6 +56,7 @@ from tollway.store.schema import (
     stripe_events,
     tenants,
     topups,
+    usage_daily,
     usage_events,
     wallets,
 )
@@ -76,6 +77,7 @@ TENANT_TABLES: dict[str, str] = {
     "topups": "moved to the pseudonym (Stripe ids kept)",
     "access_log": "moved to the pseudonym; client IPs erased",
     "deletion_requests": "kept: the record of the request and its completion",
+    "usage_daily": "rows erased (dashboard totals, derived from the pseudonymised usage rows)",
 }
 _REQUEST_KINDS = frozenset({"reserve", "release", "debit"})
 _ATTEMPTS = 5
@@ -225,6 +227,7 @@ class Tenants:
             key_ids = sa.select(api_keys.c.id).where(api_keys.c.tenant_id == tenant_id)
             await conn.execute(key_spend.delete().where(key_spend.c.key_id.in_(key_ids)))
             await conn.execute(api_keys.delete().where(api_keys.c.tenant_id == tenant_id))
+            await conn.execute(usage_daily.delete().where(usage_daily.c.tenant_id == tenant_id))
             await conn.execute(tenants.delete().where(tenants.c.id == tenant_id))
             await conn.execute(deletion_requests.update().where(deletion_requests.c.tenant_id == tenant_id)
                                .values(completed_at=ts))

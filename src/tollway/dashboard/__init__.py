@@ -14,6 +14,7 @@ Modules in reading order:
                forms, error pages
   signin.py    sign-in page, sign-in links, the OIDC round trip, sign-out
   pages.py     keys, wallet (Stripe top-up, ledger history), privacy (export, delete)
+  rollup.py    daily usage totals of finished days, folded in the background
   usage.py     usage per day and model, SVG chart, CSV, recent requests
   security.py  /security and security.txt, generated from the config and privacy.py
   templates/   Jinja2: one base layout; static/: one stylesheet and one small script
@@ -38,11 +39,22 @@ from tollway.services import Services
 
 from .oidc import OIDC
 from .pages import Pages
+from .rollup import Rollup
 from .security import SecurityPage
 from .sessions import SecureHeaders, Sessions
 from .signin import SignIn
 from .usage import Usage
 from .web import HERE, Web
+
+
+def rollup(svc: Services) -> Rollup:
+    return Rollup(svc.store, svc.config.server.request_timeout_seconds * 1000 + 60_000)
+
+
+async def background(svc: Services) -> None:
+    """What a serving process runs beside the pages: folding finished days' usage (rollup.py)."""
+    if svc.config.dashboard is not None:
+        await rollup(svc).run()
 
 
 def dashboard_routes(svc: Services) -> list[BaseRoute]:
@@ -63,7 +75,7 @@ def dashboard_routes(svc: Services) -> list[BaseRoute]:
         routes.append(Route("/.well-known/security.txt", SecureHeaders(_page(security.txt, errors)),
                             methods=["GET"]))
     if cfg.dashboard is not None:
-        inner = Starlette(routes=_pages(web, cfg.dashboard, svc.config.source), exception_handlers=errors)
+        inner = Starlette(routes=_pages(web, cfg.dashboard, rollup(svc)), exception_handlers=errors)
         routes.append(Mount("/dashboard", app=SecureHeaders(inner)))
     return routes
 
@@ -72,9 +84,9 @@ def _page(handler: Callable[[Request], Awaitable[Response]], errors: dict[Any, A
     return Starlette(routes=[Route("/{_:path}", handler, methods=["GET"])], exception_handlers=errors)
 
 
-def _pages(web: Web, cfg: DashboardConfig, source: str) -> list[BaseRoute]:
-    signin = SignIn(web, OIDC(cfg, source) if cfg.oidc_issuer else None)
-    pages, usage, on = Pages(web), Usage(web), web.signed_in
+def _pages(web: Web, cfg: DashboardConfig, totals: Rollup) -> list[BaseRoute]:
+    signin = SignIn(web, OIDC(cfg, web.svc.config.source) if cfg.oidc_issuer else None)
+    pages, usage, on = Pages(web, totals), Usage(web, totals), web.signed_in
 
     async def home(_: Request) -> Response:
         return RedirectResponse("/dashboard/keys", status_code=303)

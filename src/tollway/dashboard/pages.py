@@ -16,23 +16,25 @@ from starlette.responses import RedirectResponse, Response
 from tollway.errors import NotFound, TollwayError
 from tollway.keys import Principal
 from tollway.money import MoneyError, parse_usd
-from tollway.store.schema import api_keys, key_spend, ledger_entries, usage_events
+from tollway.store.db import now_ms
+from tollway.store.schema import api_keys, key_spend, ledger_entries, usage_daily, usage_events
 from tollway.telemetry import log
 
+from .rollup import DAY_MS, Rollup
 from .sessions import Session
 from .web import Web
 
 PAGE_SIZE = 25
-_DAY_MS = 86_400_000
 # Holds for requests in flight and their release net to nothing once a request settles;
 # the history shows what moved money for good. (The export has every entry.)
 _HIDDEN_KINDS = ("reserve", "release")
 
 
 class Pages:
-    def __init__(self, web: Web) -> None:
+    def __init__(self, web: Web, rollup: Rollup) -> None:
         self.web = web
         self.svc = web.svc
+        self.rollup = rollup
 
     # --- keys --------------------------------------------------------------------------------
 
@@ -62,7 +64,7 @@ class Pages:
             if not days.isdigit() or not 1 <= int(days) <= 3650:
                 errors["expires_in_days"] = "Enter a whole number of days from 1 to 3650, or leave it empty."
             else:
-                expires_at = int(time.time() * 1000) + int(days) * _DAY_MS
+                expires_at = int(time.time() * 1000) + int(days) * DAY_MS
         amount = str(form.get("spend_limit", "")).strip()
         if amount:
             try:
@@ -108,21 +110,27 @@ class Pages:
         limit counts them); any other key's charged usage this calendar month (UTC)."""
         now = datetime.now(UTC)
         month_start = int(datetime(now.year, now.month, 1, tzinfo=UTC).timestamp() * 1000)
-        out: dict[str, tuple[int, str]] = {}
+        split = max(month_start, await self.rollup.folded_until())
+        spent: dict[str, int] = {}
         await self.svc.ledger.flush()
         async with self.svc.store.read() as conn:
-            for key_id, total in await conn.execute(
+            for key_id, total in [*await conn.execute(
+                    sa.select(usage_daily.c.key_id, sa.func.sum(usage_daily.c.cost_micros))
+                    .where(usage_daily.c.tenant_id == tenant_id, usage_daily.c.day >= month_start // DAY_MS,
+                           usage_daily.c.day < split // DAY_MS).group_by(usage_daily.c.key_id)),
+                                  *await conn.execute(
                     sa.select(usage_events.c.key_id, sa.func.sum(usage_events.c.cost_micros))
-                    .where(usage_events.c.tenant_id == tenant_id, usage_events.c.created_at >= month_start)
-                    .group_by(usage_events.c.key_id)):
-                out[str(key_id)] = (int(total or 0), "this month")
+                    .where(usage_events.c.tenant_id == tenant_id, self.rollup.rows_between(split, now_ms() + DAY_MS))
+                    .group_by(usage_events.c.key_id))]:
+                spent[str(key_id)] = spent.get(str(key_id), 0) + int(total or 0)
+            out: dict[str, tuple[int, str]] = {k: (v, "this month") for k, v in spent.items()}
             for row in rows:
                 if row["spend_limit_micros"] is not None:
                     period = Principal(tenant_id, row["id"], None, row["spend_limit_micros"],
                                        row["spend_limit_period"]).spend_period()
-                    spent = (await conn.execute(sa.select(key_spend.c.spent_micros).where(
+                    used = (await conn.execute(sa.select(key_spend.c.spent_micros).where(
                         key_spend.c.key_id == row["id"], key_spend.c.period == period))).scalar()
-                    out[row["id"]] = (int(spent or 0), "today" if row["spend_limit_period"] == "day" else "this month")
+                    out[row["id"]] = (int(used or 0), "today" if row["spend_limit_period"] == "day" else "this month")
         return out
 
     # --- wallet ------------------------------------------------------------------------------

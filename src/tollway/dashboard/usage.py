@@ -21,11 +21,11 @@ from starlette.responses import Response
 from tollway.errors import NotFound
 from tollway.money import format_usd
 from tollway.store.db import Store
-from tollway.store.schema import usage_events
+from tollway.store.schema import usage_daily, usage_events
 
+from .rollup import DAY_MS, Rollup
 from .web import Web
 
-DAY_MS = 86_400_000
 DEFAULT_DAYS = 30
 MAX_DAYS = 366
 RECENT = 50
@@ -67,28 +67,48 @@ def parse_range(params: Any, today: date | None = None) -> Range:
     return Range(start, end)
 
 
-async def daily(store: Store, tenant_id: str, rng: Range) -> list[dict[str, Any]]:
-    """One row per (day, model), newest day first."""
-    q = (sa.select(_DAY, usage_events.c.model, sa.func.count().label("requests"),
-                   sa.func.sum(usage_events.c.prompt_tokens).label("prompt_tokens"),
-                   sa.func.sum(usage_events.c.completion_tokens).label("completion_tokens"),
-                   sa.func.sum(usage_events.c.cost_micros).label("cost_micros"))
-         .where(usage_events.c.tenant_id == tenant_id, usage_events.c.created_at >= rng.start_ms,
-                usage_events.c.created_at < rng.end_ms)
-         .group_by(_DAY, usage_events.c.model).order_by(_DAY.desc(), usage_events.c.model))
-    async with store.read() as conn:
-        rows = (await conn.execute(q)).all()
-    return [{"day": (date(1970, 1, 1) + timedelta(days=int(d))).isoformat(), "model": m, "requests": int(n),
-             "prompt_tokens": int(p or 0), "completion_tokens": int(c or 0), "cost_micros": int(cost or 0)}
-            for d, m, n, p, c, cost in rows]
+async def daily(rollup: Rollup, tenant_id: str, rng: Range) -> list[dict[str, Any]]:
+    """One row per (day, model), newest day first: folded totals for days that are over,
+    raw rows for the rest (rollup.py)."""
+    folded_until = await rollup.folded_until()
+    split = min(max(rng.start_ms, folded_until), rng.end_ms)
+    totals: dict[tuple[int, str], list[int]] = {}
+    async with rollup.store.read() as conn:
+        if split > rng.start_ms:
+            for d, m, *sums in await conn.execute(
+                    sa.select(usage_daily.c.day, usage_daily.c.model, *(sa.func.sum(usage_daily.c[n]) for n in _COLS))
+                    .where(usage_daily.c.tenant_id == tenant_id, usage_daily.c.day >= rng.start_ms // DAY_MS,
+                           usage_daily.c.day < split // DAY_MS)
+                    .group_by(usage_daily.c.day, usage_daily.c.model)):
+                _add(totals, (int(d), m), sums)
+        if split < rng.end_ms:
+            for d, m, *sums in await conn.execute(
+                    sa.select(_DAY, usage_events.c.model, sa.func.count(),
+                              *(sa.func.sum(usage_events.c[n]) for n in _COLS[1:]))
+                    .where(usage_events.c.tenant_id == tenant_id, rollup.rows_between(split, rng.end_ms))
+                    .group_by(_DAY, usage_events.c.model)):
+                _add(totals, (int(d), m), sums)
+    return [{"day": (date(1970, 1, 1) + timedelta(days=d)).isoformat(), "model": m,
+             **dict(zip(_COLS, v, strict=True))}
+            for (d, m), v in sorted(totals.items(), key=lambda kv: (-kv[0][0], kv[0][1]))]
+
+
+_COLS = ("requests", "prompt_tokens", "completion_tokens", "cost_micros")
+
+
+def _add(totals: dict[tuple[int, str], list[int]], key: tuple[int, str], sums: Any) -> None:
+    acc = totals.setdefault(key, [0, 0, 0, 0])
+    for i, v in enumerate(sums):
+        acc[i] += int(v or 0)
 
 
 async def recent(store: Store, tenant_id: str, limit: int = RECENT) -> list[dict[str, Any]]:
+    """The newest requests, through the (tenant_id, request_id) index (ids grow with time)."""
     cols = [usage_events.c[n] for n in ("request_id", "created_at", "model", "status", "prompt_tokens",
                                          "completion_tokens", "cost_micros", "estimated", "latency_ms")]
     async with store.read() as conn:
         rows = (await conn.execute(sa.select(*cols).where(usage_events.c.tenant_id == tenant_id)
-                                   .order_by(usage_events.c.created_at.desc()).limit(limit))).mappings().all()
+                                   .order_by(usage_events.c.request_id.desc()).limit(limit))).mappings().all()
     return [dict(r) for r in rows]
 
 
@@ -126,14 +146,15 @@ def _safe_cell(text: str) -> str:
 
 
 class Usage:
-    def __init__(self, web: Web) -> None:
+    def __init__(self, web: Web, rollup: Rollup) -> None:
         self.web = web
         self.store = web.svc.store
+        self.rollup = rollup
 
     async def page(self, request: Request, tenant: dict[str, Any]) -> Response:
         rng = parse_range(request.query_params)
         await self.web.svc.ledger.flush()  # journaled charges are applied every few ms: show them
-        rows = await daily(self.store, tenant["id"], rng)
+        rows = await daily(self.rollup, tenant["id"], rng)
         totals = {k: sum(r[k] for r in rows) for k in ("requests", "prompt_tokens", "completion_tokens",
                                                       "cost_micros")}
         return self.web.render(request, "usage.html", tenant=tenant, rng=rng, rows=rows, totals=totals,
@@ -142,7 +163,7 @@ class Usage:
     async def csv(self, request: Request, tenant: dict[str, Any]) -> Response:
         rng = parse_range(request.query_params)
         await self.web.svc.ledger.flush()
-        body = to_csv(await daily(self.store, tenant["id"], rng))
+        body = to_csv(await daily(self.rollup, tenant["id"], rng))
         name = f"tollway-usage-{rng.start.isoformat()}-{rng.end.isoformat()}.csv"
         return Response(body, media_type="text/csv; charset=utf-8",
                         headers={"content-disposition": f'attachment; filename="{name}"'})
