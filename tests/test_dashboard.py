@@ -358,3 +358,18 @@ def test_security_txt_follows_rfc_9116(gw: Gateway, pages: Callable[[], PageClie
     assert fields["Contact"] == "mailto:security@example.org" and fields["Policy"] == "https://example.org/policy"
     expires = datetime.strptime(fields["Expires"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
     assert 29 <= (expires - datetime.now(UTC)).days <= 30
+
+
+def test_oversized_or_unsized_forms_are_refused_before_parsing(gw: Gateway, pages: Callable[[], PageClient]) -> None:
+    client = signed_in(gw, pages)
+    csrf = client.csrf()
+    big = client.post("/dashboard/keys", {"csrf": csrf, "name": "x" * 70_000})
+    assert big.status_code == 413 and big.headers["x-content-type-options"] == "nosniff"
+
+    def chunks() -> Iterator[bytes]:
+        yield f"csrf={csrf}&name=streamed".encode()
+
+    unsized = client.request("POST", "/dashboard/keys", content=chunks(),
+                             headers={"content-type": "application/x-www-form-urlencoded"})
+    assert unsized.status_code == 411
+    assert [k["name"] for k in gw.run(lambda svc: svc.keys.list(gw.tenant_id))] == ["test"]

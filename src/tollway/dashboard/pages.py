@@ -112,7 +112,6 @@ class Pages:
         month_start = int(datetime(now.year, now.month, 1, tzinfo=UTC).timestamp() * 1000)
         split = max(month_start, await self.rollup.folded_until())
         spent: dict[str, int] = {}
-        await self.svc.ledger.flush()
         async with self.svc.store.read() as conn:
             for key_id, total in [*await conn.execute(
                     sa.select(usage_daily.c.key_id, sa.func.sum(usage_daily.c.cost_micros))
@@ -139,7 +138,6 @@ class Pages:
                      status: int = 200) -> Response:
         page = request.query_params.get("page", "1")
         number = int(page) if page.isdigit() and 0 < int(page) < 100_000 else 1
-        await self.svc.ledger.flush()
         async with self.svc.store.read() as conn:
             entries = [dict(r) for r in (await conn.execute(
                 sa.select(ledger_entries).where(ledger_entries.c.tenant_id == tenant["id"],

@@ -25,7 +25,7 @@ import sqlalchemy as sa
 import sqlalchemy.exc
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import PlainTextResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tollway.config import DashboardConfig
@@ -55,8 +55,12 @@ SECURITY_HEADERS: tuple[tuple[bytes, bytes], ...] = (
 )
 
 
+MAX_FORM_BYTES = 64 * 1024  # the largest dashboard form is a few hundred bytes
+
+
 class SecureHeaders:
-    """Adds SECURITY_HEADERS (and no-store on pages) to every response of `app`."""
+    """Adds SECURITY_HEADERS (and no-store on pages) to every response of `app`, and
+    refuses a request body it would have to hold in memory past MAX_FORM_BYTES."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -66,6 +70,15 @@ class SecureHeaders:
             await self.app(scope, receive, send)
             return
         static = "/static/" in scope["path"]
+        if scope["method"] == "POST":
+            length = dict(scope["headers"]).get(b"content-length", b"")
+            if not length.isdigit() or int(length) > MAX_FORM_BYTES:
+                # Browsers send forms with a length; without one the form parser would read on.
+                refused = PlainTextResponse("Length required." if not length else "Form too large.",
+                                            status_code=411 if not length else 413,
+                                            headers={k.decode(): v.decode() for k, v in SECURITY_HEADERS})
+                await refused(scope, receive, send)
+                return
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
