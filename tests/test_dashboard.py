@@ -373,3 +373,14 @@ def test_oversized_or_unsized_forms_are_refused_before_parsing(gw: Gateway, page
                              headers={"content-type": "application/x-www-form-urlencoded"})
     assert unsized.status_code == 411
     assert [k["name"] for k in gw.run(lambda svc: svc.keys.list(gw.tenant_id))] == ["test"]
+
+
+def test_embedded_session_secret_is_a_0600_file_next_to_the_database(gw: Gateway) -> None:
+    from pathlib import Path
+
+    from tollway.store.db import sqlite_path
+
+    db = sqlite_path(gw.cfg.database.url, Path(gw.cfg.source).parent)
+    assert db is not None and "TOLLWAY_SESSION_SECRET" not in os.environ
+    secret = db.parent / ".tollway-session-secret"
+    assert secret.stat().st_mode & 0o777 == 0o600 and len(secret.read_bytes().strip()) >= 32
