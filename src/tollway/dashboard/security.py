@@ -90,12 +90,13 @@ def claims(cfg: Config) -> list[Claim]:
         used = any(m.provider == p.name for m in cfg.models)
         if not used:
             continue
-        where = "served inside the gateway (nothing leaves it)" if p.type == "echo" else p.base_url
+        where = ("Served inside the gateway itself: no request leaves it." if p.type == "echo"
+                 else f"Contacted at {p.base_url}.")
         sent = [f"attribution header {cfg.attribution.header}: account, key and request ids" if cfg.attribution
                 else "no attribution header",
                 "cf-aig-collect-log-payload: false (Cloudflare keeps no bodies)" if not p.cf_collect_log_payload
                 else "no cf-aig-collect-log-payload header (the provider's default logging applies)"]
-        out.append(Claim("Providers", f"Provider {p.name}", f"Contacted at {where}.", tuple(sent),
+        out.append(Claim("Providers", f"Provider {p.name}", where, tuple(sent),
                          ("tests/test_proxy.py::test_key_custody_and_attribution_upstream",
                           "tests/test_proxy.py::test_no_attribution_header_unless_configured")))
     return out
