@@ -1,7 +1,7 @@
-"""The ASGI application: route table, middleware, lifespan.
+"""The ASGI application: routes, middleware, lifespan.
 
-ROUTE_TABLE is the one literal list of everything the gateway answers; the security
-page and `tollway config check` print it, and a test checks the app serves exactly it.
+What it answers is listed in route_table.py (ROUTE_TABLE); a test checks the app serves
+exactly that list.
 """
 
 from __future__ import annotations
@@ -28,22 +28,10 @@ from tollway.config import Config
 from tollway.edge import Edge
 from tollway.errors import TollwayError, Unauthorized, render_json
 from tollway.ledger.holds import DatabaseInUse, ServingLock
+from tollway.route_table import ROUTE_TABLE as ROUTE_TABLE
 from tollway.services import Services, build
 
 # (path, methods, who may call it, what it does)
-ROUTE_TABLE: list[tuple[str, str, str, str]] = [
-    ("/healthz", "GET", "anyone", "process is up"),
-    ("/readyz", "GET", "anyone", "storage reachable and migrations current"),
-    ("/v1/models", "GET", "customer key", "configured models (OpenAI list format)"),
-    ("/v1/models/{model:path}", "GET", "customer key", "one configured model"),
-    ("/v1/chat/completions", "POST", "customer key", "chat completions, streaming and not"),
-    ("/v1/completions", "POST", "customer key", "legacy text completions"),
-    ("/v1/embeddings", "POST", "customer key", "embeddings"),
-    ("/v1/messages", "POST", "customer key", "Anthropic Messages API"),
-    ("/admin/*", "GET,POST,DELETE", "operator token", "operator API (off unless the token env var is set)"),
-    ("/metrics", "GET", "anyone on the listener", "Prometheus metrics (no tenant or content labels)"),
-    ("/webhooks/stripe", "POST", "Stripe signature", "wallet top-ups from Stripe Checkout"),
-]
 
 
 async def healthz(_: Request) -> Response:
@@ -130,6 +118,9 @@ def create_app(cfg: Config, *, services: Services | None = None, migrate: bool |
         from tollway.webhooks.stripe import stripe_routes
 
         routes += stripe_routes(svc.payments)
+    from tollway import dashboard
+
+    routes += dashboard.dashboard_routes(svc)
     if cfg.metrics.enabled:
         routes.append(Route("/metrics", _metrics_endpoint(cfg), methods=["GET"]))
     telemetry.configure_logging()
@@ -168,6 +159,7 @@ def create_app(cfg: Config, *, services: Services | None = None, migrate: bool |
             asyncio.create_task(retention.run_periodic_purge(svc.store, cfg.retention.access_log_days)),
             asyncio.create_task(svc.workers.run(svc.ledger, cfg.server.max_request_ms)),
             asyncio.create_task(svc.keys.run_last_used_flusher()),
+            asyncio.create_task(dashboard.background(svc)),
         ]
         if tune_gc:
             serve_gc()

@@ -266,6 +266,28 @@ def tenants_export(config_path: str | None, tenant_id: str, as_json: bool) -> No
          lambda o: json.dumps(o, default=str, indent=2))
 
 
+@main.command("dashboard-link")
+@config_option
+@click.option("--tenant", "tenant_id", required=True)
+@json_option
+@handle_errors
+def dashboard_link(config_path: str | None, tenant_id: str, as_json: bool) -> None:
+    """Print a dashboard sign-in link for a tenant: it works once, within 15 minutes."""
+    from tollway.dashboard.sessions import LINK_MAX_AGE, Sessions
+
+    cfg = load_config(config_path)
+    if cfg.dashboard is None:
+        raise CliError(f"{cfg.source}: no [dashboard] table; add one to serve the dashboard (docs/dashboard.md)")
+    dashboard = cfg.dashboard
+
+    async def run(svc: Services) -> dict[str, Any]:
+        tenant = await svc.tenants.get(tenant_id)  # NotFound for an unknown or deleted tenant
+        sessions, _ = Sessions.from_config(dashboard, svc.store.sqlite_file, svc.store)
+        return {"tenant_id": tenant["id"], "url": sessions.link(tenant["id"]), "expires_in_seconds": LINK_MAX_AGE}
+
+    emit(with_services(cfg, run), as_json, lambda o: f"{o['url']}\n(works once, expires in 15 minutes)")
+
+
 @main.command()
 @config_option
 @json_option

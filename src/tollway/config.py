@@ -163,6 +163,30 @@ class StripeConfig:
     webhook_tolerance_seconds: int = doc("Oldest accepted signature timestamp.", 300)
 
 
+@dataclass(frozen=True)
+class DashboardConfig:
+    public_url: str = doc("The gateway's base URL as customers reach it (sign-in links, the OIDC redirect URI).",
+                          "http://127.0.0.1:8080")
+    session_secret_env: str = doc("Env var holding the secret that signs dashboard sessions and sign-in links; "
+                                  "embedded mode generates a 0600 file next to the database when unset.",
+                                  "TOLLWAY_SESSION_SECRET")
+    session_max_age_seconds: int = doc("How long a dashboard session lasts after sign-in.", 43200)
+    oidc_issuer: str = doc("OpenID Connect issuer URL (e.g. a Clerk Frontend API URL); empty: sign-in links only.",
+                           "")
+    oidc_client_id: str = doc("OAuth client id registered at the issuer.", "")
+    oidc_client_secret_env: str = doc("Env var holding the OAuth client secret.", "TOLLWAY_OIDC_CLIENT_SECRET")
+    oidc_scopes: str = doc("Scopes asked for at sign-in.", "openid email profile")
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    contact: str = doc("Vulnerability contact for /.well-known/security.txt: a mailto: or https: URI.")
+    expires_days: int = doc("security.txt's Expires lies this many days after each response (1-365).", 180)
+    preferred_languages: str = doc("security.txt Preferred-Languages, e.g. \"en, de\"; empty: omitted.", "en")
+    policy: str = doc("URL of the disclosure policy (security.txt Policy); empty: omitted.", "")
+    canonical: str = doc("URL where security.txt is published (Canonical); empty: omitted.", "")
+
+
 ProviderType = Literal["openai", "anthropic", "echo"]
 
 
@@ -227,6 +251,8 @@ class Config:
     attribution: AttributionConfig | None = None
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     stripe: StripeConfig | None = None
+    dashboard: DashboardConfig | None = None  # /dashboard exists only with a [dashboard] table
+    security: SecurityConfig | None = None    # security.txt exists only with a [security] table
     providers: dict[str, ProviderConfig] = field(default_factory=dict)
     models: list[ModelConfig] = field(default_factory=list)
     source: str = "<defaults>"  # the file it came from
@@ -256,6 +282,10 @@ class Config:
         if self.stripe:
             refs.append(("Stripe secret key", self.stripe.secret_key_env))
             refs.append(("Stripe webhook secret", self.stripe.webhook_secret_env))
+        if self.dashboard:
+            refs.append(("dashboard session secret", self.dashboard.session_secret_env))
+            if self.dashboard.oidc_issuer:
+                refs.append(("dashboard OIDC client secret", self.dashboard.oidc_client_secret_env))
         return refs
 
 
@@ -300,7 +330,8 @@ class _Loader:
         return ConfigError(f"{self.source}: {path}: {message}")
 
     def config(self, data: dict[str, Any]) -> Config:
-        known = {"server", "database", "cache", "retention", "attribution", "metrics", "stripe", "providers", "models"}
+        known = {"server", "database", "cache", "retention", "attribution", "metrics", "stripe", "providers", "models",
+                 "dashboard", "security"}
         self._unknown(data, known, "")
         providers_raw = data.get("providers", {})
         if not isinstance(providers_raw, dict):
@@ -343,6 +374,8 @@ class _Loader:
             ),
             metrics=self.dataclass(MetricsConfig, data.get("metrics", {}), "metrics"),
             stripe=self.dataclass(StripeConfig, data["stripe"], "stripe") if "stripe" in data else None,
+            dashboard=self.dataclass(DashboardConfig, data["dashboard"], "dashboard") if "dashboard" in data else None,
+            security=self.dataclass(SecurityConfig, data["security"], "security") if "security" in data else None,
             providers=providers,
             models=models,
             source=self.source,
@@ -400,6 +433,24 @@ class _Loader:
             raise self.fail("attribution.header", problem)
         if cfg.stripe and cfg.stripe.min_topup_usd > cfg.stripe.max_topup_usd:
             raise self.fail("stripe.min_topup_usd", "must not exceed stripe.max_topup_usd")
+        self._check_pages(cfg)
+
+    def _check_pages(self, cfg: Config) -> None:
+        d, sec = cfg.dashboard, cfg.security
+        if d is not None:
+            if not d.public_url.startswith(("http://", "https://")):
+                raise self.fail("dashboard.public_url", "expected an http:// or https:// URL")
+            if d.session_max_age_seconds <= 0:
+                raise self.fail("dashboard.session_max_age_seconds", "expected a positive integer")
+            if d.oidc_issuer and not d.oidc_issuer.startswith(("http://", "https://")):
+                raise self.fail("dashboard.oidc_issuer", "expected the issuer's https:// URL")
+            if d.oidc_issuer and not d.oidc_client_id:
+                raise self.fail("dashboard.oidc_client_id", "required when dashboard.oidc_issuer is set")
+        if sec is not None:
+            if not sec.contact.startswith(("mailto:", "https://")):
+                raise self.fail("security.contact", "expected a mailto: or https:// URI (RFC 9116)")
+            if not 1 <= sec.expires_days <= 365:  # RFC 9116 2.5.5: less than a year ahead
+                raise self.fail("security.expires_days", f"expected 1 to 365 days, got {sec.expires_days}")
 
     def _unknown(self, data: dict[str, Any], known: set[str], path: str) -> None:
         for key in data:
@@ -500,7 +551,8 @@ def schema_table() -> list[tuple[str, str, str]]:
     sections: list[tuple[str, type[Any]]] = [
         ("server", ServerConfig), ("database", DatabaseConfig), ("cache", CacheConfig),
         ("retention", RetentionConfig), ("attribution", AttributionConfig), ("metrics", MetricsConfig),
-        ("stripe", StripeConfig), ("providers.NAME", ProviderConfig), ("models[]", ModelConfig),
+        ("stripe", StripeConfig), ("dashboard", DashboardConfig), ("security", SecurityConfig),
+        ("providers.NAME", ProviderConfig), ("models[]", ModelConfig),
     ]
     for prefix, cls in sections:
         for f in dataclasses.fields(cls):

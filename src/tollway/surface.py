@@ -6,12 +6,14 @@ neither can say anything the configuration does not do.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 from typing import Any
 
 from tollway.config import Config
 from tollway.privacy import FORWARDED_REQUEST_HEADERS, LOGGABLE_FIELDS, NEVER_RECORDED, RETURNED_RESPONSE_HEADERS
+from tollway.route_table import ROUTE_TABLE
 
 
 def _redact(url: str) -> str:
@@ -53,8 +55,6 @@ def warnings(cfg: Config, host: str | None = None) -> list[str]:
 
 
 def describe(cfg: Config) -> dict[str, Any]:
-    from tollway.app import ROUTE_TABLE
-
     admin_on = bool(os.environ.get(cfg.server.admin_token_env))
     return {
         "config_file": cfg.source,
@@ -64,7 +64,9 @@ def describe(cfg: Config) -> dict[str, Any]:
              "auth": "operator token" if p == "/metrics" and cfg.metrics.require_admin_token else a,
              **({"enabled": admin_on} if p.startswith("/admin") else {}),
              **({"enabled": cfg.stripe is not None} if p.startswith("/webhooks/stripe") else {}),
-             **({"enabled": cfg.metrics.enabled} if p == "/metrics" else {})}
+             **({"enabled": cfg.metrics.enabled} if p == "/metrics" else {}),
+             **({"enabled": cfg.dashboard is not None} if p.startswith("/dashboard") else {}),
+             **({"enabled": cfg.security is not None} if p.startswith("/.well-known") else {})}
             for p, m, a, d in ROUTE_TABLE
         ],
         "providers": [
@@ -90,6 +92,12 @@ def describe(cfg: Config) -> dict[str, Any]:
         "logging": {"recorded_fields": sorted(LOGGABLE_FIELDS), "never_recorded": list(NEVER_RECORDED),
                     "headers_forwarded_upstream": sorted(FORWARDED_REQUEST_HEADERS),
                     "upstream_headers_returned": sorted(RETURNED_RESPONSE_HEADERS)},
+        "dashboard": {"public_url": cfg.dashboard.public_url, "session_max_age_seconds":
+                      cfg.dashboard.session_max_age_seconds, "session_secret_env": cfg.dashboard.session_secret_env,
+                      "oidc_issuer": cfg.dashboard.oidc_issuer or None, "oidc_client_id": cfg.dashboard.oidc_client_id
+                      or None, "oidc_client_secret_env": cfg.dashboard.oidc_client_secret_env
+                      if cfg.dashboard.oidc_issuer else None} if cfg.dashboard else None,
+        "security": dataclasses.asdict(cfg.security) if cfg.security else None,
         "payments": {"stripe": {"currency": cfg.stripe.currency, "api_base": cfg.stripe.api_base}}
         if cfg.stripe else None,
         "warnings": warnings(cfg),
@@ -130,6 +138,14 @@ def render_text(s: dict[str, Any]) -> str:
     lg = s["logging"]
     lines += ["", "logged (metadata only): " + ", ".join(lg["recorded_fields"]),
               "never recorded: " + "; ".join(lg["never_recorded"])]
+    d = s["dashboard"]
+    lines += ["", f"dashboard {d['public_url']}/dashboard  sessions {d['session_max_age_seconds']} s, signed with "
+              f"${d['session_secret_env']}; sign-in: " + (f"OIDC {d['oidc_issuer']} (client {d['oidc_client_id']}, "
+              f"secret ${d['oidc_client_secret_env']}) and one-time links" if d["oidc_issuer"] else
+              "one-time links (tollway dashboard-link)") if d else "dashboard off (no [dashboard] table)"]
+    sec = s["security"]
+    lines.append(f"security.txt contact {sec['contact']}, expires {sec['expires_days']} days ahead" if sec
+                 else "security.txt off (no [security] table)")
     if s["warnings"]:
         lines += ["", "warnings"] + [f"  ! {w}" for w in s["warnings"]]
     return "\n".join(lines)

@@ -70,6 +70,7 @@ from tollway.store.schema import (
     stripe_events,
     tenants,
     topups,
+    usage_daily,
     usage_events,
     wallets,
 )
@@ -91,6 +92,7 @@ TENANT_TABLES: dict[str, str] = {
     "access_log": "moved to the pseudonym; client IPs erased",
     "set_aside_charges": "moved to the pseudonym; request and key ids pseudonymised",
     "deletion_requests": "kept: the record of the request and its completion",
+    "usage_daily": "rows erased (dashboard totals, derived from the pseudonymised usage rows)",
 }
 _ATTEMPTS = 5
 
@@ -247,6 +249,7 @@ class Tenants:
             key_ids = sa.select(api_keys.c.id).where(api_keys.c.tenant_id == tenant_id)
             await conn.execute(key_spend.delete().where(key_spend.c.key_id.in_(key_ids)))
             await conn.execute(api_keys.delete().where(api_keys.c.tenant_id == tenant_id))
+            await conn.execute(usage_daily.delete().where(usage_daily.c.tenant_id == tenant_id))
             await conn.execute(tenants.delete().where(tenants.c.id == tenant_id))
             record = deletion_requests.c.tenant_id.in_((deletion_record_id(tenant_id), tenant_id))
             await conn.execute(deletion_requests.update().where(record).values(  # a record made before the

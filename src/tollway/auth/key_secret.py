@@ -100,15 +100,22 @@ def tag_secret(key: str, secrets_in_order: tuple[KeySecret, ...]) -> KeySecret |
 def load_key_secret(env_name: str, sqlite_file: Path | None) -> tuple[KeySecret, str | None]:
     """From the environment; in embedded mode, else from a generated 0600 file next to the
     database. Returns the secret and a startup notice (or None)."""
+    value, notice = load_secret(env_name, sqlite_file, ".tollway-key-secret", "customer-key secret")
+    return KeySecret(value), notice
+
+
+def load_secret(env_name: str, sqlite_file: Path | None, file_name: str, what: str) -> tuple[bytes, str | None]:
+    """A server secret from `env_name`; in embedded mode, else from `file_name` next to the
+    database, generated (mode 0600) on first use. Returns it and a startup notice (or None)."""
     value = os.environ.get(env_name)
     if value:
-        return KeySecret(value.encode()), None
+        return value.encode(), None
     if sqlite_file is None:
         raise ValueError(
-            f"environment variable {env_name} is not set; every worker must share one key secret "
+            f"environment variable {env_name} is not set; every worker must share one {what} "
             f"(generate one with: python -c 'import secrets; print(secrets.token_urlsafe(32))')"
         )
-    path = sqlite_file.parent / ".tollway-key-secret"
+    path = sqlite_file.parent / file_name
     notice = None
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -120,15 +127,15 @@ def load_key_secret(env_name: str, sqlite_file: Path | None) -> tuple[KeySecret,
             f.write(secrets.token_urlsafe(32).encode())
         try:
             os.link(tmp, path)
-            notice = (f"generated the customer-key secret at {path} (mode 0600); back it up with the "
+            notice = (f"generated the {what} at {path} (mode 0600); back it up with the "
                       f"database, or set {env_name} instead")
         except FileExistsError:
             pass
         finally:
             tmp.unlink()
     elif path.stat().st_mode & 0o077:
-        notice = f"the customer-key secret {path} is readable by other users; chmod 600 it"
-    return KeySecret(path.read_bytes().strip()), notice
+        notice = f"the {what} {path} is readable by other users; chmod 600 it"
+    return path.read_bytes().strip(), notice
 
 
 def load_previous_secret(env_name: str, current: KeySecret) -> tuple[KeySecret | None, str | None]:

@@ -116,7 +116,7 @@ TOKENS = BigInteger().with_variant(Integer(), "sqlite")
 usage_events = Table(
     "usage_events", metadata,
     Column("request_id", String(64), primary_key=True),
-    Column("tenant_id", String(40), nullable=False, index=True),
+    Column("tenant_id", String(40), nullable=False),
     Column("key_id", String(40), nullable=True),
     Column("model", String(200), nullable=False),
     Column("provider", String(100), nullable=False),
@@ -130,6 +130,10 @@ usage_events = Table(
     Column("error_type", String(64), nullable=True),
     Column("latency_ms", Integer, nullable=False),
     Column("created_at", BigInteger, nullable=False),
+    # A tenant's rows in request-id order, i.e. by time (request ids begin with the time):
+    # the dashboard reads a time range of one tenant through it. On SQLite this is the
+    # same B-tree the plain tenant_id index was (a WITHOUT ROWID index holds the key).
+    Index("ix_usage_events_tenant_request", "tenant_id", "request_id"),
     sqlite_with_rowid=False,
 )
 
@@ -201,4 +205,33 @@ deletion_requests = Table(
     Column("tenant_id", String(40), primary_key=True),
     Column("requested_at", BigInteger, nullable=False),
     Column("completed_at", BigInteger, nullable=True),
+)
+
+# One row per dashboard sign-in link that was used (dashboard/sessions.py): the primary
+# key makes a second use of the same link fail, on every worker at once.
+dashboard_link_uses = Table(
+    "dashboard_link_uses", metadata,
+    Column("nonce", String(64), primary_key=True),
+    Column("used_at", BigInteger, nullable=False),
+)
+
+# The dashboard's daily usage totals per (tenant, day, key, model) for days that are over,
+# folded in the background from usage_events (dashboard/rollup.py); never written by the
+# request path. usage_rollup's one row says up to when (exclusive, epoch ms) they are folded.
+usage_daily = Table(
+    "usage_daily", metadata,
+    Column("tenant_id", String(40), primary_key=True),
+    Column("day", Integer, primary_key=True),               # days since 1970-01-01 (UTC)
+    Column("key_id", String(40), primary_key=True),         # "" for rows without a key
+    Column("model", String(200), primary_key=True),
+    Column("requests", BigInteger, nullable=False),
+    Column("prompt_tokens", BigInteger, nullable=False),
+    Column("completion_tokens", BigInteger, nullable=False),
+    Column("cost_micros", BigInteger, nullable=False),
+)
+
+usage_rollup = Table(
+    "usage_rollup", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("folded_until", BigInteger, nullable=False),
 )
