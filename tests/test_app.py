@@ -133,7 +133,7 @@ def test_migrations_apply_and_are_current(backend: dict[str, Any], make_config: 
 
 def test_serving_process_tunes_the_cycle_collector(make_config: Callable[..., Config]) -> None:
     """`tollway serve`'s factory freezes what start-up left and raises the first GC
-    threshold once the app has started (app.serve_gc; bench/README.md has the numbers);
+    threshold once the app has started (app.serve_gc; docs/performance-history.md has the numbers);
     an app built any other way (tests, embedding) leaves the interpreter's settings alone.
     In a child process: the collector's settings are process-wide."""
     cfg = make_config()

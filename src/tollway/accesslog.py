@@ -128,7 +128,7 @@ def _insert_rows(conn: Connection, rows: list[dict[str, Any]]) -> None:
     """One transaction through Store.transact, the same path as the ledger's writes: the
     rows go to the database in one executemany on the cursor. (Through SQLAlchemy's async
     engine, 500 rows cost ~12 ms of the event loop's time, a stall every second that was
-    most of the p99 at one connection; bench/README.md.)"""
+    most of the p99 at one connection; docs/performance-history.md.)"""
     records = {deletion_record_id(t): t for t in {r["tenant_id"] for r in rows if r["tenant_id"]}}
     if records:
         found = conn.execute(sa.select(deletion_requests.c.tenant_id).where(

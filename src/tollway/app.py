@@ -64,7 +64,7 @@ GC_THRESHOLDS = (10_000, 10, 10)
 def serve_gc() -> None:
     """Tune the cycle collector for a serving process, once it has started up.
 
-    Measured in the bench (32 connections, streamed requests, bench/README.md): with
+    Measured in the bench (32 connections, streamed requests, docs/performance-history.md): with
     CPython's defaults the collector took ~63 us of each request's ~0.7 ms of CPU, and
     each full collection walked the ~130k objects that start-up leaves (imports, the
     schema, compiled statements), pausing the loop ~70 ms every ~1,700 requests (the

@@ -6,7 +6,7 @@ once it ends, one access-log row and its HTTP metrics. The /v1 POST endpoints ar
 called straight from here: they are plain ASGI callables that render their own
 errors, so Starlette's error middleware, exception middleware and router would only
 add three wrappers around `send` and a regex walk per request on the hot path
-(bench/README.md). Everything else, including a /v1 path with another method, goes
+(docs/performance-history.md). Everything else, including a /v1 path with another method, goes
 through the Starlette app as usual.
 """
 
@@ -31,7 +31,7 @@ def new_request_id() -> str:
 
     The id keys the reservation, ledger and usage rows; ids that grow with time are
     inserted at the right edge of those indexes instead of at a random leaf, which cost
-    SQLite 12-20% more CPU per request (bench/README.md). Unique without coordination
+    SQLite 12-20% more CPU per request (docs/performance-history.md). Unique without coordination
     between workers; it tells the client nothing it did not know (when it called)."""
     return f"req_{time.time_ns() // 1_000_000:012x}{secrets.token_hex(8)}"
 

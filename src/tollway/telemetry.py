@@ -299,7 +299,7 @@ def record_request(**fields: Any) -> None:
 def _request_line(fields: dict[str, Any]) -> None:
     """The line `log.info("request", **fields)` writes, byte for byte but the time, built
     here without structlog's chain: it is written once per /v1 request and the chain cost
-    twice the line itself (bench/README.md). Same allow-list (loggable), same key order
+    twice the line itself (docs/performance-history.md). Same allow-list (loggable), same key order
     (the fields, then event, level, timestamp), same renderer; the fields hold no
     exception and "request" is a valid event name, so the other processors have nothing
     to do. test_telemetry compares the two lines."""

@@ -26,7 +26,7 @@ does not let anyone use (or even test) a key without the secret.
 Revocation reaches every worker before `revoke` returns. Each worker keeps verified keys
 in memory: with memory:// that is the cache; with Redis it is a layer in front of it, so
 a request costs no Redis round trip (that lookup was ~20% of the gateway's CPU per
-request on PostgreSQL + Redis, bench/README.md, fifth pass). A per-worker entry is
+request on PostgreSQL + Redis, docs/performance-history.md, fifth pass). A per-worker entry is
 trusted only while the worker's heartbeat is fresh, and the revocation bus (auth/workers.py)
 waits until every live worker has evicted the key; in Redis the entry is deleted and a
 tombstone blocks re-caching, so a worker that misses in memory cannot pick it up again.

@@ -3,7 +3,7 @@
 Why a path of its own: where one process is the sole server of an SQLite database
 (services.build), no other process reserves from its wallets (ledger/holds.py says why), so a
 reservation needs no write at all and a settle needs no transaction of its own
-(ledger/journal.py); together they were most of a request's CPU (bench/README.md). What stays
+(ledger/journal.py); together they were most of a request's CPU (docs/performance-history.md). What stays
 the same as on the committed path (ledger/transactions.py): the wallet row holds what the ledger sums
 to, a request's charge is written as its `:debit` entry, key spend and usage row
 (`Ledger._charges`, passed in as `write_charges`), and every balance, reservation and

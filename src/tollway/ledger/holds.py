@@ -2,8 +2,8 @@
 
 Why. A hold only has to outlive the request it guards. Committed to the database (the
 reservation row and its reserve entry, ledger/transactions.py) it costs a write transaction of its own
-before the provider is called; on SQLite, keeping it here instead measured 16-24% less
-CPU per request at one connection (bench/README.md, seventh pass). Where one
+before the provider is called, the largest single cost of a request on SQLite
+(docs/performance-history.md, seventh pass). Where one
 process is the only one serving from the database, the same guarantee holds with the
 hold kept here: the check "free balance covers the hold" and the taking of the hold run
 in one synchronous step on the event loop, so no other request of the process can slip
@@ -11,9 +11,11 @@ between them, and no other process reserves from this wallet at all (`ServingLoc
 The charge is made durable before the answer leaves: appended to the charge journal
 (ledger/journal.py) and applied to the ledger moments later, held here until then.
 
-What a crash does: the holds vanish with the requests they guarded; nothing was charged
-for those requests and nothing needs releasing, which is what the sweep of a dead
-worker's committed holds achieves the slow way (auth/workers.py). What a failed settle does:
+What a crash does: the holds vanish with the requests they guarded, which were not
+answered in full; nothing was charged for them and nothing needs releasing, which is what
+the sweep of a dead worker's committed holds achieves the slow way (auth/workers.py).
+Charges of answered requests are already in the journal, which the next start applies
+(ledger/embedded.py::recover_charges). What a failed settle does:
 the hold stays until the sweep's backstop releases it, like a committed one, once it is
 older than the longest request and its request is no longer served (Ledger.live); a
 settle that comes after all still charges it (Ledger._settle_late).

@@ -4,7 +4,7 @@ append to a file instead of a write transaction of its own.
 Why. With holds in memory (ledger/holds.py) the settle was the one write transaction left per
 request, and at one connection a lone SQLite transaction (BEGIN IMMEDIATE, its
 statements, COMMIT, ~5 pages of WAL, a turn of the event loop) was ~30% of a request's
-CPU (bench/README.md, eighth pass). A charge only has to be durable before the answer
+CPU (docs/performance-history.md, eighth pass). A charge only has to be durable before the answer
 leaves; it does not have to be in the ledger tables yet. So the sole serving process
 appends the charge, as one line, to `<database>-charges.<n>`, and applies the lines it
 has gathered to the ledger every FLUSH_SECONDS in one transaction, whose pages are shared

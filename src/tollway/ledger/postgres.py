@@ -4,7 +4,7 @@ Why: as `BEGIN; UPDATE wallets ...; INSERT ...; INSERT ...; COMMIT`, a reservati
 the wallet's row lock from its UPDATE until its COMMIT, across three round trips to
 the gateway. Every request of a tenant takes that same row, so a busy tenant's requests
 queued behind each other for as long as the gateway's event loop took to come back to
-each transaction: 115 requests/s and 256 ms p50 at 32 connections (bench/README.md).
+each transaction (docs/performance-history.md, third pass).
 A statement of data-modifying CTEs is atomic by itself (PostgreSQL autocommits it when
 it runs outside a transaction), costs one round trip, and holds the row lock only while
 the server runs it.

@@ -14,9 +14,9 @@ IMMEDIATE; PostgreSQL: the UPDATE takes the row lock and re-checks the condition
 two racing requests can never both take the last dollar. A CHECK constraint keeps the
 balance >= 0 even against a bug here.
 
-One request costs two short write transactions, reserve (before forwarding) and settle
-(after; it also writes the usage row); nothing is batched in memory, so a crash loses
-no spend. On PostgreSQL each is one statement in the common case (ledger/postgres.py:
+On the committed paths (`serve --workers N`, PostgreSQL) a request costs two short write
+transactions, reserve (before forwarding) and settle (after; it also writes the usage
+row), each durable when it returns. On PostgreSQL each is one statement in the common case (ledger/postgres.py:
 the same writes, atomic the same way, in one round trip). The reservation row is
 settle's idempotency gate: settle deletes it and only the transaction that deleted it
 moves money. An open reservation whose worker died is released in full by the sweep
@@ -27,10 +27,14 @@ balance (`_settle_late`).
 
 Where one process serves from an SQLite database (the embedded default), holds are kept
 in that process's memory instead (ledger/embedded.py, ledger/holds.py), and a settle appends its
-charge to the charge journal (ledger/journal.py), which applies the charges gathered every few
-milliseconds in one transaction: the `:debit` entry, key spend and usage row of each, as
-a settle of its own would write them (`_charge`). The wallet row holds what the ledger sums to; what is held in memory
-(reservations, and charges not yet applied) is deducted when a balance is read.
+charge to the charge journal (ledger/journal.py) before the answer leaves: the append is
+what makes the charge durable (it survives a killed process; the next start applies it),
+and the charges gathered every few milliseconds are applied in one transaction: the
+`:debit` entry, key spend and usage row of each, as a settle of its own would write them
+(`_charge`). The wallet row holds what the ledger sums to; what is held in memory
+(reservations, and charges not yet applied) is deducted when a balance is read. What a
+crash costs, on every path: requests in flight were not answered in full and are released
+uncharged; every answered request's charge is durable.
 
 Entry ids: `<request>:reserve`, `<request>:release` (or `:swept`), `<request>:debit`;
 operator credits `manual:<tenant>:<reference>`; Stripe `stripe:...`. An id must fit the
@@ -82,7 +86,7 @@ DEBIT_KINDS = ("debit", "refund", "dispute", "adjust_debit")
 # The request path's statements, built once with bind parameters (named apart from the
 # columns: SQLAlchemy reserves those in SET clauses). Building each statement per call,
 # and SQLAlchemy deriving its cache key again, cost 30-40% of the ledger's CPU per
-# request (bench/README.md, Findings); the SQL sent is the same.
+# request (docs/performance-history.md); the SQL sent is the same.
 _P = sa.bindparam
 _USAGE_COLUMNS = frozenset(usage_events.c.keys())
 
@@ -112,7 +116,7 @@ class Ledger:
     """Money operations. Each write is one sync function on a `Connection` run by
     `Store.transact` in one write transaction: on SQLite that is one step of the group-
     committing writer instead of a thread hand-off per statement, the largest CPU cost per
-    request before (bench/README.md). Callers already inside a transaction pass `conn` and the same
+    request before (docs/performance-history.md). Callers already inside a transaction pass `conn` and the same
     function runs there (`AsyncConnection.run_sync`), so there is one code path for money."""
 
     def __init__(self, store: Store, holds: MemoryHolds | None = None, *, journaled: bool = False) -> None:
@@ -301,7 +305,7 @@ class Ledger:
         Returns what was charged, or None if it cannot be done so: the caller then awaits
         `settle`, which does the rest as before. Why: the common settle then needs no task
         and no shield from cancellation (pipeline.py), which was ~7% of a non-streaming
-        request's CPU at one connection (bench/README.md)."""
+        request's CPU at one connection (docs/performance-history.md)."""
         if self.memory is None:
             return None
         _check_usage(usage)

@@ -311,7 +311,7 @@ class Store:
             return await self.transact(prepared.rows, params)
         # Straight from the pool (checkout and checkin events included), without the
         # Connection and AsyncConnection that engine.connect() would build around it: one
-        # statement needs neither (~5% of a request's CPU on this path, bench/README.md).
+        # statement needs neither (~5% of a request's CPU on this path, docs/performance-history.md).
         dialect = self.engine.dialect
         async with self._translate():
             try:

@@ -3,7 +3,7 @@
 Why: the ledger runs two write transactions per request. On SQLite, SQLAlchemy's work
 around each execution (execution context, events, result object) cost about ten times
 what SQLite itself spends, and the writer runs on the event loop (sqlite_writer.py), so
-every request paid for it (bench/README.md, Findings). The statement
+every request paid for it (docs/performance-history.md). The statement
 is still written once, in Core, against the schema; only its execution takes the short
 path. Elsewhere (PostgreSQL, where the round trip dominates, and the async SQLite
 engine a caller's own transaction may be on) it is executed normally, except by

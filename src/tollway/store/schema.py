@@ -78,7 +78,7 @@ wallets = Table(
 # WITHOUT ROWID, ordered by their text primary key (request and entry ids start with a
 # timestamp, so inserts append): a rowid table keeps a second B-tree for that key, one more
 # page written per insert or delete. The request path's two COMMITs went from ~19 to ~13
-# pages in the WAL (bench/README.md, fifth pass). PostgreSQL ignores the option.
+# pages in the WAL (docs/performance-history.md, fifth pass). PostgreSQL ignores the option.
 
 ledger_entries = Table(
     "ledger_entries", metadata,

@@ -8,7 +8,7 @@ each caller gets its own result or exception only after that COMMIT, so nothing 
 acknowledged before it is durable, and one transaction's failure rolls back only its
 own savepoint.
 
-Why on the loop, and why that does not block it (bench/README.md has the numbers):
+Why on the loop, and why that does not block it (docs/performance-history.md has the numbers):
 a money transaction is a few statements on pages SQLite already holds in memory, and a
 COMMIT appends the changed pages to the WAL without fsync (synchronous=NORMAL). Handing
 each transaction to a thread cost more CPU than the transaction, mostly in waking
