@@ -20,6 +20,7 @@ import structlog
 
 from tests.conftest import REDIS_URL
 from tests.test_workers import pg_redis_config, stop, tenant_key, worker
+from tollway import telemetry
 from tollway.auth import keys as keys_mod
 from tollway.auth import workers as workers_mod
 from tollway.auth.key_secret import KeySecret
@@ -150,7 +151,8 @@ async def test_a_revoked_key_put_back_into_redis_stays_revoked(stack: Config) ->
         await stop(w1, w2, admin)
 
 
-async def test_a_cache_entry_that_does_not_parse_is_a_miss_not_an_error(stack: Config) -> None:
+async def test_a_cache_entry_that_does_not_parse_is_a_miss_not_an_error(stack: Config,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     w1 = await worker(stack)
     try:
         made = await tenant_key(w1)
@@ -168,6 +170,9 @@ async def test_a_cache_entry_that_does_not_parse_is_a_miss_not_an_error(stack: C
                 fresh = await worker(stack)  # nothing in its memory
                 try:
                     with structlog.testing.capture_logs() as logged:
+                        # A logger bound under capture_logs: the shared one may have been cached
+                        # (cache_logger_on_first_use) by an earlier test's configure_logging.
+                        monkeypatch.setattr(telemetry, "log", structlog.get_logger())
                         p = await fresh.keys.authenticate(made["key"])
                     assert p.key_id == made["key_id"]
                     rejected = [e for e in logged if e["event"] == "key_cache_entry_rejected"]
