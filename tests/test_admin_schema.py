@@ -182,3 +182,40 @@ def test_admin_api_conforms_to_its_document(target: Target, with_token: bool) ->
     ran = _fuzz(target, with_token)
     print(f"schemathesis: {ran} cases in {time.monotonic() - started:.1f}s")
     assert ran >= 11
+
+
+@pytest.mark.parametrize("backend", ["embedded"], indirect=True)
+def test_405_names_every_method_of_the_path(target: Target) -> None:
+    """Each documented path, asked with a method it does not have: 405 and an Allow header
+    listing exactly the document's methods for that path."""
+    assert target.document["servers"] == [{"url": "/admin"}]
+    for path, item in target.document["paths"].items():
+        documented = {m.upper() for m in item}
+        concrete = path.replace("{tenant_id}", target.live).replace("{key_id}", target.key)
+        for method in {"GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"} - documented:
+            r = httpx.request(method, target.base_url + concrete, timeout=30,
+                              headers={"authorization": f"Bearer {TOKEN}"})
+            assert r.status_code == 405, (method, path, r.status_code)
+            assert r.json()["error"]["code"] == "method_not_allowed"
+            allowed = {m.strip() for m in r.headers["allow"].split(",")}
+            assert allowed == documented, (method, path, allowed)
+
+
+@pytest.mark.parametrize("backend", ["embedded"], indirect=True)
+def test_a_deleted_tenant_is_404_on_every_route_but_delete(target: Target) -> None:
+    """A deleted tenant answers like an unknown one (404) everywhere; DELETE is idempotent
+    (200, already_deleted: true). Its key, revoked by the deletion, can be revoked again."""
+    gone = target.gone
+    before = target.snapshot()
+    for method, path, body in [("GET", f"/tenants/{gone}", None), ("GET", f"/tenants/{gone}/export", None),
+                               ("GET", f"/tenants/{gone}/keys", None), ("GET", f"/tenants/{gone}/wallet", None),
+                               ("POST", f"/tenants/{gone}/keys", {}),
+                               ("POST", f"/tenants/{gone}/wallet/credit", {"amount_usd": "1.00", "reference": "x"}),
+                               ("POST", f"/tenants/{gone}/topups", {"amount_usd": "5.00"})]:
+        r = admin(target.server, method, path, json=body)
+        assert r.status_code == 404, (method, path, r.status_code, r.text)
+        assert r.json()["error"]["code"] in ("not_found", "payments_disabled")
+    assert target.snapshot() == before
+    again = admin(target.server, "DELETE", f"/tenants/{gone}")
+    assert again.status_code == 200 and again.json()["already_deleted"] is True
+    assert target.snapshot() == before

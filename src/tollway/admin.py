@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.config import JsonDict
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
-from starlette.routing import Mount
+from starlette.routing import Match, Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tollway.bodycap import refuse
@@ -197,7 +197,8 @@ def admin_app(svc: Services) -> TokenGate:
     async def _http(request: Request, exc: HTTPException) -> Any:
         # Starlette names the methods of the first route that matched the path only; the
         # path's other routes (GET and DELETE of a tenant) are as much allowed.
-        allowed = sorted({m for r in api.routes if isinstance(r, APIRoute) and r.path_regex.match(request.url.path)
+        allowed = sorted({m for r in api.routes
+                          if isinstance(r, APIRoute) and r.matches(request.scope)[0] is not Match.NONE
                           for m in r.methods or ()})
         return http_refusal(exc, request.url.path, ", ".join(allowed))
 
