@@ -51,8 +51,8 @@ WATCHED = [tables.tenants, tables.api_keys, tables.key_spend, tables.wallets, ta
 
 
 def admin(server: ServerThread, method: str, path: str, **kw: Any) -> httpx.Response:
-    return httpx.request(method, server.url + "/admin" + path, headers={"authorization": f"Bearer {TOKEN}"},
-                         timeout=30, **kw)
+    headers = {"authorization": f"Bearer {TOKEN}", "content-type": "application/json"}
+    return httpx.request(method, server.url + "/admin" + path, headers=headers, timeout=30, **kw)
 
 
 async def _digest(svc: Services) -> str:
@@ -218,4 +218,25 @@ def test_a_deleted_tenant_is_404_on_every_route_but_delete(target: Target) -> No
     assert target.snapshot() == before
     again = admin(target.server, "DELETE", f"/tenants/{gone}")
     assert again.status_code == 200 and again.json()["already_deleted"] is True
+    assert target.snapshot() == before
+
+
+def test_text_the_database_cannot_store_is_400(target: Target) -> None:
+    """Found by the fuzzer on PostgreSQL: a NUL character (and, by the same road, an unpaired
+    surrogate) in a body field or a path id reached the driver and came back as a 500."""
+    live = target.live
+    before = target.snapshot()
+    for method, path, raw in [
+        ("POST", "/tenants", b'{"name": "a\\u0000b"}'),
+        ("POST", "/tenants", b'{"email": "\\ud800@example.com"}'),
+        ("POST", f"/tenants/{live}/keys", b'{"name": "k\\u0000"}'),
+        ("POST", f"/tenants/{live}/wallet/credit", b'{"amount_usd": "1.00", "reference": "r\\u0000"}'),
+        ("POST", f"/tenants/{live}/topups", b'{"amount_usd": "5.00", "idempotency_key": "\\u0000"}'),
+        ("GET", "/tenants/tn%00x", None), ("DELETE", "/tenants/tn%00x", None), ("GET", "/tenants/tn%00x/keys", None),
+        ("GET", "/tenants/tn%00x/wallet", None), ("GET", "/tenants/tn%00x/export", None),
+        ("POST", "/keys/key%00x/revoke", None),
+    ]:
+        r = admin(target.server, method, path, content=raw)
+        assert r.status_code == 400, (method, path, r.status_code, r.text[:200])
+        assert r.json()["error"]["type"] == "invalid_request_error"
     assert target.snapshot() == before

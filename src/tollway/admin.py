@@ -12,14 +12,14 @@ import hashlib
 import hmac
 import os
 import re
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Path, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.config import JsonDict
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
@@ -38,9 +38,28 @@ POSITIVE_USD = (r"^([1-9][0-9]{0,8}(\.[0-9]{1,6})?|0\.([1-9][0-9]{0,5}|0[1-9][0-
                 r"|000[1-9][0-9]{0,2}|0000[1-9][0-9]?|00000[1-9]))$")
 
 
-class TenantIn(BaseModel):
-    name: str | None = Field(default=None, max_length=200)
-    email: str | None = Field(default=None, max_length=320)
+# PostgreSQL text holds no NUL character and a driver encodes no unpaired surrogate: both
+# were a 500 there (and stored on SQLite). Refused alike on both, and said in the document.
+TEXT = r"^[^\x00]*$"
+ID = Annotated[str, Path(pattern=r"^[^\x00]{1,40}$", description="an id as the API gave it (at most 40 characters)")]
+
+
+def storable(value: str) -> str:
+    if "\x00" in value or any("\ud800" <= c <= "\udfff" for c in value):
+        raise ValueError("NUL characters and unpaired surrogates cannot be stored")
+    return value
+
+
+class _In(BaseModel):
+    @field_validator("*", mode="after")
+    @classmethod
+    def _storable(cls, value: Any) -> Any:
+        return storable(value) if isinstance(value, str) else value
+
+
+class TenantIn(_In):
+    name: str | None = Field(default=None, max_length=200, pattern=TEXT)
+    email: str | None = Field(default=None, max_length=320, pattern=TEXT)
 
 
 # Both parts of a spend limit or neither (null counts as absent), as Keys.create requires.
@@ -51,10 +70,10 @@ _SPEND_LIMIT_PAIR: JsonDict = {"anyOf": [
 ]}
 
 
-class KeyIn(BaseModel):
+class KeyIn(_In):
     model_config = ConfigDict(json_schema_extra=_SPEND_LIMIT_PAIR)
 
-    name: str | None = Field(default=None, max_length=200)
+    name: str | None = Field(default=None, max_length=200, pattern=TEXT)
     expires_at: int | None = Field(default=None, ge=0, le=2**53,
                                    description="unix epoch milliseconds, in the future (400 otherwise)")
     spend_limit_usd: str | None = Field(default=None, pattern=POSITIVE_USD, description='decimal string, e.g. "10.00"')
@@ -67,14 +86,15 @@ class KeyIn(BaseModel):
         return self
 
 
-class CreditIn(BaseModel):
+class CreditIn(_In):
     amount_usd: str = Field(pattern=POSITIVE_USD, description='decimal string, e.g. "5.00"')
-    reference: str = Field(min_length=1, max_length=MANUAL_REFERENCE_MAX, description="idempotency reference")
+    reference: str = Field(min_length=1, max_length=MANUAL_REFERENCE_MAX, pattern=TEXT,
+                           description="idempotency reference")
 
 
-class TopupIn(BaseModel):
+class TopupIn(_In):
     amount_usd: str = Field(pattern=POSITIVE_USD, description='decimal string, e.g. "20.00", within [stripe] min/max')
-    idempotency_key: str | None = Field(default=None, max_length=80, description="same key, same session")
+    idempotency_key: str | None = Field(default=None, max_length=80, pattern=TEXT, description="same key, same session")
 
 
 class ErrorDetail(BaseModel):
@@ -88,6 +108,74 @@ class ErrorOut(BaseModel):
     """Every refusal of the operator API, OpenAI-style."""
 
     error: ErrorDetail
+
+
+class _Out(BaseModel):
+    # Documents the answer; a field added later is still sent, not filtered out.
+    model_config = ConfigDict(extra="allow")
+
+
+class TenantCreated(_Out):
+    tenant_id: str
+    name: str | None
+    email: str | None
+
+
+class TenantOut(_Out):
+    id: str
+    name: str | None
+    email: str | None
+    external_id: str | None
+    created_at: int
+    deletion_requested_at: int | None
+
+
+class KeyCreated(_Out):
+    key_id: str
+    key: str = Field(description="shown once")
+    tenant_id: str
+    prefix: str
+
+
+class KeyOut(_Out):
+    id: str
+    tenant_id: str
+    name: str | None
+    prefix: str
+    created_at: int
+    last_used_at: int | None
+    revoked_at: int | None
+    expires_at: int | None
+    spend_limit_micros: int | None
+    spend_limit_period: str | None
+
+
+class KeyList(_Out):
+    tenant_id: str
+    keys: list[KeyOut]
+
+
+class KeyRevoked(_Out):
+    key_id: str
+    revoked_at: int
+
+
+class Credited(_Out):
+    applied: bool = Field(description="false: this reference was credited before (same amount)")
+    balance_usd: str
+
+
+class WalletOut(_Out):
+    tenant_id: str
+    balance_usd: str
+    balance_micros: int
+    reserved_usd: str
+    reserved_micros: int
+
+
+class Verified(_Out):
+    ok: bool
+    problems: list[Any]
 
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -206,61 +294,63 @@ def admin_app(svc: Services) -> TokenGate:
     async def openapi() -> JSONResponse:
         return JSONResponse(document(api))
 
-    @api.post("/tenants", responses=_errors())
-    async def create_tenant(body: TenantIn) -> dict[str, Any]:
+    @api.post("/tenants", responses=_errors(), response_model=TenantCreated)
+    async def create_tenant(body: TenantIn) -> Any:
         return await svc.tenants.create(body.name, body.email)
 
-    @api.get("/tenants/{tenant_id}", responses=_errors(404))
-    async def get_tenant(tenant_id: str) -> dict[str, Any]:
+    @api.get("/tenants/{tenant_id}", responses=_errors(404), response_model=TenantOut)
+    async def get_tenant(tenant_id: ID) -> Any:
         return await svc.tenants.get(tenant_id)
 
     @api.delete("/tenants/{tenant_id}", responses=_errors(404, 409))
-    async def delete_tenant(tenant_id: str) -> dict[str, Any]:
+    async def delete_tenant(tenant_id: ID) -> dict[str, Any]:
         """Revoke every key, erase personal data, pseudonymise usage and ledger (idempotent)."""
         return await svc.tenants.delete(tenant_id)
 
     @api.get("/tenants/{tenant_id}/export", responses=_errors(404))
-    async def export_tenant(tenant_id: str) -> JSONResponse:
+    async def export_tenant(tenant_id: ID) -> JSONResponse:
         """Everything held about the tenant, as a JSON download."""
         data = await svc.tenants.export(tenant_id)
         return JSONResponse(jsonable_encoder(data), headers={
             "content-disposition": f'attachment; filename="tollway-export-{tenant_id}.json"',
             "cache-control": "no-store"})
 
-    @api.post("/tenants/{tenant_id}/keys", responses=_errors(404))
-    async def create_key(tenant_id: str, body: KeyIn) -> dict[str, Any]:
+    @api.post("/tenants/{tenant_id}/keys", responses=_errors(404), response_model=KeyCreated)
+    async def create_key(tenant_id: ID, body: KeyIn) -> Any:
         limit = usd(body.spend_limit_usd, "spend_limit_usd") if body.spend_limit_usd else None
         return await svc.keys.create(tenant_id, name=body.name, expires_at=body.expires_at,
                                      spend_limit_micros=limit, spend_limit_period=body.spend_limit_period)
 
-    @api.get("/tenants/{tenant_id}/keys", responses=_errors(404))
-    async def list_keys(tenant_id: str) -> dict[str, Any]:
+    @api.get("/tenants/{tenant_id}/keys", responses=_errors(404), response_model=KeyList)
+    async def list_keys(tenant_id: ID) -> Any:
         await svc.tenants.get(tenant_id)  # a deleted or unknown tenant is 404 here as everywhere
         return {"tenant_id": tenant_id, "keys": await svc.keys.list(tenant_id)}
 
-    @api.post("/keys/{key_id}/revoke", responses=_errors(404))
-    async def revoke_key(key_id: str) -> dict[str, Any]:
+    @api.post("/keys/{key_id}/revoke", responses=_errors(404), response_model=KeyRevoked)
+    async def revoke_key(key_id: ID) -> Any:
         return await svc.keys.revoke(key_id)
 
-    @api.post("/tenants/{tenant_id}/wallet/credit", responses=_errors(404, 409))
-    async def credit(tenant_id: str, body: CreditIn) -> dict[str, Any]:
+    @api.post("/tenants/{tenant_id}/wallet/credit", responses=_errors(404, 409), response_model=Credited)
+    async def credit(tenant_id: ID, body: CreditIn) -> Any:
         amount = usd(body.amount_usd, "amount_usd")
+        # An unknown id is 404 before the entry id (tenant and reference) is measured against its column.
+        await svc.tenants.get(tenant_id)
         result = await svc.ledger.credit_manual(tenant_id, amount, body.reference)
         return {"applied": result["applied"], "balance_usd": format_usd(result["balance_micros"])}
 
-    @api.get("/tenants/{tenant_id}/wallet", responses=_errors(404))
-    async def wallet(tenant_id: str) -> dict[str, Any]:
+    @api.get("/tenants/{tenant_id}/wallet", responses=_errors(404), response_model=WalletOut)
+    async def wallet(tenant_id: ID) -> Any:
         return await svc.ledger.wallet(tenant_id)
 
     @api.post("/tenants/{tenant_id}/topups", responses=_errors(404, 409))
-    async def create_topup(tenant_id: str, body: TopupIn) -> dict[str, Any]:
+    async def create_topup(tenant_id: ID, body: TopupIn) -> dict[str, Any]:
         """A Stripe Checkout Session; the wallet is credited by the verified webhook only."""
         from tollway.webhooks.stripe import start_topup  # stripe-python loads only when used
 
         return await start_topup(svc.payments, tenant_id, body.amount_usd, idempotency_key=body.idempotency_key)
 
-    @api.get("/ledger/verify", responses=_errors())
-    async def verify() -> dict[str, Any]:
+    @api.get("/ledger/verify", responses=_errors(), response_model=Verified)
+    async def verify() -> Any:
         problems = await svc.ledger.verify(svc.config.server.request_timeout_seconds * 1000 + 60_000)
         return {"ok": not problems, "problems": problems}
 
