@@ -93,7 +93,9 @@ class CreditIn(_In):
 
 
 class TopupIn(_In):
-    amount_usd: str = Field(pattern=POSITIVE_USD, description='decimal string, e.g. "20.00", within [stripe] min/max')
+    # The decimal grammar only: the range is the config's ([stripe] min/max, 400 amount_out_of_range).
+    amount_usd: str = Field(pattern=r"^-?[0-9]{1,12}(\.[0-9]{1,6})?$",
+                            description='decimal string, e.g. "20.00", within [stripe] min/max')
     idempotency_key: str | None = Field(default=None, max_length=80, pattern=TEXT, description="same key, same session")
 
 
