@@ -15,9 +15,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute, Mount, Route
+from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp
 
 from tollway import config as config_mod
@@ -53,6 +54,13 @@ async def readyz(request: Request) -> Response:
 async def _tollway_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, TollwayError)
     return render_json(exc)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    from tollway.admin import http_refusal
+
+    assert isinstance(exc, HTTPException)
+    return http_refusal(exc, request.url.path)
 
 
 # A request leaves nothing behind for the cycle collector, but up to a few hundred
@@ -104,7 +112,7 @@ def create_app(cfg: Config, *, services: Services | None = None, migrate: bool |
     keys = provider_keys if provider_keys is not None else config_mod.provider_secrets(cfg)
     do_migrate = svc.store.is_sqlite if migrate is None else migrate
 
-    from tollway.admin import admin_app
+    from tollway.admin import admin_mount
     from tollway.proxy.routes import Proxy
 
     proxy = Proxy(svc, keys)
@@ -112,7 +120,7 @@ def create_app(cfg: Config, *, services: Services | None = None, migrate: bool |
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         *proxy.routes(),
-        Mount("/admin", app=admin_app(svc)),
+        admin_mount(svc),
     ]
     if svc.payments is not None:  # /webhooks/stripe exists only with a [stripe] table
         from tollway.webhooks.stripe import stripe_routes
@@ -179,7 +187,8 @@ def create_app(cfg: Config, *, services: Services | None = None, migrate: bool |
             await svc.close()
 
     app = _Gateway(lambda inner: Edge(inner, access, proxy.shortcuts()),
-                   routes=routes, lifespan=lifespan, exception_handlers={TollwayError: _tollway_error})
+                   routes=routes, lifespan=lifespan,
+                   exception_handlers={TollwayError: _tollway_error, HTTPException: _http_error})
     app.state.services = svc
     app.state.config = cfg
     return app
