@@ -41,7 +41,7 @@ from tollway.providers.base import CHAT, merge_headers
 from tollway.providers.echo import EchoResponse
 from tollway.proxy.inbound import header_map, model_slug, parse_json, shape
 from tollway.proxy.pipeline import Pipeline
-from tollway.proxy.relay import Relay, StreamEnd
+from tollway.proxy.relay import Relay, RelayLimits, StreamEnd
 from tollway.services import build
 
 Step = Callable[[int], Awaitable[None]]
@@ -147,7 +147,7 @@ async def measure(workdir: Path, nginx: Nginx, n: int, app_only: bool) -> list[t
         headers = header_map(scope)
         body = parse_json(req)
         r = pipeline.routes[model_slug(body)]
-        sh = shape(CHAT, body, r.model)
+        sh = shape(CHAT, body, len(req), r.model, headers, r.target.output_field)
         out = merge_headers(forwarded_headers(headers.items()), r.target.headers, {"cf-aig-metadata": orjson.dumps(
             {"tenant_id": tenant, "key_id": "key_x", "request_id": "req_x"}).decode()})
         r.adapter.prepare(r.target, CHAT, body, sh.stream, out)
@@ -210,7 +210,7 @@ async def measure(workdir: Path, nginx: Nginx, n: int, app_only: bool) -> list[t
         async def step(_: int) -> None:
             meter = sse_route.adapter.meter(sse_route.target, strip_usage=True)
             relay = Relay(EchoResponse(parts, "text/event-stream"), meter, [], sse_route.adapter.error_event,
-                          (), settled)
+                          (), settled, asyncio.get_running_loop().time() + 600, RelayLimits(60, 8_388_608))
             await relay({}, no_disconnect, discard)
             assert meter.usage() is not None
         return step
