@@ -33,13 +33,21 @@ _OPENAI_HOSTS = frozenset({"api.openai.com"})
 
 
 class TenantTag:
-    """One tenant's pseudonym at one provider."""
+    """One tenant's pseudonym at one provider, computed on first use: most requests (a
+    provider with `tenant_fields = none`, no client-sent field) never need it."""
 
-    __slots__ = ("_key", "tag")
+    __slots__ = ("_key", "_of", "_tag")
 
-    def __init__(self, key: bytes, tag: str) -> None:
+    def __init__(self, key: bytes, of: bytes) -> None:
         self._key = key
-        self.tag = tag
+        self._of = of
+        self._tag: str | None = None
+
+    @property
+    def tag(self) -> str:
+        if self._tag is None:
+            self._tag = "tw_" + hmac.digest(self._key, self._of, "sha256").hex()[:32]
+        return self._tag
 
     def of(self, value: object) -> str:
         """A client-chosen value, kept apart per tenant (the same value, the same result)."""
@@ -53,8 +61,7 @@ class TenantTagger:
         self._key = bytes.fromhex(secret.hash("tollway tenant tag v1"))
 
     def tag(self, provider: str, tenant_id: str) -> TenantTag:
-        mac = hmac.digest(self._key, f"{provider}\0{tenant_id}".encode(), "sha256")
-        return TenantTag(self._key, "tw_" + mac.hex()[:32])
+        return TenantTag(self._key, f"{provider}\0{tenant_id}".encode())
 
 
 def resolve_fields(provider: ProviderConfig) -> str:
