@@ -108,8 +108,11 @@ def check_body(endpoint: str, body: dict[str, Any]) -> Extra:
     extra = _tools(body.get("tools"), anthropic) or (TOOLS_PROMPT_TOKENS if body.get("functions") else 0)
     media = _media(body.get("messages"), anthropic)
     if anthropic:
-        for i, block in enumerate(_blocks(body.get("system"))):
-            _cache_ttl(block, f"system[{i}]")
+        system = body.get("system")
+        if isinstance(system, list):
+            for i, block in enumerate(system):
+                if isinstance(block, dict) and "cache_control" in block:  # the path only when it may be named
+                    _cache_ttl(block, f"system[{i}]")
         _cache_ttl(body, "")
     return Extra(extra, media)
 
@@ -121,7 +124,7 @@ def _tools(tools: Any, anthropic: bool) -> int:
     for i, tool in enumerate(tools):
         kind = tool.get("type") if isinstance(tool, dict) else None
         if anthropic:
-            if isinstance(tool, dict):
+            if isinstance(tool, dict) and "cache_control" in tool:
                 _cache_ttl(tool, f"tools[{i}]")
             if kind is None or kind == "custom":
                 continue
@@ -147,16 +150,23 @@ def _media(messages: Any, anthropic: bool) -> str | None:
             continue
         for j, part in enumerate(content):
             if isinstance(part, dict) and (part.get("type") != "text" or "cache_control" in part):
-                where = f"messages[{i}].content[{j}]"
-                media = _part(part, where, anthropic)
-                found = found or media
+                if _needs_look(part, anthropic):
+                    media = _part(part, f"messages[{i}].content[{j}]", anthropic)
+                    found = found or media
                 inner = part.get("content")
                 if isinstance(inner, list):  # Anthropic tool_result blocks carry parts of their own
                     for k, sub in enumerate(inner):
-                        if isinstance(sub, dict):
-                            media = _part(sub, f"{where}.content[{k}]", anthropic)
+                        if isinstance(sub, dict) and _needs_look(sub, anthropic):
+                            media = _part(sub, f"messages[{i}].content[{j}].content[{k}]", anthropic)
                             found = found or media
     return found
+
+
+def _needs_look(part: dict[str, Any], anthropic: bool) -> bool:
+    """Whether `_part` can refuse the part or report it: only then is its path spelled out
+    (a conversation of tool_use/tool_result blocks has hundreds of parts that need neither)."""
+    kind = part.get("type")
+    return kind in _REFUSED_PARTS or kind in _MEDIA or (anthropic and "cache_control" in part)
 
 
 def _part(part: dict[str, Any], where: str, anthropic: bool) -> str | None:
@@ -166,10 +176,6 @@ def _part(part: dict[str, Any], where: str, anthropic: bool) -> str | None:
     if anthropic:
         _cache_ttl(part, where)
     return where if kind in _MEDIA and not _bounded_text(part) else None
-
-
-def _blocks(value: Any) -> list[dict[str, Any]]:
-    return [b for b in value if isinstance(b, dict)] if isinstance(value, list) else []
 
 
 def _bounded_text(part: dict[str, Any]) -> bool:
