@@ -157,6 +157,12 @@ RAW_BODIES = [
     b"{\"model\": \"\\ud800\", \"messages\": []}",                                             # lone surrogate
     b"{\"model\": \"acme/chat\"}\x00\x00",
     b"\xef\xbb\xbf{\"model\": \"acme/chat\", \"messages\": []}",                            # BOM
+    # Lists and objects where the price checks expect a string (once a 500: unhashable).
+    b'{"model": "acme/chat", "messages": [{"role": "user", "content": [{"type": ["x"]}]}]}',
+    b'{"model": "acme/chat", "messages": [], "tools": [{"type": {"a": 1}}]}',
+    b'{"model": "acme/chat", "messages": [], "service_tier": ["x"]}',
+    b'{"model": "anthropic/sonnet", "max_tokens": 9, "messages": [{"role": "user", "content": [{"type": ["x"]}]}]}',
+    b'{"model": "anthropic/sonnet", "max_tokens": 9, "messages": [], "service_tier": {"a": 1}}',
 ]
 raw_bodies = st.sampled_from(RAW_BODIES) | st.binary(max_size=512)
 content_types = st.sampled_from(["application/json", "application/json; charset=utf-8", "text/plain", "",

@@ -100,7 +100,8 @@ def check_body(endpoint: str, body: dict[str, Any]) -> Extra:
         raise refuse(name, fields[name])
     for name, allowed in values.items():
         value = body.get(name)
-        if value is not None and value not in allowed:
+        # A list or an object is no allowed value (and cannot be looked up in a set).
+        if value is not None and (not isinstance(value, str) or value not in allowed):
             raise refuse(name, f"only {', '.join(sorted(allowed))} are accepted")
     modalities = body.get("modalities")
     if modalities is not None and not (isinstance(modalities, list) and all(m == "text" for m in modalities)):
@@ -131,7 +132,7 @@ def _tools(tools: Any, anthropic: bool) -> int:
             if isinstance(kind, str) and kind.startswith(_ANTHROPIC_CLIENT_TOOLS):
                 extra += CLIENT_TOOL_PROMPT_TOKENS
                 continue
-        elif kind in _OPENAI_TOOLS:
+        elif isinstance(kind, str) and kind in _OPENAI_TOOLS:
             continue
         raise refuse(f"tools[{i}].type", "tools the provider runs are billed apart from tokens")
     return extra
@@ -166,11 +167,15 @@ def _needs_look(part: dict[str, Any], anthropic: bool) -> bool:
     """Whether `_part` can refuse the part or report it: only then is its path spelled out
     (a conversation of tool_use/tool_result blocks has hundreds of parts that need neither)."""
     kind = part.get("type")
+    if not isinstance(kind, str):  # no part type Tollway prices (and a list cannot be looked up)
+        return anthropic and "cache_control" in part
     return kind in _REFUSED_PARTS or kind in _MEDIA or (anthropic and "cache_control" in part)
 
 
 def _part(part: dict[str, Any], where: str, anthropic: bool) -> str | None:
     kind = part.get("type")
+    if not isinstance(kind, str):
+        kind = None
     if kind in _REFUSED_PARTS:
         raise refuse(where, _REFUSED_PARTS[kind])
     if anthropic:
