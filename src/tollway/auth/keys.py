@@ -45,7 +45,6 @@ import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -53,6 +52,7 @@ import sqlalchemy as sa
 from tollway.auth.key_secret import KEY_LEN, KeySecret, tag_secret
 from tollway.auth.workers import WorkerRegistry
 from tollway.errors import BadRequest, NotFound, ServiceUnavailable, Unauthorized
+from tollway.ledger.transactions import spend_period
 from tollway.store.cache import Cache
 from tollway.store.db import Store, now_ms
 from tollway.store.schema import api_keys, tenants
@@ -90,8 +90,7 @@ class Principal:
     def spend_period(self, at: float | None = None) -> str | None:
         if self.spend_limit_micros is None:
             return None
-        d = datetime.fromtimestamp(at if at is not None else time.time(), UTC)
-        return d.strftime("%Y-%m-%d") if self.spend_limit_period == "day" else d.strftime("%Y-%m")
+        return spend_period(self.spend_limit_period, at)
 
 
 def new_id(prefix: str) -> str:

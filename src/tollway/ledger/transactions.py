@@ -45,6 +45,7 @@ the longer pseudonym a deletion puts in its place (MANUAL_REFERENCE_MAX).
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Concatenate, ParamSpec, TypeVar
@@ -69,7 +70,6 @@ from tollway.store.schema import (
     ledger_entries,
     reservations,
     set_aside_charges,
-    tenants,
     usage_events,
     wallets,
 )
@@ -80,8 +80,6 @@ P = ParamSpec("P")
 ENTRY_ID_MAX: int = ledger_entries.c.id.type.length  # type: ignore[attr-defined]
 # "manual:" + a pseudonym ("tn_anon_" + 16 hex) + ":" + reference must fit ENTRY_ID_MAX.
 MANUAL_REFERENCE_MAX = 80
-CREDIT_KINDS = ("credit", "topup", "refund_credit", "adjust")
-DEBIT_KINDS = ("debit", "refund", "dispute", "adjust_debit")
 
 # The request path's statements, built once with bind parameters (named apart from the
 # columns: SQLAlchemy reserves those in SET clauses). Building each statement per call,
@@ -483,7 +481,7 @@ class Ledger:
         if key is None or key[0] is None:
             return charge
         if period is None:
-            period = datetime.now(UTC).strftime("%Y-%m-%d" if key[1] == "day" else "%Y-%m")
+            period = spend_period(key[1])
         q = sa.select(key_spend.c.spent_micros).where(key_spend.c.key_id == key_id, key_spend.c.period == period)
         spent = conn.execute(q if self.store.is_sqlite else q.with_for_update()).scalar() or 0
         capped = min(charge, held + max(0, int(key[0]) - int(spent)))
@@ -679,5 +677,7 @@ def _entry(conn: Connection, entry_id: str, tenant_id: str, kind: str, amount: i
         "balance_after_micros": balance_after, "reference": reference, "created_at": ts or now_ms()})
 
 
-async def tenant_exists(conn: AsyncConnection, tenant_id: str) -> bool:
-    return (await conn.execute(sa.select(tenants.c.id).where(tenants.c.id == tenant_id))).first() is not None
+def spend_period(kind: str | None, at: float | None = None) -> str:
+    """The key_spend period a moment falls in: the UTC day for "day", else the UTC month."""
+    d = datetime.fromtimestamp(at if at is not None else time.time(), UTC)
+    return d.strftime("%Y-%m-%d") if kind == "day" else d.strftime("%Y-%m")
