@@ -142,6 +142,7 @@ async def move_set_aside(conn: AsyncConnection, tenant_id: str, anon: str, pseud
     the moved wallet, under the same pseudonyms as the rest of the books."""
     rows = (await conn.execute(sa.select(set_aside_charges.c.request_id, set_aside_charges.c.charge)
                                .where(set_aside_charges.c.tenant_id == tenant_id))).all()
+    updates = []
     for rid, line in rows:
         charge = Charge.parse(line.encode())
         if charge is not None:
@@ -149,9 +150,9 @@ async def move_set_aside(conn: AsyncConnection, tenant_id: str, anon: str, pseud
             charge.key = (pseudo.key(charge.key[0]) or "", charge.key[1]) if charge.key else None
             if charge.usage is not None:
                 charge.usage["key_id"] = pseudo.key(charge.usage.get("key_id"))
-        await conn.execute(set_aside_charges.update().where(set_aside_charges.c.request_id == rid).values(
-            request_id=pseudo.request(rid), tenant_id=anon,
-            charge=charge.line().decode().strip() if charge is not None else "unreadable"))
+        updates.append({"b_old": rid, "b_request_id": pseudo.request(rid),
+                        "b_charge": charge.line().decode().strip() if charge is not None else "unreadable"})
+    await _rewrite(conn, set_aside_charges.c.request_id, updates, tenant_id=anon)
 
 
 async def move_usage(conn: AsyncConnection, tenant_id: str, anon: str, pseudo: Pseudonyms) -> None:
@@ -180,11 +181,15 @@ async def _rewrite(conn: AsyncConnection, key: sa.Column[Any], updates: list[dic
     await conn.execute(key.table.update().where(key == sa.bindparam("b_old")).values(**per_row, **fixed), updates)
 
 
+def record_filter(tenant_id: str) -> sa.ColumnElement[bool]:
+    """Where a tenant's deletion record is: under deletion_record_id, or, for a record made
+    before records were keyed so, under the id itself."""
+    return deletion_requests.c.tenant_id.in_((deletion_record_id(tenant_id), tenant_id))
+
+
 async def find_record(conn: AsyncConnection, tenant_id: str) -> dict[str, Any] | None:
-    """The deletion record of a tenant (records made before they were keyed by
-    deletion_record_id hold the id itself)."""
-    row = (await conn.execute(sa.select(deletion_requests).where(
-        deletion_requests.c.tenant_id.in_((deletion_record_id(tenant_id), tenant_id))))).mappings().first()
+    """The deletion record of a tenant."""
+    row = (await conn.execute(sa.select(deletion_requests).where(record_filter(tenant_id)))).mappings().first()
     return dict(row) if row is not None else None
 
 

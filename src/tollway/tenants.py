@@ -52,6 +52,7 @@ from tollway.erasure import (
     move_ledger,
     move_set_aside,
     move_usage,
+    record_filter,
     scrub_files,
     utc_day,
 )
@@ -251,7 +252,7 @@ class Tenants:
             await conn.execute(api_keys.delete().where(api_keys.c.tenant_id == tenant_id))
             await conn.execute(usage_daily.delete().where(usage_daily.c.tenant_id == tenant_id))
             await conn.execute(tenants.delete().where(tenants.c.id == tenant_id))
-            record = deletion_requests.c.tenant_id.in_((deletion_record_id(tenant_id), tenant_id))
+            record = record_filter(tenant_id)
             await conn.execute(deletion_requests.update().where(record).values(  # a record made before the
                 tenant_id=deletion_record_id(tenant_id), completed_at=utc_day(now_ms())))  # hash gets it too
             req = (await conn.execute(sa.select(deletion_requests).where(record))).mappings().one()
