@@ -45,6 +45,7 @@ import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -90,7 +91,7 @@ class Principal:
     def spend_period(self, at: float | None = None) -> str | None:
         if self.spend_limit_micros is None:
             return None
-        return spend_period(self.spend_limit_period, at)
+        return spend_period(self.spend_limit_period, None if at is None else datetime.fromtimestamp(at, UTC))
 
 
 def new_id(prefix: str) -> str:

@@ -45,7 +45,6 @@ the longer pseudonym a deletion puts in its place (MANUAL_REFERENCE_MAX).
 from __future__ import annotations
 
 import functools
-import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Concatenate, ParamSpec, TypeVar
@@ -677,7 +676,8 @@ def _entry(conn: Connection, entry_id: str, tenant_id: str, kind: str, amount: i
         "balance_after_micros": balance_after, "reference": reference, "created_at": ts or now_ms()})
 
 
-def spend_period(kind: str | None, at: float | None = None) -> str:
-    """The key_spend period a moment falls in: the UTC day for "day", else the UTC month."""
-    d = datetime.fromtimestamp(at if at is not None else time.time(), UTC)
+def spend_period(kind: str | None, at: datetime | None = None) -> str:
+    """The key_spend period a moment (now by default) falls in: the UTC day for "day", else
+    the UTC month."""
+    d = at or datetime.now(UTC)
     return d.strftime("%Y-%m-%d") if kind == "day" else d.strftime("%Y-%m")
