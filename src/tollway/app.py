@@ -126,6 +126,10 @@ def create_app(cfg: Config, *, services: Services | None = None, migrate: bool |
         from tollway.webhooks.stripe import stripe_routes
 
         routes += stripe_routes(svc.payments)
+    if cfg.auth.clerk:  # /webhooks/clerk exists only with Clerk-issued keys
+        from tollway.webhooks.clerk import clerk_routes
+
+        routes += clerk_routes(svc)
     from tollway import dashboard
 
     routes += dashboard.dashboard_routes(svc)

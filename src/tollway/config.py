@@ -178,6 +178,36 @@ class DashboardConfig:
     oidc_scopes: str = doc("Scopes asked for at sign-in.", "openid email profile")
 
 
+CLERK_DELETION_EVENTS = ("user.deleted", "organization.deleted")
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    issuer: Literal["tollway", "clerk"] = doc(
+        "Who issues customer keys: tollway (keys made and checked here) or clerk (Clerk API keys, verified "
+        "through Clerk's Backend API and cached; docs/keys.md).", "tollway")
+    clerk_secret_key_env: str = doc("clerk: env var holding the Clerk secret key (sk_live_... / sk_test_...).",
+                                    "CLERK_SECRET_KEY")
+    clerk_api_url: str = doc("clerk: Clerk Backend API base URL (override only for a local fake in tests).",
+                             "https://api.clerk.com")
+    clerk_timeout_seconds: int = doc("clerk: longest a call to Clerk's Backend API may take; past it, a key "
+                                     "not in the cache gets a 503.", 5)
+    clerk_webhook_secret_env: str = doc(
+        "clerk: env var holding the Svix signing secret (whsec_...) of POST /webhooks/clerk; unset: the "
+        "webhook answers 503 and revocations made in Clerk take effect within cache.key_ttl_seconds.",
+        "CLERK_WEBHOOK_SIGNING_SECRET")
+    clerk_evict_events: list[str] = doc(
+        "clerk: webhook event types whose data.id is an API key id to evict at once (Clerk documents no "
+        "API-key event today; user.deleted and organization.deleted always act).", default_factory=list)
+    clerk_frontend_api_url: str = doc(
+        "clerk: the instance's Frontend API URL (https://clerk.<domain>); the dashboard signs in with it as "
+        "the OpenID Connect issuer when dashboard.oidc_issuer is empty.", "")
+
+    @property
+    def clerk(self) -> bool:
+        return self.issuer == "clerk"
+
+
 @dataclass(frozen=True)
 class SecurityConfig:
     contact: str = doc("Vulnerability contact for /.well-known/security.txt: a mailto: or https: URI.")
@@ -248,6 +278,7 @@ class Config:
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
     attribution: AttributionConfig | None = None
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     stripe: StripeConfig | None = None
@@ -282,9 +313,12 @@ class Config:
         if self.stripe:
             refs.append(("Stripe secret key", self.stripe.secret_key_env))
             refs.append(("Stripe webhook secret", self.stripe.webhook_secret_env))
+        if self.auth.clerk:
+            refs.append(("Clerk secret key", self.auth.clerk_secret_key_env))
+            refs.append(("Clerk webhook signing secret", self.auth.clerk_webhook_secret_env))
         if self.dashboard:
             refs.append(("dashboard session secret", self.dashboard.session_secret_env))
-            if self.dashboard.oidc_issuer:
+            if self.dashboard.oidc_issuer or (self.auth.clerk and self.auth.clerk_frontend_api_url):
                 refs.append(("dashboard OIDC client secret", self.dashboard.oidc_client_secret_env))
         return refs
 
@@ -330,8 +364,8 @@ class _Loader:
         return ConfigError(f"{self.source}: {path}: {message}")
 
     def config(self, data: dict[str, Any]) -> Config:
-        known = {"server", "database", "cache", "retention", "attribution", "metrics", "stripe", "providers", "models",
-                 "dashboard", "security"}
+        known = {"server", "database", "cache", "retention", "auth", "attribution", "metrics", "stripe", "providers",
+                 "models", "dashboard", "security"}
         self._unknown(data, known, "")
         providers_raw = data.get("providers", {})
         if not isinstance(providers_raw, dict):
@@ -367,6 +401,7 @@ class _Loader:
             database=self.dataclass(DatabaseConfig, data.get("database", {}), "database"),
             cache=self.dataclass(CacheConfig, data.get("cache", {}), "cache"),
             retention=self.dataclass(RetentionConfig, data.get("retention", {}), "retention"),
+            auth=self.dataclass(AuthConfig, data.get("auth", {}), "auth"),
             attribution=(
                 self.dataclass(AttributionConfig, data["attribution"], "attribution")
                 if "attribution" in data
@@ -434,6 +469,30 @@ class _Loader:
         if cfg.stripe and cfg.stripe.min_topup_usd > cfg.stripe.max_topup_usd:
             raise self.fail("stripe.min_topup_usd", "must not exceed stripe.max_topup_usd")
         self._check_pages(cfg)
+        self._check_auth(cfg)
+
+    def _check_auth(self, cfg: Config) -> None:
+        a = cfg.auth
+        if not a.clerk:
+            return
+        if not a.clerk_api_url.startswith(("http://", "https://")):
+            raise self.fail("auth.clerk_api_url", "expected an http:// or https:// URL")
+        if a.clerk_timeout_seconds <= 0:
+            raise self.fail("auth.clerk_timeout_seconds", "expected a positive integer")
+        if not a.clerk_secret_key_env:
+            raise self.fail("auth.clerk_secret_key_env", "expected the env var holding the Clerk secret key")
+        for i, event in enumerate(a.clerk_evict_events):
+            if not event or len(event) > 100 or event in CLERK_DELETION_EVENTS:
+                raise self.fail(f"auth.clerk_evict_events[{i}]", "expected an event type such as \"apiKey.revoked\" "
+                                "(user.deleted and organization.deleted always act)")
+        if a.clerk_frontend_api_url and not a.clerk_frontend_api_url.startswith(("http://", "https://")):
+            raise self.fail("auth.clerk_frontend_api_url", "expected the Frontend API's https:// URL")
+        d = cfg.dashboard
+        if d is not None and d.oidc_issuer and a.clerk_frontend_api_url and d.oidc_issuer != a.clerk_frontend_api_url:
+            raise self.fail("dashboard.oidc_issuer", "with auth.issuer = \"clerk\" the dashboard signs in with Clerk: "
+                            "leave it empty (auth.clerk_frontend_api_url is used) or set it to the same URL")
+        if d is not None and a.clerk_frontend_api_url and not d.oidc_client_id:
+            raise self.fail("dashboard.oidc_client_id", "required for sign-in with Clerk (auth.clerk_frontend_api_url)")
 
     def _check_pages(self, cfg: Config) -> None:
         d, sec = cfg.dashboard, cfg.security
@@ -484,6 +543,10 @@ class _Loader:
             if value not in choices:
                 raise self.fail(path, f"expected one of {list(choices)}, got {value!r}")
             return value
+        if origin is list:
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise self.fail(path, "expected an array of strings")
+            return list(value)
         if origin is dict:
             if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
                 raise self.fail(path, "expected a table of strings")
@@ -550,7 +613,8 @@ def schema_table() -> list[tuple[str, str, str]]:
     rows: list[tuple[str, str, str]] = []
     sections: list[tuple[str, type[Any]]] = [
         ("server", ServerConfig), ("database", DatabaseConfig), ("cache", CacheConfig),
-        ("retention", RetentionConfig), ("attribution", AttributionConfig), ("metrics", MetricsConfig),
+        ("retention", RetentionConfig), ("auth", AuthConfig), ("attribution", AttributionConfig),
+        ("metrics", MetricsConfig),
         ("stripe", StripeConfig), ("dashboard", DashboardConfig), ("security", SecurityConfig),
         ("providers.NAME", ProviderConfig), ("models[]", ModelConfig),
     ]
@@ -561,7 +625,7 @@ def schema_table() -> list[tuple[str, str, str]]:
             if f.default is not dataclasses.MISSING:
                 default = repr(f.default) if not isinstance(f.default, Decimal) else f'"{f.default}"'
             elif f.default_factory is not dataclasses.MISSING:
-                default = "{}"
+                default = repr(f.default_factory())
             else:
                 default = "(required)"
             rows.append((f"{prefix}.{f.name}", default, f.metadata["doc"]))

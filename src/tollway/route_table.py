@@ -19,6 +19,8 @@ ROUTE_TABLE: list[tuple[str, str, str, str]] = [
     ("/admin/*", "GET,POST,DELETE", "operator token", "operator API (off unless the token env var is set)"),
     ("/metrics", "GET", "anyone on the listener", "Prometheus metrics (no tenant or content labels)"),
     ("/webhooks/stripe", "POST", "Stripe signature", "wallet top-ups from Stripe Checkout"),
+    ("/webhooks/clerk", "POST", "Svix signature (Clerk)", "Clerk events: evict keys, delete a deleted user's tenant "
+     "(only with auth.issuer = \"clerk\")"),
     ("/dashboard/*", "GET,POST", "customer session", "customer dashboard: keys, wallet, usage, privacy"),
     ("/security", "GET", "anyone", "security page generated from this configuration"),
     ("/.well-known/security.txt", "GET", "anyone", "vulnerability contact (RFC 9116)"),

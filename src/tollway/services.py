@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tollway.auth.key_secret import load_key_secret, load_previous_secret
 from tollway.auth.keys import Keys
@@ -37,6 +37,7 @@ class Services:
         await self.ledger.close()  # the journaled charges first, while the store is open
         if self.payments is not None:
             await self.payments.close()
+        await self.keys.close()
         await self.cache.close()
         await self.store.close()
 
@@ -65,8 +66,16 @@ def build(cfg: Config, *, worker_id: str | None = None, sole_server: bool = Fals
     # which saves a Redis round trip per request (auth/keys.py). The revocation bus evicts from it.
     registry = WorkerRegistry(store, MemoryCache() if cache.shared else cache, worker_id,
                               release_after=cfg.server.worker_release_after_seconds)
-    keys = Keys(store, cache, secret, ttl=cfg.cache.key_ttl_seconds, negative_ttl=cfg.cache.negative_ttl_seconds,
-                bus=registry, previous=previous)
+    key_options: dict[str, Any] = {"ttl": cfg.cache.key_ttl_seconds, "negative_ttl": cfg.cache.negative_ttl_seconds,
+                                   "bus": registry, "previous": previous}
+    keys: Keys
+    if cfg.auth.clerk:  # keys issued and verified by Clerk (auth/clerk.py)
+        from tollway.auth.clerk import ClerkKeys
+        from tollway.auth.clerk_api import ClerkAPI
+
+        keys = ClerkKeys(store, cache, secret, api=ClerkAPI(cfg.auth, cfg.source), **key_options)
+    else:
+        keys = Keys(store, cache, secret, **key_options)
     in_memory = sole_server and store.sqlite_file is not None
     ledger = Ledger(store, MemoryHolds() if in_memory else None, journaled=in_memory)
     payments = None
@@ -74,5 +83,11 @@ def build(cfg: Config, *, worker_id: str | None = None, sole_server: bool = Fals
         from tollway.webhooks.stripe import Payments  # imports stripe-python only when used
 
         payments = Payments(cfg.stripe, store, ledger, cfg.source)
-    return Services(cfg, store, cache, keys, ledger, Tenants(store, ledger, keys), registry,
+    tenants = Tenants(store, ledger, keys)
+    if cfg.auth.clerk:
+        from tollway.auth.clerk import ClerkKeys
+
+        assert isinstance(keys, ClerkKeys)
+        keys.tenants = tenants
+    return Services(cfg, store, cache, keys, ledger, tenants, registry,
                     [n for n in (notice, rotation) if n], payments)

@@ -54,6 +54,21 @@ def warnings(cfg: Config, host: str | None = None) -> list[str]:
     return found
 
 
+def revocation_bound(cfg: Config) -> str:
+    """How soon a revoked key stops working, in words: `config check` and /security say it."""
+    ttl = cfg.cache.key_ttl_seconds
+    if not cfg.auth.clerk:
+        return ("immediate: a revoke returns only once no live worker will admit the key "
+                f"(verified keys are cached at most {ttl} s)")
+    events = ", ".join(cfg.auth.clerk_evict_events)
+    signalled = (f"or signalled by a verified Clerk webhook event ({events}; user.deleted and "
+                 "organization.deleted for all of a subject's keys)" if events else
+                 "or a verified Clerk user.deleted / organization.deleted webhook (all of a subject's keys)")
+    return (f"keys are issued by Clerk and verified through its Backend API, cached at most {ttl} s: "
+            f"immediate for a revocation made through Tollway (dashboard, CLI, admin API) {signalled}; "
+            f"a key revoked in Clerk by any other way stops working within {ttl} s")
+
+
 def describe(cfg: Config) -> dict[str, Any]:
     admin_on = bool(os.environ.get(cfg.server.admin_token_env))
     return {
@@ -64,6 +79,7 @@ def describe(cfg: Config) -> dict[str, Any]:
              "auth": "operator token" if p == "/metrics" and cfg.metrics.require_admin_token else a,
              **({"enabled": admin_on} if p.startswith("/admin") else {}),
              **({"enabled": cfg.stripe is not None} if p.startswith("/webhooks/stripe") else {}),
+             **({"enabled": cfg.auth.clerk} if p.startswith("/webhooks/clerk") else {}),
              **({"enabled": cfg.metrics.enabled} if p == "/metrics" else {}),
              **({"enabled": cfg.dashboard is not None} if p.startswith("/dashboard") else {}),
              **({"enabled": cfg.security is not None} if p.startswith("/.well-known") else {})}
@@ -86,6 +102,9 @@ def describe(cfg: Config) -> dict[str, Any]:
         ],
         "storage": {"database": _redact(cfg.database.url), "cache": _redact(cfg.cache.url),
                     "key_cache_ttl_seconds": cfg.cache.key_ttl_seconds},
+        "keys": {"issuer": cfg.auth.issuer, "revocation": revocation_bound(cfg),
+                 **({"clerk_api_url": cfg.auth.clerk_api_url, "clerk_evict_events": list(cfg.auth.clerk_evict_events)}
+                    if cfg.auth.clerk else {})},
         "retention": {"access_log_days": cfg.retention.access_log_days, "usage_and_ledger": "kept"},
         "attribution": {"header": cfg.attribution.header, "fields": ["tenant_id", "key_id", "request_id"]}
         if cfg.attribution else None,
@@ -132,7 +151,8 @@ def render_text(s: dict[str, Any]) -> str:
     st = s["storage"]
     lines += ["", f"storage   {st['database']}", f"cache     {st['cache']}  (verified keys kept "
               f"{st['key_cache_ttl_seconds']} s)",
-              f"retention access log {s['retention']['access_log_days']} days; usage and ledger kept"]
+              f"retention access log {s['retention']['access_log_days']} days; usage and ledger kept",
+              f"keys      issued by {s['keys']['issuer']}; revocation: {s['keys']['revocation']}"]
     if s["attribution"]:
         lines.append(f"attribution header {s['attribution']['header']}: {', '.join(s['attribution']['fields'])}")
     lg = s["logging"]

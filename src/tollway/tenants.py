@@ -40,6 +40,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
+import sqlalchemy.exc
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from tollway.auth.keys import new_id
@@ -112,6 +113,22 @@ class Tenants:
                 id=tenant_id, name=name, email=email, external_id=external_id, created_at=now_ms()))
             await self.ledger.open_wallet(conn, tenant_id)
         return {"tenant_id": tenant_id, "name": name, "email": email}
+
+    async def for_external_id(self, external_id: str, name: str | None = None, email: str | None = None) -> str:
+        """The live tenant of an identity-provider subject, created (with an empty wallet) on
+        first sight. Processes racing to create it make one: external_id is unique, so the
+        loser's insert fails and it reads the winner's."""
+        for _ in range(3):
+            async with self.store.read() as conn:
+                found = (await conn.execute(sa.select(tenants.c.id).where(
+                    tenants.c.external_id == external_id, tenants.c.deleted_at.is_(None)))).scalar()
+            if found is not None:
+                return str(found)
+            try:
+                return str((await self.create(name, email, external_id))["tenant_id"])
+            except sa.exc.IntegrityError:
+                continue  # another worker (or tab) created it first: use that one
+        raise RuntimeError("could not create or find the tenant of an identity-provider subject")
 
     async def get(self, tenant_id: str) -> dict[str, Any]:
         async with self.store.read() as conn:

@@ -154,6 +154,19 @@ class Keys:
             )).mappings().all()
         return [dict(r) for r in rows]
 
+    async def get(self, tenant_id: str, key_id: str) -> dict[str, Any]:
+        """One key of this tenant (NotFound for another tenant's: the dashboard's ownership check)."""
+        cols = [c for c in api_keys.c if c.name != "key_hash"]
+        async with self.store.read() as conn:
+            row = (await conn.execute(sa.select(*cols).where(api_keys.c.id == key_id,
+                                                             api_keys.c.tenant_id == tenant_id))).mappings().first()
+        if row is None:
+            raise NotFound("no such key")
+        return dict(row)
+
+    async def close(self) -> None:
+        """Nothing to release here; an issuer that holds a client (auth/clerk.py) closes it."""
+
     async def revoke(self, key_id: str) -> dict[str, Any]:
         """Returns only when no worker will admit the key any more."""
         return (await self._revoke([key_id]))[0]
@@ -217,20 +230,11 @@ class Keys:
         if len(key) != KEY_LEN or not key.isascii():
             raise Unauthorized()
         key_hash = self.secret.hash(key)
-        bus, local = self.bus, self.local
+        bus = self.bus
         generation = bus.generation if bus is not None else 0
         rotated = False
         while True:  # twice at most: a key made before a rotation is remembered by its old hash
-            # This worker's own copy, trusted only while a revoke would wait for this worker
-            # (memory://: an unknown key's entry stays good, no revocation makes a key valid).
-            if local is not None:
-                cached = await local.get(f"k:{key_hash}") if bus is not None and bus.fresh() else None
-            elif not self.cache.shared:
-                cached = await self.cache.get(f"k:{key_hash}")
-                if cached not in (None, _NEGATIVE) and bus is not None and not bus.fresh():
-                    cached = None  # this worker may have missed a revocation: ask the database
-            else:
-                cached = None
+            cached = await self._cached(key_hash)
             if cached is not None or rotated:
                 break
             # Before any I/O: only keys that passed this check are ever cached, so a hit
@@ -243,10 +247,24 @@ class Keys:
             rotated, key_hash = True, secret.hash(key)
         if cached is None:
             principal = await self._verify(key_hash, generation, rotated)
-        elif cached == _NEGATIVE:
-            principal = None
         else:
-            principal = Principal.decode(cached)
+            principal = None if cached == _NEGATIVE else Principal.decode(cached)
+        return self._admit(principal)
+
+    async def _cached(self, key_hash: str) -> str | None:
+        """This worker's own copy, trusted only while a revoke would wait for this worker
+        (memory://: an unknown key's entry stays good, no revocation makes a key valid)."""
+        bus = self.bus
+        if self.local is not None:
+            return await self.local.get(f"k:{key_hash}") if bus is not None and bus.fresh() else None
+        if self.cache.shared:
+            return None
+        cached = await self.cache.get(f"k:{key_hash}")
+        if cached not in (None, _NEGATIVE) and bus is not None and not bus.fresh():
+            return None  # this worker may have missed a revocation: ask the database
+        return cached
+
+    def _admit(self, principal: Principal | None) -> Principal:
         if principal is None:
             raise Unauthorized()
         if principal.expires_at is not None and principal.expires_at <= now_ms():

@@ -22,6 +22,7 @@ Modules in reading order:
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -33,7 +34,7 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from tollway.config import DashboardConfig
+from tollway.config import Config, DashboardConfig
 from tollway.errors import TollwayError
 from tollway.services import Services
 
@@ -80,12 +81,23 @@ def dashboard_routes(svc: Services) -> list[BaseRoute]:
     return routes
 
 
+def sign_in_config(cfg: Config) -> DashboardConfig:
+    """The dashboard's table, with Clerk's Frontend API as the OIDC issuer when keys are
+    Clerk's (auth.clerk_frontend_api_url) and no other issuer is set."""
+    assert cfg.dashboard is not None
+    if cfg.auth.clerk and not cfg.dashboard.oidc_issuer and cfg.auth.clerk_frontend_api_url:
+        return dataclasses.replace(cfg.dashboard, oidc_issuer=cfg.auth.clerk_frontend_api_url)
+    return cfg.dashboard
+
+
 def _page(handler: Callable[[Request], Awaitable[Response]], errors: dict[Any, Any]) -> Starlette:
     return Starlette(routes=[Route("/{_:path}", handler, methods=["GET"])], exception_handlers=errors)
 
 
 def _pages(web: Web, cfg: DashboardConfig, totals: Rollup) -> list[BaseRoute]:
-    signin = SignIn(web, OIDC(cfg, web.svc.config.source) if cfg.oidc_issuer else None)
+    cfg = sign_in_config(web.svc.config)
+    subjects = "clerk" if web.svc.config.auth.clerk else "oidc"
+    signin = SignIn(web, OIDC(cfg, web.svc.config.source, subjects) if cfg.oidc_issuer else None)
     pages, usage, on = Pages(web, totals), Usage(web, totals), web.signed_in
 
     async def home(_: Request) -> Response:

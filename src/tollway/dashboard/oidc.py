@@ -42,8 +42,11 @@ class Identity:
 
 
 class OIDC:
-    def __init__(self, cfg: DashboardConfig, source: str) -> None:
+    def __init__(self, cfg: DashboardConfig, source: str, subjects: str = "oidc") -> None:
+        """subjects "clerk": the issuer is the Clerk instance that issues the API keys, so a
+        person's tenant is the one their keys map to ("clerk:<user id>", auth/clerk.py)."""
         self.cfg = cfg
+        self.subjects = subjects
         self.source = source
         self.issuer = cfg.oidc_issuer  # compared exactly, as OIDC Discovery 4.3 requires
         self.redirect_uri = cfg.public_url.rstrip("/") + "/dashboard/oidc/callback"
@@ -109,7 +112,8 @@ class OIDC:
         claims = await self.verify(id_token, pending["nonce"])
         qualifier = hashlib.sha256(self.issuer.encode()).hexdigest()[:10]
         name, email = claims.get("name"), claims.get("email")
-        return Identity(f"oidc:{qualifier}:{claims['sub']}"[:200], name if isinstance(name, str) else None,
+        subject = f"clerk:{claims['sub']}" if self.subjects == "clerk" else f"oidc:{qualifier}:{claims['sub']}"
+        return Identity(subject[:200], name if isinstance(name, str) else None,
                         email if isinstance(email, str) else None)
 
     async def verify(self, id_token: str, nonce: str) -> dict[str, Any]:

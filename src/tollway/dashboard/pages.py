@@ -17,7 +17,7 @@ from tollway.auth.keys import Principal
 from tollway.errors import NotFound, TollwayError
 from tollway.money import MoneyError, parse_usd
 from tollway.store.db import now_ms
-from tollway.store.schema import api_keys, key_spend, ledger_entries, usage_daily, usage_events
+from tollway.store.schema import key_spend, ledger_entries, usage_daily, usage_events
 from tollway.telemetry import log
 
 from .rollup import DAY_MS, Rollup
@@ -97,13 +97,7 @@ class Pages:
         return RedirectResponse("/dashboard/keys?done=revoked", status_code=303)
 
     async def _own_key(self, tenant_id: str, key_id: str) -> dict[str, Any]:
-        cols = [c for c in api_keys.c if c.name != "key_hash"]
-        async with self.svc.store.read() as conn:
-            row = (await conn.execute(sa.select(*cols).where(api_keys.c.id == key_id,
-                                                             api_keys.c.tenant_id == tenant_id))).mappings().first()
-        if row is None:
-            raise NotFound("no such key")
-        return dict(row)
+        return await self.svc.keys.get(tenant_id, key_id)  # NotFound for another tenant's key
 
     async def _spend_this_period(self, tenant_id: str, rows: list[dict[str, Any]]) -> dict[str, tuple[int, str]]:
         """Per key: a limited key's spend in its limit's period (held requests included, as the

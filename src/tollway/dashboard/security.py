@@ -14,7 +14,7 @@ from starlette.responses import PlainTextResponse, Response
 
 from tollway.config import Config, SecurityConfig
 from tollway.privacy import FORWARDED_REQUEST_HEADERS, LOGGABLE_FIELDS, NEVER_RECORDED, RETURNED_RESPONSE_HEADERS
-from tollway.surface import describe
+from tollway.surface import describe, revocation_bound
 
 from .web import Web
 
@@ -68,7 +68,12 @@ def claims(cfg: Config) -> list[Claim]:
               f"{' in Redis and in each worker' if shared else ' in the serving process'}; revoking a key "
               "returns only once no live worker will admit it, so the next request is refused.", (),
               ("tests/test_keys.py::test_revoke_returns_only_once_the_next_request_is_refused",
-               "tests/test_workers.py::test_revoke_waits_until_every_live_worker_has_evicted")),
+               "tests/test_workers.py::test_revoke_waits_until_every_live_worker_has_evicted"))
+        if not cfg.auth.clerk else
+        Claim("Keys", "Revocation", "API keys are issued by Clerk. " + revocation_bound(cfg)[0].upper()
+              + revocation_bound(cfg)[1:] + ".", (),
+              ("tests/test_clerk.py::test_signed_webhook_evicts_a_cached_key_at_once",
+               "tests/test_clerk_scaleout.py::test_webhook_eviction_reaches_all_4_workers")),
         Claim("Money", "Where keys and money live", f"Accounts, keys and the ledger are stored in {db}; the key "
               f"cache is {'Redis' if shared else 'in-process memory'}. Every balance change is an append-only "
               "ledger entry, and concurrent requests cannot spend past the balance.", (),

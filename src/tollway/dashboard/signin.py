@@ -8,7 +8,6 @@ The first OIDC sign-in of a subject creates its tenant, named from the ID token.
 from __future__ import annotations
 
 import sqlalchemy as sa
-import sqlalchemy.exc
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
@@ -88,15 +87,4 @@ class SignIn:
 
     async def _tenant_for(self, identity: Identity) -> str:
         """The tenant of this subject, created at its first sign-in."""
-        for _ in range(2):
-            async with self.web.svc.store.read() as conn:
-                found = (await conn.execute(sa.select(tenants.c.id).where(
-                    tenants.c.external_id == identity.subject, tenants.c.deleted_at.is_(None)))).scalar()
-            if found is not None:
-                return str(found)
-            try:
-                created = await self.web.svc.tenants.create(identity.name, identity.email, identity.subject)
-                return str(created["tenant_id"])
-            except sa.exc.IntegrityError:
-                continue  # the same person's first sign-in in another tab won: use its tenant
-        raise RuntimeError("could not create or find the tenant of a signed-in subject")
+        return await self.web.svc.tenants.for_external_id(identity.subject, identity.name, identity.email)

@@ -188,6 +188,15 @@ stripe_events = Table(
     Column("received_at", BigInteger, nullable=False),
 )
 
+# Processed Clerk webhook deliveries, by Svix message id (webhooks/clerk.py); pruned after a day.
+clerk_webhook_deliveries = Table(
+    "clerk_webhook_deliveries", metadata,
+    Column("id", String(120), primary_key=True),            # svix-id: msg_...
+    Column("type", String(100), nullable=False),
+    Column("outcome", String(200), nullable=False),
+    Column("received_at", BigInteger, nullable=False, index=True),
+)
+
 topups = Table(
     "topups", metadata,
     Column("session_id", String(120), primary_key=True),    # cs_...
