@@ -15,6 +15,12 @@ Modules, in reading order:
               holds of workers that are dead.
   process_identity.py  who a worker is (machine id, boot id, PID namespace, PID, start
               time, nonce) and when a worker on this host is provably gone.
+  clerk.py    `ClerkKeys`: the `Keys` of `[auth] issuer = "clerk"`: keys verified by
+              Clerk and cached in the same layers, single-flight, each key mirrored as an
+              api_keys row so a key id or a subject evicts through the same bus; create,
+              list and revoke go to Clerk.
+  clerk_api.py  Clerk's Backend API (verify, create, list, revoke) and its failure
+              policy: only 400/404 mean a bad key; anything else is a 503.
 
 The revocation bound, by deployment:
   embedded default (one process, memory://)   immediate: the revoke evicts the process's
@@ -23,6 +29,9 @@ The revocation bound, by deployment:
                                               waits for each worker's acknowledgement; a
                                               worker too silent to be waited for stops
                                               trusting its memory layer first
+  `[auth] issuer = "clerk"`                   immediate for revocations made through Tollway
+                                              or signalled by a configured Clerk webhook event;
+                                              otherwise within key_ttl_seconds
 The verification cache's storage (memory and Redis behind one protocol) is
 store/cache.py.
 """
