@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import secrets
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -25,6 +28,7 @@ from svix.webhooks import Webhook
 from tests.conftest import ServerThread
 from tests.fakes.clerk_api import FakeClerk, subject
 from tollway.app import create_app
+from tollway.auth import clerk as clerk_mod
 from tollway.config import Config
 from tollway.services import Services, build
 from tollway.store.schema import api_keys, clerk_webhook_deliveries, deletion_requests, tenants
@@ -343,3 +347,54 @@ async def test_concurrent_first_sight_of_a_subject_makes_one_tenant(gw: Gateway)
     results = await asyncio.gather(*[gw.models(k) for k in keys for _ in range(3)])
     assert {r.status_code for r in results} == {200}
     assert len(await gw.rows(tenants, tenants.c.external_id == f"clerk:{user}")) == 1
+
+
+def cli(cfg: Config, *args: str) -> Any:
+    env = {**os.environ, "CLERK_SECRET_KEY": CLERK_SK}
+    out = subprocess.run([sys.executable, "-m", "tollway", *args, "--config", cfg.source, "--json"],
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+async def test_cli_key_commands_go_to_clerk_and_revoke_evicts_the_serving_gateway(gw1: Gateway) -> None:
+    user = subject()
+    first, _ = gw1.fake.add_key(user)
+    assert (await gw1.models(first)).status_code == 200
+    [tenant] = await gw1.rows(tenants, tenants.c.external_id == f"clerk:{user}")
+    made = await asyncio.to_thread(cli, gw1.cfg, "keys", "create", "--tenant", tenant["id"], "--name", "cli")
+    assert made["key"].startswith("ak_") and gw1.fake.keys[made["key"]]["subject"] == user
+    assert (await gw1.models(made["key"])).status_code == 200
+    listed = await asyncio.to_thread(cli, gw1.cfg, "keys", "list", "--tenant", tenant["id"])
+    assert {k["id"] for k in listed["keys"]} == {made["key_id"], gw1.fake.keys[first]["id"]}
+    # The CLI is another process: its revoke returns once the serving gateway has evicted.
+    revoked = await asyncio.to_thread(cli, gw1.cfg, "keys", "revoke", made["key_id"])
+    assert revoked["key_id"] == made["key_id"] and gw1.fake.keys[made["key"]]["revoked"]
+    assert (await gw1.models(made["key"])).status_code == 401
+    assert (await gw1.models(first)).status_code == 200
+
+
+async def test_a_flood_of_distinct_keys_is_bounded_per_worker(gw1: Gateway, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(clerk_mod, "MAX_FLIGHTS", 4)
+    gw1.fake.delay = 0.5
+    keys = ["ak_" + secrets.token_hex(24) for _ in range(12)]
+    results = await asyncio.gather(*[gw1.models(k) for k in keys])
+    statuses = sorted(r.status_code for r in results)
+    assert statuses == [401] * 4 + [503] * 8, statuses
+    assert len(gw1.fake.verify_calls) == 4, "no more calls in flight than the bound"
+    assert all(r.json()["error"]["code"] == "key_issuer_unavailable" for r in results if r.status_code == 503)
+
+
+async def test_clerk_failures_are_logged_without_the_key_or_the_secret(gw1: Gateway,
+                                                                      capfd: pytest.CaptureFixture[str]) -> None:
+    key, _ = gw1.fake.add_key(subject())
+    gw1.fake.mode = "401"
+    assert (await gw1.models(key)).status_code == 503
+    gw1.fake.mode = "timeout"
+    assert (await gw1.models(key)).status_code == 503
+    logged = capfd.readouterr()
+    lines = [json.loads(line) for line in (logged.out + logged.err).splitlines()
+             if line.startswith("{") and "clerk_api_failed" in line]
+    assert {(x.get("upstream_status"), x.get("exc_type")) for x in lines} >= {(401, None), (None, "ReadTimeout")}
+    assert all(x["clerk_operation"] == "verify" for x in lines)
+    assert key not in logged.out + logged.err and CLERK_SK not in logged.out + logged.err
