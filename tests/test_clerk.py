@@ -398,3 +398,19 @@ async def test_clerk_failures_are_logged_without_the_key_or_the_secret(gw1: Gate
     assert {(x.get("upstream_status"), x.get("exc_type")) for x in lines} >= {(401, None), (None, "ReadTimeout")}
     assert all(x["clerk_operation"] == "verify" for x in lines)
     assert key not in logged.out + logged.err and CLERK_SK not in logged.out + logged.err
+
+
+@pytest.mark.parametrize("secret", [None, "whsec_%%not-base64%%"])
+async def test_webhook_without_a_usable_secret_is_503_and_changes_nothing(
+        gw1: Gateway, monkeypatch: pytest.MonkeyPatch, secret: str | None) -> None:
+    key, key_id = gw1.fake.add_key(subject())
+    assert (await gw1.models(key)).status_code == 200
+    if secret is None:
+        monkeypatch.delenv("CLERK_WEBHOOK_SIGNING_SECRET")
+    else:
+        monkeypatch.setenv("CLERK_WEBHOOK_SIGNING_SECRET", secret)
+    payload = event(EVICT_EVENT, key_id)
+    r = await gw1.deliver(payload, signed(payload))
+    assert r.status_code == 503 and r.json()["error"]["code"] == "webhook_unconfigured", r.text
+    assert WHSEC not in r.text
+    assert (await gw1.models(key)).status_code == 200 and len(gw1.fake.verify_calls) == 1

@@ -44,15 +44,21 @@ class Served:
     def __init__(self, url: str, db_url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
         self.url, self.db_url, self.proc, self.log = url, db_url, proc, log
 
-    def workers(self) -> int:
+    def count(self, query: str, *args: Any) -> int:
         async def run() -> int:
             conn = await asyncpg.connect(self.db_url)
             try:
-                return int(await conn.fetchval("SELECT count(*) FROM workers"))
+                return int(await conn.fetchval(query, *args))
             finally:
                 await conn.close()
 
         return run_aside(run())
+
+    def workers(self) -> int:
+        return self.count("SELECT count(*) FROM workers")
+
+    def tenants(self, external_id: str) -> int:
+        return self.count("SELECT count(*) FROM tenants WHERE external_id = $1", external_id)
 
 
 @pytest.fixture
@@ -125,6 +131,14 @@ async def test_webhook_eviction_reaches_all_4_workers(clerk_gateway: tuple[Serve
             statuses = await asyncio.gather(*[c.get("/v1/models") for c in clients])
             assert {r.status_code for r in statuses} == {401}, [r.status_code for r in statuses]
         assert time.monotonic() - started < 15, "well inside the 60 s cache window"
+        # A new subject seen by every worker at once becomes one tenant.
+        org = subject("org")
+        org_keys = [fake.add_key(org)[0] for _ in range(8)]
+        fake.delay = 0.2
+        statuses = await asyncio.gather(*[c.get("/v1/models", headers={"authorization": f"Bearer {org_keys[i % 8]}"})
+                                          for i, c in enumerate(clients)])
+        assert {r.status_code for r in statuses} == {200}
+        assert served.tenants(f"clerk:{org}") == 1
     finally:
         for c in clients:
             await c.aclose()

@@ -52,13 +52,16 @@ class ClerkWebhook:
         self.cfg = svc.config.auth
         self._insert: Any = sqlite.insert if svc.store.is_sqlite else postgresql.insert
 
-    def _secret(self) -> str:
+    def _verifier(self) -> Webhook:
         try:
-            return resolve_secret(self.cfg.clerk_webhook_secret_env, path="auth.clerk_webhook_secret_env",
-                                  source=self.svc.config.source).reveal()
+            return Webhook(resolve_secret(self.cfg.clerk_webhook_secret_env, path="auth.clerk_webhook_secret_env",
+                                          source=self.svc.config.source).reveal())
         except ConfigError:
-            raise ServiceUnavailable("The Clerk webhook is not configured on this gateway.",
-                                     code="webhook_unconfigured") from None
+            problem = "unset"
+        except Exception:  # not base64 after "whsec_": the operator pasted something else
+            problem = "malformed"
+        log.warning("clerk_webhook_rejected", error_code=f"secret_{problem}")
+        raise ServiceUnavailable("The Clerk webhook is not configured on this gateway.", code="webhook_unconfigured")
 
     async def endpoint(self, request: Request) -> Response:
         body = bytearray()
@@ -76,7 +79,7 @@ class ClerkWebhook:
             log.warning("clerk_webhook_rejected", error_code="missing_signature")
             raise BadRequest("svix-id, svix-timestamp and svix-signature are required.", code="invalid_signature")
         try:
-            Webhook(self._secret()).verify(payload, headers)
+            self._verifier().verify(payload, headers)
         except WebhookVerificationError:
             log.warning("clerk_webhook_rejected", error_code="invalid_signature")
             raise BadRequest("The Svix signature is invalid or outside the 5-minute tolerance.",
