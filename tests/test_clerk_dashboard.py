@@ -62,6 +62,7 @@ def test_clerk_sign_in_lands_on_the_tenant_of_the_users_keys(setup: tuple[str, F
         assert r.status_code == 303 and r.headers["location"] == "/dashboard/keys", r.text
         listing = client.get("/dashboard/keys")
         assert listing.status_code == 200 and "made in clerk" in listing.text
+        assert "spend_limit" not in listing.text, "spend limits are Tollway's own: not offered for Clerk keys"
         # A key made on the dashboard is made at Clerk for this user, and works.
         made = client.post("/dashboard/keys", {"csrf": client.csrf(), "name": "from the dashboard",
                                                "expires_in_days": "30"})
@@ -120,6 +121,7 @@ def test_config_check_and_security_page_state_the_clerk_revocation_bound(
     ({"issuer": "okta"}, None, "auth.issuer"),
     ({"issuer": "clerk", "clerk_api_url": "api.clerk.com"}, None, "auth.clerk_api_url"),
     ({"issuer": "clerk", "clerk_evict_events": ["user.deleted"]}, None, "auth.clerk_evict_events[0]"),
+    ({"issuer": "clerk", "clerk_timeout_seconds": 120}, None, "auth.clerk_timeout_seconds"),
     ({"issuer": "clerk", "clerk_evict_events": "apiKey.revoked"}, None, "auth.clerk_evict_events"),
     ({"issuer": "clerk", "clerk_frontend_api_url": "https://clerk.a.example"},
      {"oidc_issuer": "https://other.example", "oidc_client_id": "x"}, "dashboard.oidc_issuer"),

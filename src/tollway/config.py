@@ -190,8 +190,8 @@ class AuthConfig:
                                     "CLERK_SECRET_KEY")
     clerk_api_url: str = doc("clerk: Clerk Backend API base URL (override only for a local fake in tests).",
                              "https://api.clerk.com")
-    clerk_timeout_seconds: int = doc("clerk: longest a call to Clerk's Backend API may take; past it, a key "
-                                     "not in the cache gets a 503.", 5)
+    clerk_timeout_seconds: int = doc("clerk: longest a call to Clerk's Backend API may take (1-30); past it, a "
+                                     "key not in the cache gets a 503.", 5)
     clerk_webhook_secret_env: str = doc(
         "clerk: env var holding the Svix signing secret (whsec_...) of POST /webhooks/clerk; unset: the "
         "webhook answers 503 and revocations made in Clerk take effect within cache.key_ttl_seconds.",
@@ -477,8 +477,9 @@ class _Loader:
             return
         if not a.clerk_api_url.startswith(("http://", "https://")):
             raise self.fail("auth.clerk_api_url", "expected an http:// or https:// URL")
-        if a.clerk_timeout_seconds <= 0:
-            raise self.fail("auth.clerk_timeout_seconds", "expected a positive integer")
+        if not 1 <= a.clerk_timeout_seconds <= 30:
+            # A verification slower than this could outlive an eviction's tombstone (auth/keys.py).
+            raise self.fail("auth.clerk_timeout_seconds", "expected 1 to 30 seconds")
         if not a.clerk_secret_key_env:
             raise self.fail("auth.clerk_secret_key_env", "expected the env var holding the Clerk secret key")
         for i, event in enumerate(a.clerk_evict_events):

@@ -50,6 +50,7 @@ class Pages:
         rows.reverse()  # newest first
         response = self.web.render(request, "keys.html", status=status, tenant=tenant, keys=rows, created=created,
                                    errors=errors or {}, values=dict(await request.form()) if errors else {},
+                                   spend_limits=not self.svc.config.auth.clerk,
                                    notice=request.query_params.get("done"))
         return response
 
