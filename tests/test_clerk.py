@@ -31,7 +31,7 @@ from tollway.app import create_app
 from tollway.auth import clerk as clerk_mod
 from tollway.config import Config
 from tollway.services import Services, build
-from tollway.store.schema import api_keys, clerk_webhook_deliveries, deletion_requests, tenants
+from tollway.store.schema import api_keys, clerk_webhook_deliveries, deletion_requests, revocations, tenants
 
 CLERK_SK = "sk_test_clerkfake_" + "c" * 24
 WHSEC = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
@@ -249,17 +249,19 @@ async def test_forged_stale_unsigned_and_replayed_webhooks_change_nothing(gw: Ga
         assert r.json()["error"]["code"] == "invalid_signature"
     assert (await gw.models(key)).status_code == 200
     assert len(gw.fake.verify_calls) == 1, "the key was never evicted"
-    assert not await gw.rows(clerk_webhook_deliveries)
+    assert not await gw.rows(clerk_webhook_deliveries) and not await gw.rows(revocations)
     # A delivery acts once; the same svix-id again (Svix retries, or a replay) is 2xx and ignored.
     headers = signed(payload)
     assert (await gw.deliver(payload, headers)).json()["outcome"] == "evicted the key"
     assert (await gw.models(key)).status_code == 200  # Clerk still accepts it: cached again
     assert len(gw.fake.verify_calls) == 2
+    evictions = len(await gw.rows(revocations))
+    assert evictions == 1
     replay = signed(payload, msg_id=headers["svix-id"])  # re-signed now: within the tolerance
     r = await gw.deliver(payload, replay)
     assert r.status_code == 200 and r.json()["outcome"] == "duplicate", r.text
     assert (await gw.models(key)).status_code == 200
-    assert len(gw.fake.verify_calls) == 2, "the replay evicted nothing"
+    assert len(await gw.rows(revocations)) == evictions, "the replay evicted nothing"
     assert len(await gw.rows(clerk_webhook_deliveries)) == 1
 
 
