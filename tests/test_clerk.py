@@ -183,7 +183,7 @@ async def test_negative_entries_expire_after_negative_ttl(gw1: Gateway) -> None:
 # --- Clerk down: the failure policy -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["401", "429", "500", "timeout"])
+@pytest.mark.parametrize("mode", ["401", "429", "500", "timeout", "garbage"])
 async def test_clerk_down_is_503_for_uncached_keys_and_200_for_cached_ones(gw1: Gateway, mode: str) -> None:
     cached, _ = gw1.fake.add_key(subject())
     assert (await gw1.models(cached)).status_code == 200
@@ -276,8 +276,9 @@ async def test_oversized_and_unknown_events(gw1: Gateway) -> None:
     assert (await gw1.deliver(not_json, signed(not_json))).status_code == 400
 
 
-async def test_user_deleted_deletes_the_tenant_as_tenants_delete_does(gw: Gateway) -> None:
-    user = subject()
+@pytest.mark.parametrize("kind", ["user", "org"])
+async def test_user_deleted_deletes_the_tenant_as_tenants_delete_does(gw: Gateway, kind: str) -> None:
+    user = subject(kind)
     key, _ = gw.fake.add_key(user)
     other, _ = gw.fake.add_key(user)
     assert (await gw.models(key)).status_code == 200
@@ -288,7 +289,7 @@ async def test_user_deleted_deletes_the_tenant_as_tenants_delete_does(gw: Gatewa
     assert credit.status_code == 200, credit.text
     r = await gw.http.post("/v1/chat/completions", json=CHAT, headers={"authorization": f"Bearer {key}"})
     assert r.status_code == 200, r.text
-    payload = event("user.deleted", user)
+    payload = event("user.deleted" if kind == "user" else "organization.deleted", user)
     headers = signed(payload)
     r = await gw.deliver(payload, headers)
     assert r.status_code == 200, r.text

@@ -146,8 +146,7 @@ def render_text(s: dict[str, Any]) -> str:
         lines.append(f"  {m['id']:<32}-> {m['provider']}/{m['upstream']}  "
                      f"${m['input_usd_per_mtok']}/${m['output_usd_per_mtok']} per Mtok in/out")
     lines += ["", "environment variables (names only)"]
-    for e in s["environment_variables"]:
-        lines.append(f"  {e['name']:<28}{'set' if e['set'] else 'unset':<7}{e['purpose']}")
+    lines += _columns([[e["name"], "set" if e["set"] else "unset", e["purpose"]] for e in s["environment_variables"]])
     st = s["storage"]
     lines += ["", f"storage   {st['database']}", f"cache     {st['cache']}  (verified keys kept "
               f"{st['key_cache_ttl_seconds']} s)",

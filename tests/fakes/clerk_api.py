@@ -3,8 +3,8 @@ answering with the shapes of Clerk's OpenAPI spec (docs/keys.md, integrations no
 recording every request it receives.
 
 `mode` makes every call fail the way Clerk can: "401" (our secret is wrong), "429", "500",
-"timeout" (answers after `delay` seconds). `delay` also slows successful answers, so that
-concurrent requests overlap one call.
+"timeout" (no answer for 30 s), "garbage" (a 200 without the documented fields). `delay`
+also slows successful answers, so that concurrent requests overlap one call.
 """
 
 from __future__ import annotations
@@ -80,6 +80,8 @@ class FakeClerk:
             return _error(429, "too_many_requests", "Too many requests")
         if self.mode == "500":
             return _error(500, "internal_error", "Something went wrong")
+        if self.mode == "garbage":  # a 200 that is not what Clerk documents
+            return JSONResponse({"object": "api_key", "subject": None})
         return None
 
     async def verify(self, request: Request) -> Response:
