@@ -86,9 +86,14 @@ class ClerkKeys(Keys):
             generation = self.bus.generation if self.bus is not None else 0
             flight = asyncio.ensure_future(self._verify_clerk(key_hash, key, generation))
             self._flights[key_hash] = flight
-            flight.add_done_callback(lambda _: self._flights.pop(key_hash, None))
+            flight.add_done_callback(lambda done: self._landed(key_hash, done))
         # Shielded: a client that leaves does not cancel the call the others wait for.
         return await asyncio.shield(flight)
+
+    def _landed(self, key_hash: str, flight: asyncio.Task[Principal | None]) -> None:
+        self._flights.pop(key_hash, None)
+        if not flight.cancelled():
+            flight.exception()  # retrieved here too: every waiter may have left (no "never retrieved" noise)
 
     async def _verify_clerk(self, key_hash: str, key: str, generation: int) -> Principal | None:
         bus, shared = self.bus, self.cache.shared
