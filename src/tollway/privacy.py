@@ -19,6 +19,7 @@ LOGGABLE_FIELDS: frozenset[str] = frozenset({
     "cost_usd", "cost_micros", "latency_ms", "status", "error_type", "error_code", "stream",
     "method", "path", "client_ip", "worker_id", "count", "released", "notice", "host", "port",
     "exc_type", "exc_place", "upstream_status", "stripe_event_type", "stripe_event_id", "outcome",
+    "requested_model", "attempts",
 })
 
 # What is never recorded anywhere, stated for the security page and `config check`.

@@ -78,9 +78,12 @@ def describe(cfg: Config) -> dict[str, Any]:
         ],
         "models": [
             {"id": m.id, "provider": m.provider, "upstream": m.upstream,
-             "input_usd_per_mtok": str(m.input_usd_per_mtok), "output_usd_per_mtok": str(m.output_usd_per_mtok)}
+             "input_usd_per_mtok": str(m.input_usd_per_mtok), "output_usd_per_mtok": str(m.output_usd_per_mtok),
+             "fallbacks": list(m.fallbacks)}
             for m in cfg.models
         ],
+        "retries": {"attempts": cfg.server.retry_attempts, "backoff_ms": cfg.server.retry_backoff_ms,
+                    "retry_after_cap_seconds": cfg.server.retry_after_cap_seconds},
         "environment_variables": [
             {"name": env, "purpose": purpose, "set": bool(os.environ.get(env))} for purpose, env in cfg.env_references()
         ],
@@ -125,7 +128,11 @@ def render_text(s: dict[str, Any]) -> str:
     lines += ["", "models"]
     for m in s["models"]:
         lines.append(f"  {m['id']:<32}-> {m['provider']}/{m['upstream']}  "
-                     f"${m['input_usd_per_mtok']}/${m['output_usd_per_mtok']} per Mtok in/out")
+                     f"${m['input_usd_per_mtok']}/${m['output_usd_per_mtok']} per Mtok in/out"
+                     + (f"  fallbacks: {', '.join(m['fallbacks'])}" if m["fallbacks"] else ""))
+    r = s["retries"]
+    lines.append(f"  retries: {r['attempts']} per model before its next fallback, from {r['backoff_ms']} ms "
+                 f"doubling; provider retry-after honoured up to {r['retry_after_cap_seconds']} s")
     lines += ["", "environment variables (names only)"]
     for e in s["environment_variables"]:
         lines.append(f"  {e['name']:<28}{'set' if e['set'] else 'unset':<7}{e['purpose']}")

@@ -56,6 +56,7 @@ class UpstreamRequest:
     headers: dict[str, str]
     body: bytes
     stream: bool
+    timeout: float | None = None  # seconds for this attempt in all; None: request_timeout_seconds
 
 
 class UpstreamResponse(Protocol):

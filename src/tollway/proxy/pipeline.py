@@ -20,9 +20,11 @@ Money rules kept here:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 from starlette.types import Receive, Scope, Send
@@ -52,6 +54,7 @@ from tollway.providers.base import (
     InvalidUsage,
     Target,
     Transport,
+    UpstreamRequest,
     UpstreamResponse,
     estimate_prompt_tokens,
     merge_headers,
@@ -64,6 +67,7 @@ from tollway.providers.tenant_tag import TenantTagger, resolve_fields
 from tollway.proxy.disconnect import conservative_usage
 from tollway.proxy.inbound import ClientGone, header_map, model_slug, parse_json, read_body, shape
 from tollway.proxy.relay import Relay, RelayLimits, StreamEnd, shielded
+from tollway.proxy.retry import RetryPolicy, moves_on, pause, retry_after, retryable, should_retry
 from tollway.proxy.upstream import Upstream
 from tollway.services import Services
 from tollway.store.db import retry_while_unavailable
@@ -90,14 +94,27 @@ class Route:
     prices: Prices
     secrets: tuple[str, ...]  # what scrub() must remove from anything sent back
     tenant_fields: str = "none"  # tenant_tag.resolve_fields of its provider
+    fallbacks: tuple[Route, ...] = ()  # tried in order after it failed before answering (retry.py)
+    model_header: bytes = b""  # its slug as the x-tollway-model header carries it
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A model that may serve a call with fallbacks: its own copy of the body, shaped and
+    bounded for it (its output bound, its upstream name), and that bound's prompt/output tokens."""
+
+    route: Route
+    body: dict[str, Any]
+    prompt_bound: int
+    output_bound: int
 
 
 class Call:
     """One request's facts, for the settle, the usage row and the log line."""
 
-    __slots__ = ("body", "charge_reserved", "endpoint", "error_code", "error_type", "output_bound", "principal",
-                 "prompt_bound", "recorded", "request_id", "reserved", "route", "settled", "started", "status",
-                 "stream", "upstream_status")
+    __slots__ = ("attempts", "body", "charge_reserved", "endpoint", "error_code", "error_type", "output_bound",
+                 "plan", "principal", "prompt_bound", "recorded", "request_id", "requested", "reserved", "route",
+                 "settled", "started", "status", "stream", "upstream_status")
 
     def __init__(self, request_id: str, endpoint: str) -> None:
         self.request_id = request_id
@@ -115,8 +132,11 @@ class Call:
         self.recorded = False
         self.reserved = 0
         self.charge_reserved = False  # the provider's usage report was refused (`_invalid_usage`)
-        self.prompt_bound = 0  # what the reservation holds: tokens of prompt and of output
+        self.prompt_bound = 0  # the serving model's bounds: tokens of prompt and of output
         self.output_bound = 0
+        self.requested: str | None = None  # the model the client asked for; route: the one serving
+        self.attempts = 1  # upstream requests sent, retries and fallbacks included
+        self.plan: list[Candidate] | None = None  # only for a model with fallbacks
 
     def failed(self, exc: TollwayError) -> None:
         self.status = exc.status
@@ -145,8 +165,10 @@ def build_routes(cfg: config_mod.Config, provider_keys: dict[str, Any], upstream
         prices = Prices(m.input_usd_per_mtok, m.output_usd_per_mtok, m.cached_input_usd_per_mtok,
                         m.reasoning_usd_per_mtok, m.cache_write_usd_per_mtok)
         routes[m.id] = Route(target, m, adapter, transport, prices, tuple(s for s in (key, cf_token) if s),
-                             resolve_fields(provider))
-    return routes
+                             resolve_fields(provider), model_header=quote(m.id, safe="/:@.-_+").encode())
+    # A fallback's own fallbacks are not followed: config.py checked each list.
+    return {slug: dataclasses.replace(r, fallbacks=tuple(routes[f] for f in r.model.fallbacks)) if r.model.fallbacks
+            else r for slug, r in routes.items()}
 
 
 class Pipeline:
@@ -158,6 +180,8 @@ class Pipeline:
         self.upstream = Upstream(cfg.server.request_timeout_seconds, cfg.server.stream_idle_timeout_seconds)
         self.request_timeout = cfg.server.request_timeout_seconds
         self.relay_limits = RelayLimits(cfg.server.disconnect_drain_seconds, cfg.server.disconnect_drain_bytes)
+        self.retry = RetryPolicy(cfg.server.retry_attempts, cfg.server.retry_backoff_ms / 1000,
+                                 cfg.server.retry_after_cap_seconds)
         self.live = svc.ledger.live
         self.routes = build_routes(cfg, provider_keys, self.upstream, EchoTransport())
         self.tenant_tags = TenantTagger(svc.keys.secret)
@@ -191,13 +215,17 @@ class Pipeline:
         raw = await read_body(receive, headers, self.max_body)
         call.body = body = parse_json(raw)
         call.route = route = self._resolve(call.endpoint, model_slug(body))
+        call.requested = route.target.slug
         sh = shape(call.endpoint, body, len(raw), route.model, headers, route.target.output_field)
         call.stream = sh.stream
         call.prompt_bound, call.output_bound = sh.prompt_bound, sh.completion_bound
-        if route.transport is None:
+        if route.fallbacks:
+            route = self._plan(call, raw, headers)
+        elif route.transport is None:
             raise ServiceUnavailable(f"The model '{route.target.slug}' is not available right now: its provider "
                                      f"has no key configured on this gateway.")
-        call.reserved = max_cost(sh.prompt_bound, sh.completion_bound, route.prices)
+        else:
+            call.reserved = max_cost(sh.prompt_bound, sh.completion_bound, route.prices)
         self.live.add(call.request_id)  # from here until it ends, the sweep leaves its hold alone
         try:
             await self.svc.ledger.reserve(
@@ -219,6 +247,33 @@ class Pipeline:
                 await shielded(self._settle(call, None))
             raise
 
+    def _plan(self, call: Call, raw: bytes, headers: dict[str, str]) -> Route:
+        """The candidates of a model with fallbacks, each with its own body shaped for it,
+        and the reservation: the most the most expensive of them can cost. Returns the first."""
+        route = call.route
+        assert route is not None
+        plan = [Candidate(route, call.body, call.prompt_bound, call.output_bound)] if route.transport else []
+        for fb in route.fallbacks:
+            if fb.transport is None:
+                continue
+            body = orjson.loads(raw)  # a fresh copy: shape and tag_tenant patch it for this model
+            try:
+                sh = shape(call.endpoint, body, len(raw), fb.model, headers, fb.target.output_field)
+            except BadRequest:
+                continue  # this model cannot take this request (an image and no context window)
+            plan.append(Candidate(fb, body, sh.prompt_bound, sh.completion_bound))
+        if not plan:
+            raise ServiceUnavailable(f"The model '{route.target.slug}' is not available right now: its provider "
+                                     f"and those of its fallbacks have no key configured on this gateway.")
+        call.plan = plan
+        call.reserved = max(max_cost(c.prompt_bound, c.output_bound, c.route.prices) for c in plan)
+        return self._switch(call, plan[0])
+
+    @staticmethod
+    def _switch(call: Call, c: Candidate) -> Route:
+        call.route, call.body, call.prompt_bound, call.output_bound = c.route, c.body, c.prompt_bound, c.output_bound
+        return c.route
+
     def _resolve(self, endpoint: str, slug: str) -> Route:
         route = self.routes.get(slug)
         if route is None:
@@ -236,26 +291,27 @@ class Pipeline:
 
     async def _forward(self, call: Call, route: Route, headers: dict[str, str], stream: bool, wants_usage: bool,
                        scope: Scope, receive: Receive, send: Send) -> None:
-        assert call.principal is not None and route.transport is not None
-        per_request: dict[str, str] = {}
-        if self.attribution:
-            # Flat and at most 5 entries (Cloudflare's limit); ids only, nothing from the prompt.
-            per_request[self.attribution] = orjson.dumps({
-                "tenant_id": call.principal.tenant_id, "key_id": call.principal.key_id,
-                "request_id": call.request_id}).decode()
-        out_headers = merge_headers(forwarded_headers(headers.items()), route.target.headers, per_request)
-        route.adapter.tag_tenant(call.endpoint, call.body, self.tenant_tags.tag(
-            route.target.provider, call.principal.tenant_id), route.tenant_fields)
-        request = route.adapter.prepare(route.target, call.endpoint, call.body, stream, out_headers)
-        resp = await route.transport.send(request)
+        assert route.transport is not None
+        request = self._request(call, route, headers)
+        try:
+            resp = await route.transport.send(request)
+        except UpstreamError as exc:
+            recovered = await self._recover(call, headers, request, exc, receive)
+            if recovered is None:
+                return  # the client left while a retry waited: released and recorded
+            resp, route = recovered
+        else:
+            if not 200 <= resp.status < 300:
+                recovered = await self._recover(call, headers, request, resp, receive)
+                if recovered is None:
+                    return
+                resp, route = recovered
         call.upstream_status = resp.status
-        if not 200 <= resp.status < 300:
-            raise await self._upstream_failure(route, resp)
         if stream:
             # The whole call, the client's reading included, ends request_timeout after it began.
             deadline = asyncio.get_running_loop().time() + self.request_timeout - (time.perf_counter() - call.started)
             relay = Relay(resp, route.adapter.meter(route.target, strip_usage=not wants_usage),
-                          _stream_headers(resp), route.adapter.error_event, route.secrets,
+                          _stream_headers(resp, route, call.attempts), route.adapter.error_event, route.secrets,
                           lambda end: self._stream_ended(call, end), deadline, self.relay_limits)
             await relay(scope, receive, send)
             return
@@ -285,9 +341,79 @@ class Pipeline:
         out = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         if charge is not None:
             out.append((b"x-tollway-cost-usd", format_usd(charge).encode()))
+        out += _served_headers(route, call.attempts)
         out += [(k.encode(), v.encode()) for k, v in returned_headers(resp.headers).items() if k != "content-type"]
         await send({"type": "http.response.start", "status": 200, "headers": out})
         await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    def _request(self, call: Call, route: Route, headers: dict[str, str]) -> UpstreamRequest:
+        """The upstream request for `route` (the call's serving model): its body, and its
+        provider's key in its headers only."""
+        assert call.principal is not None
+        per_request: dict[str, str] = {}
+        if self.attribution:
+            # Flat and at most 5 entries (Cloudflare's limit); ids only, nothing from the prompt.
+            per_request[self.attribution] = orjson.dumps({
+                "tenant_id": call.principal.tenant_id, "key_id": call.principal.key_id,
+                "request_id": call.request_id}).decode()
+        out_headers = merge_headers(forwarded_headers(headers.items()), route.target.headers, per_request)
+        route.adapter.tag_tenant(call.endpoint, call.body, self.tenant_tags.tag(
+            route.target.provider, call.principal.tenant_id), route.tenant_fields)
+        return route.adapter.prepare(route.target, call.endpoint, call.body, call.stream, out_headers)
+
+    async def _recover(self, call: Call, headers: dict[str, str], request: UpstreamRequest,
+                       failure: UpstreamResponse | UpstreamError, receive: Receive
+                       ) -> tuple[UpstreamResponse, Route] | None:
+        """An attempt failed before any byte reached the client: retry that model, then its
+        fallbacks (retry.py), all within the call's request_timeout. Returns the answer that
+        came and the model that gave it, None if the client left during a wait (the call is then settled), or raises
+        the last failure, mapped and scrubbed with its own provider's secrets."""
+        deadline = call.started + self.request_timeout
+        plan, index, retry = call.plan, 0, 0
+        while True:
+            route = call.route
+            assert route is not None and route.transport is not None
+            if isinstance(failure, UpstreamError):  # no answer at all: a connection error or a timeout
+                again = onward = True
+                after = None
+            else:
+                call.upstream_status = failure.status
+                onward = moves_on(failure.status)
+                again = retryable(failure.status) and should_retry(failure.headers)
+                after = retry_after(failure.headers) if again else None
+            log.warning("upstream_attempt_failed", request_id=call.request_id, model=route.target.slug,
+                        provider=route.target.provider, attempts=call.attempts,
+                        upstream_status=None if isinstance(failure, UpstreamError) else failure.status,
+                        error_code=failure.instance_code if isinstance(failure, UpstreamError) else None)
+            delay = self.retry.delay(retry, after) if again else None
+            if delay is not None and time.perf_counter() + delay < deadline:
+                retry += 1
+            elif onward and plan is not None and index + 1 < len(plan):
+                index, retry, delay = index + 1, 0, 0.0
+            else:
+                raise failure if isinstance(failure, UpstreamError) else await self._upstream_failure(route, failure)
+            if not isinstance(failure, UpstreamError):
+                failure.close()
+            if await pause(delay, receive):
+                call.status, call.error_type = 499, "client_disconnected"
+                await shielded(self._settle(call, None))
+                return None
+            if retry == 0:  # the next fallback
+                assert plan is not None
+                route = self._switch(call, plan[index])
+                request = self._request(call, route, headers)
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                raise UpstreamTimeout(f"The model provider did not answer within {self.request_timeout:g} seconds.")
+            call.attempts += 1
+            assert route.transport is not None
+            try:
+                failure = await route.transport.send(dataclasses.replace(request, timeout=left))
+            except UpstreamError as exc:
+                failure = exc
+                continue
+            if 200 <= failure.status < 300:
+                return failure, route
 
     async def _upstream_failure(self, route: Route, resp: UpstreamResponse) -> TollwayError:
         status = resp.status
@@ -363,9 +489,12 @@ class Pipeline:
         """What the settle charges (0: a release) and the usage row it writes."""
         assert call.principal is not None and call.route is not None
         route = call.route
-        charge = call.reserved if call.charge_reserved else cost(usage, route.prices) if usage is not None else 0
+        # Refused usage is charged the most the serving model could cost (the reservation, without fallbacks).
+        charge = (max_cost(call.prompt_bound, call.output_bound, route.prices) if call.charge_reserved
+                  else cost(usage, route.prices) if usage is not None else 0)
         u = usage or Usage()
         row = {"key_id": call.principal.key_id, "model": route.target.slug, "provider": route.target.provider,
+               "requested_model": call.requested, "attempts": call.attempts,
                "prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
                "cached_tokens": u.cached_tokens, "reasoning_tokens": u.reasoning_tokens,
                "estimated": u.estimated, "status": call.status, "error_type": call.error_type,
@@ -416,6 +545,7 @@ class Pipeline:
         record_request(
             request_id=call.request_id, tenant_id=p.tenant_id if p else None, key_id=p.key_id if p else None,
             model=r.target.slug if r else None, provider=r.target.provider if r else None,
+            requested_model=call.requested, attempts=call.attempts,
             method="POST", path=_ENDPOINT_OF[call.endpoint], stream=call.stream, status=call.status,
             error_type=call.error_type, error_code=call.error_code, upstream_status=call.upstream_status,
             prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, cached_tokens=u.cached_tokens,
@@ -424,9 +554,18 @@ class Pipeline:
             latency_ms=int((time.perf_counter() - call.started) * 1000))
 
 
-def _stream_headers(resp: UpstreamResponse) -> list[tuple[bytes, bytes]]:
+_ONE = b"1"
+
+
+def _served_headers(route: Route, attempts: int) -> list[tuple[bytes, bytes]]:
+    """Which model answered (a fallback may have), and after how many upstream requests."""
+    return [(b"x-tollway-model", route.model_header),
+            (b"x-tollway-attempts", _ONE if attempts == 1 else str(attempts).encode())]
+
+
+def _stream_headers(resp: UpstreamResponse, route: Route, attempts: int) -> list[tuple[bytes, bytes]]:
     out = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
            # Tell a buffering reverse proxy (nginx) in front of Tollway to pass bytes on at once.
-           (b"x-accel-buffering", b"no")]
+           (b"x-accel-buffering", b"no"), *_served_headers(route, attempts)]
     out += [(k.encode(), v.encode()) for k, v in returned_headers(resp.headers).items() if k != "content-type"]
     return out

@@ -5,7 +5,8 @@ than httpx's). Transport failures become UpstreamError here and nowhere else; th
 messages are Tollway's own and never quote the exception, which names hosts (a
 Cloudflare AI Gateway URL holds the operator's account id).
 
-Timeouts: every call has `request_timeout_seconds` in total; a stream also has
+Timeouts: every call has `request_timeout_seconds` in total (a retry or a fallback gets
+what is left of it: UpstreamRequest.timeout); a stream also has
 `stream_idle_timeout_seconds` between two reads, enforced by aiohttp's socket-read timer
 (reset on each read, no task or timer object per chunk).
 """
@@ -85,10 +86,13 @@ class Upstream:
         if self._session is None:
             raise UpstreamError("The gateway's upstream client is not running.")
         idle = self.idle_timeout if request.stream else None
+        timeout = self._stream if request.stream else self._plain
+        if request.timeout is not None:  # a retry or a fallback: what is left of the call's time
+            timeout = aiohttp.ClientTimeout(total=request.timeout, sock_connect=min(CONNECT_TIMEOUT, request.timeout),
+                                            sock_read=idle)
         try:
             resp = await self._session.post(request.url, data=request.body, headers=request.headers,
-                                            timeout=self._stream if request.stream else self._plain,
-                                            allow_redirects=False)
+                                            timeout=timeout, allow_redirects=False)
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise _mapped(exc, self.request_timeout, idle) from exc
         return HttpResponse(resp, self.request_timeout, idle)
