@@ -31,7 +31,10 @@ def fake() -> FakeOpenAI:
 def gw(launch: Callable[..., Gateway], serve_app: Callable[[Any], ServerThread], fake: FakeOpenAI) -> Gateway:
     return launch(serve_app(fake.app).url,
                          server={"request_timeout_seconds": 2, "stream_idle_timeout_seconds": 1,
-                                 "max_body_bytes": 10_000})
+                                 "max_body_bytes": 10_000,
+                                 # One attempt: these tests read each failure as the provider gave it
+                                 # (retries and fallbacks: test_fallback.py).
+                                 "retry_attempts": 0})
 
 
 def post(gw: Gateway, body: Any, path: str = "/v1/chat/completions", **headers: str) -> httpx.Response:

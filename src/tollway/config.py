@@ -416,7 +416,7 @@ class _Loader:
                     hint = difflib.get_close_matches(fb, sorted(by_id), n=1)
                     raise self.fail(path, f"no model with id {fb!r}" + (f"; did you mean {hint[0]!r}?" if hint else ""))
                 if other.kind != m.kind:
-                    raise self.fail(path, f"{fb!r} is a {other.kind} model; {m.id!r} is a {m.kind} model")
+                    raise self.fail(path, f"{fb!r} is of kind {other.kind} and {m.id!r} of kind {m.kind}")
                 mine, theirs = providers[m.provider].type, providers[other.provider].type
                 if mine != theirs:
                     raise self.fail(path, f"{fb!r} speaks the {theirs} wire format and {m.id!r} the {mine} one; "
