@@ -72,7 +72,8 @@ class Scripted:
         if not body.get("stream"):
             return Response(orjson.dumps({
                 "id": "c1", "object": "chat.completion", "created": 1, "model": model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": "Fine."}, "finish_reason": "stop"}],
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "Fine."},
+                             "finish_reason": "stop"}],
                 "usage": usage}), media_type="application/json")
         return StreamingResponse(self._stream(model, step == "cut", usage), media_type="text/event-stream")
 
@@ -346,3 +347,28 @@ def test_without_fallbacks_the_answer_names_its_model_too(
     assert r.headers["x-tollway-model"] == "acme/solo" and r.headers["x-tollway-attempts"] == "1"
     row = gw.usage_row(r.headers["x-request-id"])
     assert (row["model"], row["requested_model"], row["attempts"]) == ("acme/solo", "acme/solo", 1)
+
+
+def test_a_model_whose_provider_has_no_key_is_skipped(
+        launch: Callable[..., Gateway], serve_app: Callable[[Any], ServerThread],
+        providers: tuple[Scripted, Scripted], embedded: dict[str, Any]) -> None:
+    _, b = providers
+    b_url = serve_app(b.app).url
+    keyless = {"type": "openai", "base_url": b_url + "/v1", "api_key_env": "KEY_NONE"}
+    models = [model("acme/nokey", "up-nokey", PRICES_A, OUT_A, provider="c", fallbacks=["acme/b"]),
+              model("acme/b", "up-b", PRICES_B, OUT_B, provider="b"),
+              model("acme/a", "up-a", PRICES_A, OUT_A, provider="b", fallbacks=["acme/nokey"])]
+    extra = {"b": ({"type": "openai", "base_url": b_url + "/v1", "api_key_env": "KEY_B"}, Secret("KEY_B", KEY_B)),
+             "c": (keyless, None)}
+    gw = launch(b_url, models=models, extra_providers=extra, attribution=None, **embedded)
+    before = gw.balance()
+    r = post(gw, "acme/nokey")
+    assert r.status_code == 200 and r.json()["model"] == "acme/b" and r.headers["x-tollway-attempts"] == "1"
+    assert b.count("up-nokey") == 0 and b.count("up-b") == 1
+    row = gw.usage_row(r.headers["x-request-id"])
+    assert (row["model"], row["requested_model"], row["attempts"], row["cost_micros"]) == ("acme/b", "acme/nokey",
+                                                                                         1, COST_B)
+    b.script["up-a"] = [(503, {})]
+    r = post(gw, "acme/a")  # its only fallback has no key: its own failure, after its retry
+    assert r.status_code == 502 and b.count("up-a") == 2 and b.count("up-nokey") == 0
+    assert_settled(gw, before, COST_B)

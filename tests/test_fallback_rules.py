@@ -4,8 +4,8 @@ fallback and a retry policy (config.py), and when and how long a retry waits (re
 from __future__ import annotations
 
 import asyncio
-from email.utils import format_datetime
 from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
 from pathlib import Path
 from typing import Any
 
@@ -124,3 +124,19 @@ async def test_a_wait_ends_when_the_client_leaves() -> None:
     gone.clear()
     assert await pause(0.05, receive) is False  # the full wait, the client still there
     assert await pause(0, receive) is False
+
+
+def test_the_dashboards_request_page_says_a_fallback_served() -> None:
+    from tollway.dashboard.web import _env
+
+    row = {"request_id": "req_1", "created_at": 1_700_000_000_000, "model": "acme/b", "requested_model": "acme/a",
+           "attempts": 3, "status": 200, "error_type": None, "prompt_tokens": 11, "cached_tokens": 0,
+           "completion_tokens": 7, "reasoning_tokens": 0, "cost_micros": 86, "estimated": False, "latency_ms": 5}
+    page = _env().get_template("request.html")
+    html = page.render(csrf="x", signed_in=True, path="/dashboard/usage/requests/req_1", tenant={}, row=row)
+    assert "<code>acme/a</code> was asked for" in html and "Upstream attempts" in html and ">3 (" in html
+    plain = page.render(csrf="x", signed_in=True, path="/", tenant={},
+                        row={**row, "model": "acme/a", "attempts": 1})
+    assert "was asked for" not in plain and "Upstream attempts" not in plain
+    old = page.render(csrf="x", signed_in=True, path="/", tenant={}, row={**row, "requested_model": None})
+    assert "was asked for" not in old  # rows from before migration 0005

@@ -95,7 +95,8 @@ class Route:
     secrets: tuple[str, ...]  # what scrub() must remove from anything sent back
     tenant_fields: str = "none"  # tenant_tag.resolve_fields of its provider
     fallbacks: tuple[Route, ...] = ()  # tried in order after it failed before answering (retry.py)
-    model_header: bytes = b""  # its slug as the x-tollway-model header carries it
+    # x-tollway-model (its slug) and x-tollway-attempts: 1, the headers of an answer it gave at once
+    served: tuple[tuple[bytes, bytes], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,8 +165,9 @@ def build_routes(cfg: config_mod.Config, provider_keys: dict[str, Any], upstream
                         adapter.static_headers(provider, key, cf_token), provider.max_tokens_field)
         prices = Prices(m.input_usd_per_mtok, m.output_usd_per_mtok, m.cached_input_usd_per_mtok,
                         m.reasoning_usd_per_mtok, m.cache_write_usd_per_mtok)
+        served = ((b"x-tollway-model", quote(m.id, safe="/:@.-_+").encode()), (b"x-tollway-attempts", b"1"))
         routes[m.id] = Route(target, m, adapter, transport, prices, tuple(s for s in (key, cf_token) if s),
-                             resolve_fields(provider), model_header=quote(m.id, safe="/:@.-_+").encode())
+                             resolve_fields(provider), served=served)
     # A fallback's own fallbacks are not followed: config.py checked each list.
     return {slug: dataclasses.replace(r, fallbacks=tuple(routes[f] for f in r.model.fallbacks)) if r.model.fallbacks
             else r for slug, r in routes.items()}
@@ -366,8 +368,9 @@ class Pipeline:
                        ) -> tuple[UpstreamResponse, Route] | None:
         """An attempt failed before any byte reached the client: retry that model, then its
         fallbacks (retry.py), all within the call's request_timeout. Returns the answer that
-        came and the model that gave it, None if the client left during a wait (the call is then settled), or raises
-        the last failure, mapped and scrubbed with its own provider's secrets."""
+        came and the model that gave it, None if the client left during a wait (the call is
+        then settled), or raises the last failure, mapped and scrubbed with its own
+        provider's secrets."""
         deadline = call.started + self.request_timeout
         plan, index, retry = call.plan, 0, 0
         while True:
@@ -554,13 +557,11 @@ class Pipeline:
             latency_ms=int((time.perf_counter() - call.started) * 1000))
 
 
-_ONE = b"1"
-
-
-def _served_headers(route: Route, attempts: int) -> list[tuple[bytes, bytes]]:
+def _served_headers(route: Route, attempts: int) -> tuple[tuple[bytes, bytes], ...]:
     """Which model answered (a fallback may have), and after how many upstream requests."""
-    return [(b"x-tollway-model", route.model_header),
-            (b"x-tollway-attempts", _ONE if attempts == 1 else str(attempts).encode())]
+    if attempts == 1:
+        return route.served
+    return route.served[0], (b"x-tollway-attempts", str(attempts).encode())
 
 
 def _stream_headers(resp: UpstreamResponse, route: Route, attempts: int) -> list[tuple[bytes, bytes]]:
