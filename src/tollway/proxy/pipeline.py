@@ -1,5 +1,7 @@
 """The one place that orders a /v1 call:
 authenticate -> read -> resolve -> reserve -> forward -> meter -> settle -> record.
+Forward: an attempt that failed before any byte reached the client is retried, then the
+model's fallbacks are tried (`_recover`; when and how long: retry.py).
 
 Money rules kept here:
 * Nothing is forwarded before the reservation holds the most the call can cost
