@@ -20,6 +20,7 @@ Money rules kept here:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +49,7 @@ from tollway.providers import ADAPTERS
 from tollway.providers.base import (
     EMBEDDINGS,
     MESSAGES,
+    RESPONSES,
     Adapter,
     InvalidUsage,
     Target,
@@ -60,6 +62,7 @@ from tollway.providers.base import (
     upstream_error_details,
 )
 from tollway.providers.echo import EchoTransport
+from tollway.providers.responses import ResponsesAdapter, serves_responses
 from tollway.providers.tenant_tag import TenantTagger, resolve_fields
 from tollway.proxy.disconnect import conservative_usage
 from tollway.proxy.inbound import ClientGone, header_map, model_slug, parse_json, read_body, shape
@@ -76,7 +79,7 @@ _TEXT_KEYS = frozenset({"content", "text", "arguments", "reasoning_content", "re
 # provider bills what it generated until then, hidden reasoning included (disconnect.py).
 _GATEWAY_CUTS = frozenset({"upstream_stalled", "upstream_timeout"})
 _ENDPOINT_OF = {"chat": "/v1/chat/completions", "completions": "/v1/completions",
-                "embeddings": "/v1/embeddings", "messages": "/v1/messages"}
+                "embeddings": "/v1/embeddings", "messages": "/v1/messages", "responses": "/v1/responses"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +163,10 @@ class Pipeline:
         self.relay_limits = RelayLimits(cfg.server.disconnect_drain_seconds, cfg.server.disconnect_drain_bytes)
         self.live = svc.ledger.live
         self.routes = build_routes(cfg, provider_keys, self.upstream, EchoTransport())
+        # /v1/responses: the same routes with the Responses adapter, for the providers that serve it.
+        responses = ResponsesAdapter()
+        self.responses = {slug: dataclasses.replace(r, adapter=responses) for slug, r in self.routes.items()
+                          if serves_responses(cfg.providers[r.target.provider])}
         self.tenant_tags = TenantTagger(svc.keys.secret)
 
     async def start(self) -> None:
@@ -220,7 +227,9 @@ class Pipeline:
             raise
 
     def _resolve(self, endpoint: str, slug: str) -> Route:
-        route = self.routes.get(slug)
+        # A model whose provider does not serve the Responses API gets its plain route: the
+        # endpoint check below names the endpoint to call instead.
+        route = (endpoint == RESPONSES and self.responses.get(slug)) or self.routes.get(slug)
         if route is None:
             raise ModelNotFound(f"The model '{slug[:200]}' does not exist or you do not have access to it.",
                                 param="model")
