@@ -7,7 +7,7 @@ model that is not of an `anthropic` provider), and the `anthropic-beta` allow-li
 /v1/messages (a beta such as the Files API would let a count read what the operator's
 account stores). Then the slug becomes the provider's model name, the operator's key is
 attached (client headers pass the same allow-list, privacy.forwarded_headers), and the
-provider's answer (`{"input_tokens": N}`) is returned as it came; an error is mapped and
+provider's answer (`{"input_tokens": N}`) is returned unchanged; an error is mapped and
 scrubbed as on every /v1 call (Pipeline._upstream_failure).
 
 Not billed: the provider does not charge for counting, so nothing is reserved or charged
@@ -36,7 +36,6 @@ from tollway.errors import (
     ModelNotFound,
     ServiceUnavailable,
     TollwayError,
-    UpstreamError,
     render_json,
 )
 from tollway.privacy import forwarded_headers, returned_headers
@@ -45,6 +44,7 @@ from tollway.providers.base import MESSAGES, UpstreamRequest, merge_headers
 from tollway.proxy import priced
 from tollway.proxy.inbound import ClientGone, header_map, model_slug, parse_json, read_body
 from tollway.proxy.pipeline import Pipeline, Route
+from tollway.proxy.upstream import json_object
 from tollway.telemetry import record_request
 
 PATH = "/v1/messages/count_tokens"
@@ -99,21 +99,9 @@ class TokenCounter:
         facts["upstream_status"] = resp.status
         if not 200 <= resp.status < 300:
             raise await self.pipeline._upstream_failure(route, resp)
-        try:
-            raw = await resp.read()
-        except BaseException:
-            resp.close()
-            raise
-        resp.release()
-        try:
-            answer = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            answer = None
-        if not isinstance(answer, dict):
-            raise UpstreamError("The model provider returned a response that is not a JSON object.",
-                                code="upstream_invalid_response")
+        answer = await json_object(resp)
         extra = {k: v for k, v in returned_headers(resp.headers).items() if k != "content-type"}
-        return Response(raw, headers=extra, media_type="application/json")
+        return Response(orjson.dumps(answer), headers=extra, media_type="application/json")
 
     def _route(self, slug: str) -> Route:
         route = self.pipeline.routes.get(slug)

@@ -67,7 +67,7 @@ from tollway.providers.tenant_tag import TenantTagger, resolve_fields
 from tollway.proxy.disconnect import conservative_usage
 from tollway.proxy.inbound import ClientGone, header_map, model_slug, parse_json, read_body, shape
 from tollway.proxy.relay import Relay, RelayLimits, StreamEnd, shielded
-from tollway.proxy.upstream import Upstream
+from tollway.proxy.upstream import Upstream, json_object
 from tollway.services import Services
 from tollway.store.db import retry_while_unavailable
 from tollway.telemetry import log, record_request
@@ -268,19 +268,7 @@ class Pipeline:
                           lambda end: self._stream_ended(call, end), deadline, self.relay_limits)
             await relay(scope, receive, send)
             return
-        try:
-            raw = await resp.read()
-        except BaseException:
-            resp.close()
-            raise
-        resp.release()
-        try:
-            data = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            data = None
-        if not isinstance(data, dict):
-            raise UpstreamError("The model provider returned a response that is not a JSON object.",
-                                code="upstream_invalid_response")
+        data = await json_object(resp)
         try:
             usage = route.adapter.read_response(route.target, data)
         except InvalidUsage as exc:

@@ -35,6 +35,13 @@ _READS_STORED = {
               "input themselves",
 }
 
+# Flags accepted as false (or absent) only.
+_NEVER_TRUE = {
+    "store": "responses are never stored on the provider account this gateway shares between its customers; send "
+             "store: false or leave it out",
+    "background": "a background response is fetched later from storage and billed outside this request",
+}
+
 
 def refuse(param: str, why: str) -> BadRequest:
     return BadRequest(f"'{param}' is not accepted by this gateway: {why}.", code="unsupported_parameter", param=param)
@@ -45,18 +52,12 @@ def check(body: dict[str, Any]) -> None:
     for name, why in _READS_STORED.items():
         if body.get(name) is not None:
             raise refuse(name, why)
-    store = body.get("store")
-    if store is not None and not isinstance(store, bool):
-        raise BadRequest("'store' must be true or false.", param="store")
-    if store:
-        raise refuse("store", "responses are never stored on the provider account this gateway shares between "
-                              "its customers; send store: false or leave it out")
-    background = body.get("background")
-    if background is not None and not isinstance(background, bool):
-        raise BadRequest("'background' must be true or false.", param="background")
-    if background:
-        raise refuse("background", "a background response is fetched later from storage and billed outside "
-                                   "this request")
+    for name, why in _NEVER_TRUE.items():
+        value = body.get(name)
+        if value is not None and not isinstance(value, bool):
+            raise BadRequest(f"'{name}' must be true or false.", param=name)
+        if value:
+            raise refuse(name, why)
     items = body.get("input")
     if isinstance(items, list):
         for i, item in enumerate(items):
