@@ -17,10 +17,8 @@ from tests.conftest import ServerThread
 from tests.fakes.harness import PRICES as PRICE_STRINGS
 from tests.fakes.harness import PROVIDER_KEY, Gateway
 from tests.fakes.responses_upstream import ABSURD, SLOW_USAGE, USAGE, WORDS, FakeResponses
-from tollway.config import ProviderConfig
 from tollway.money import Prices, Usage, cost, format_usd, max_cost
 from tollway.providers.base import estimate_prompt_tokens, tokens_from_bytes
-from tollway.providers.responses import serves_responses
 
 PRICES = Prices(Decimal("2.50"), Decimal("10.00"), Decimal("1.25"), Decimal("12.00"))
 # USAGE priced by hand: (40 - 12) x 2.50 + 12 x 1.25 + (30 - 9) x 10.00 + 9 x 12.00 micro-dollars.
@@ -296,18 +294,6 @@ def test_models_whose_provider_does_not_serve_responses(launch: Callable[..., Ga
     assert fake.requests == [] and gw.open_reservations() == 0
     echo = post(gw, {"model": "demo/echo", "input": "Hi"})  # the offline provider always serves it
     assert echo.status_code == 200
-
-
-def test_which_providers_serve_responses() -> None:
-    def p(kind: str, url: str, mode: str = "auto") -> ProviderConfig:
-        return ProviderConfig(type=kind, base_url=url, responses_api=mode)  # type: ignore[arg-type]
-
-    assert serves_responses(p("openai", "https://api.openai.com/v1"))
-    assert not serves_responses(p("openai", "https://api.deepseek.com/v1"))
-    assert serves_responses(p("openai", "https://api.x.ai/v1", "on"))
-    assert not serves_responses(p("openai", "https://api.openai.com/v1", "off"))
-    assert not serves_responses(p("anthropic", "https://api.anthropic.com"))
-    assert serves_responses(p("echo", ""))
 
 
 def test_echo_serves_responses_offline(gw1: Gateway) -> None:
