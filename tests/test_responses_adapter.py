@@ -142,3 +142,16 @@ def test_what_stays_accepted() -> None:
                  {"include": ["reasoning.encrypted_content"], "reasoning": {"effort": "low"}},
                  {"service_tier": "flex"}, {"text": {"format": {"type": "json_object"}}, "truncation": "auto"}):
         shape(RESPONSES, {"model": "a/m", "input": "hi", **body}, 100, MODEL, {})
+
+
+def test_config_check_says_which_providers_serve_responses(make_config: Any) -> None:
+    from tollway.surface import describe, render_text
+
+    cfg = make_config(providers={"echo": {"type": "echo"}, "ds": {
+        "type": "openai", "base_url": "https://api.deepseek.com/v1", "api_key_env": "DS_KEY"}})
+    surface = describe(cfg)
+    assert {p["name"]: p["serves_responses_api"] for p in surface["providers"]} == {"echo": True, "ds": False}
+    routes = {r["path"] for r in surface["routes"]}
+    assert {"/v1/responses", "/v1/messages/count_tokens"} <= routes
+    text = render_text(surface)
+    assert "(served in-process)  key: $-  /v1/responses" in text and "DS_KEY\n" in text
