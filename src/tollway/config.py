@@ -224,6 +224,9 @@ class ProviderConfig:
         "for anthropic, else none. Client-sent values are namespaced per tenant always.",
         "auto",
     )
+    responses_api: Literal["auto", "on", "off"] = doc(
+        "openai type: serve POST /v1/responses (OpenAI's Responses API) for this provider's models: on, off, or "
+        "auto (on for api.openai.com only; turn it on for another vendor that serves /responses).", "auto")
     name: str = ""  # filled from the table name, not a TOML key
 
 
@@ -431,6 +434,8 @@ class _Loader:
                 raise self.fail(f"{path}.base_url", "expected an http:// or https:// URL")
             if not p.api_key_env:
                 raise self.fail(f"{path}.api_key_env", "expected the name of the env var holding the provider key")
+        if p.responses_api == "on" and p.type != "openai":
+            raise self.fail(f"{path}.responses_api", "only an openai-type provider can serve the Responses API")
 
     def _check(self, cfg: Config) -> None:
         url = cfg.database.url

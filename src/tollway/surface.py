@@ -13,6 +13,7 @@ from typing import Any
 
 from tollway.config import Config
 from tollway.privacy import FORWARDED_REQUEST_HEADERS, LOGGABLE_FIELDS, NEVER_RECORDED, RETURNED_RESPONSE_HEADERS
+from tollway.providers.responses import serves_responses
 from tollway.route_table import ROUTE_TABLE
 
 
@@ -73,7 +74,7 @@ def describe(cfg: Config) -> dict[str, Any]:
             {"name": p.name, "type": p.type, "base_url": p.base_url or "(served in-process)",
              "key_env": p.api_key_env or None, "extra_headers": sorted(p.extra_headers),
              "cloudflare_body_logging": "off (cf-aig-collect-log-payload: false)" if not p.cf_collect_log_payload
-             else "provider default"}
+             else "provider default", "serves_responses_api": serves_responses(p)}
             for p in cfg.providers.values()
         ],
         "models": [
@@ -124,7 +125,8 @@ def render_text(s: dict[str, Any]) -> str:
     lines += ["", "providers"]
     for p in s["providers"]:
         lines.append(f"  {p['name']:<14}{p['type']:<10}{p['base_url']}  key: ${p['key_env'] or '-'}"
-                     + (f"  extra headers: {', '.join(p['extra_headers'])}" if p["extra_headers"] else ""))
+                     + (f"  extra headers: {', '.join(p['extra_headers'])}" if p["extra_headers"] else "")
+                     + ("  /v1/responses" if p["serves_responses_api"] else ""))
     lines += ["", "models"]
     for m in s["models"]:
         lines.append(f"  {m['id']:<32}-> {m['provider']}/{m['upstream']}  "

@@ -36,6 +36,7 @@ TOKENS_PER_MESSAGE = 4
 
 # Endpoint names used across the proxy: the /v1 path each one serves.
 CHAT, COMPLETIONS, EMBEDDINGS, MESSAGES = "chat", "completions", "embeddings", "messages"
+RESPONSES = "responses"  # OpenAI's Responses API (providers/responses.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,11 +182,11 @@ def tokens_from_bytes(n: int) -> int:
     return -(-n // BYTES_PER_TOKEN)
 
 
-_TEXT_FIELDS = ("messages", "prompt", "input", "system", "tools", "functions", "suffix")
+_TEXT_FIELDS = ("messages", "prompt", "input", "instructions", "system", "tools", "functions", "suffix")
 
 
 def estimate_prompt_tokens(body: Mapping[str, Any]) -> int:
-    """The documented prompt estimate (module docstring) for any of the four endpoints."""
+    """The documented prompt estimate (module docstring) for any of the endpoints."""
     text_bytes = 0
     ids = 0
     stack: list[Any] = [body.get(k) for k in _TEXT_FIELDS]

@@ -52,6 +52,7 @@ from tollway.providers import ADAPTERS
 from tollway.providers.base import (
     EMBEDDINGS,
     MESSAGES,
+    RESPONSES,
     Adapter,
     InvalidUsage,
     Target,
@@ -65,12 +66,13 @@ from tollway.providers.base import (
     upstream_error_details,
 )
 from tollway.providers.echo import EchoTransport
+from tollway.providers.responses import ResponsesAdapter, serves_responses
 from tollway.providers.tenant_tag import TenantTagger, resolve_fields
 from tollway.proxy.disconnect import conservative_usage
 from tollway.proxy.inbound import ClientGone, header_map, model_slug, parse_json, read_body, shape
 from tollway.proxy.relay import Relay, RelayLimits, StreamEnd, shielded
 from tollway.proxy.retry import RetryPolicy, moves_on, pause, retry_after, retryable, should_retry
-from tollway.proxy.upstream import Upstream
+from tollway.proxy.upstream import Upstream, json_object
 from tollway.services import Services
 from tollway.store.db import retry_while_unavailable
 from tollway.telemetry import log, record_request
@@ -82,7 +84,7 @@ _TEXT_KEYS = frozenset({"content", "text", "arguments", "reasoning_content", "re
 # provider bills what it generated until then, hidden reasoning included (disconnect.py).
 _GATEWAY_CUTS = frozenset({"upstream_stalled", "upstream_timeout"})
 _ENDPOINT_OF = {"chat": "/v1/chat/completions", "completions": "/v1/completions",
-                "embeddings": "/v1/embeddings", "messages": "/v1/messages"}
+                "embeddings": "/v1/embeddings", "messages": "/v1/messages", "responses": "/v1/responses"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +190,10 @@ class Pipeline:
                                  cfg.server.retry_after_cap_seconds)
         self.live = svc.ledger.live
         self.routes = build_routes(cfg, provider_keys, self.upstream, EchoTransport())
+        # /v1/responses: the same routes with the Responses adapter, for the providers that serve it.
+        responses = ResponsesAdapter()
+        self.responses = {slug: dataclasses.replace(r, adapter=responses) for slug, r in self.routes.items()
+                          if serves_responses(cfg.providers[r.target.provider])}
         self.tenant_tags = TenantTagger(svc.keys.secret)
 
     async def start(self) -> None:
@@ -257,8 +263,10 @@ class Pipeline:
         route = call.route
         assert route is not None
         plan = [Candidate(route, call.body, call.prompt_bound, call.output_bound)] if route.transport else []
-        for fb in route.fallbacks:
-            if fb.transport is None:
+        for listed in route.fallbacks:
+            # /v1/responses: a fallback serves it only through its Responses route, if its provider has one.
+            fb = self.responses.get(listed.target.slug) if call.endpoint == RESPONSES else listed
+            if fb is None or fb.transport is None:
                 continue
             body = orjson.loads(raw)  # a fresh copy: shape and tag_tenant patch it for this model
             try:
@@ -279,7 +287,9 @@ class Pipeline:
         return c.route
 
     def _resolve(self, endpoint: str, slug: str) -> Route:
-        route = self.routes.get(slug)
+        # A model whose provider does not serve the Responses API gets its plain route: the
+        # endpoint check below names the endpoint to call instead.
+        route = (endpoint == RESPONSES and self.responses.get(slug)) or self.routes.get(slug)
         if route is None:
             raise ModelNotFound(f"The model '{slug[:200]}' does not exist or you do not have access to it.",
                                 param="model")
@@ -319,19 +329,7 @@ class Pipeline:
                           lambda end: self._stream_ended(call, end), deadline, self.relay_limits)
             await relay(scope, receive, send)
             return
-        try:
-            raw = await resp.read()
-        except BaseException:
-            resp.close()
-            raise
-        resp.release()
-        try:
-            data = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            data = None
-        if not isinstance(data, dict):
-            raise UpstreamError("The model provider returned a response that is not a JSON object.",
-                                code="upstream_invalid_response")
+        data = await json_object(resp)
         try:
             usage = route.adapter.read_response(route.target, data)
         except InvalidUsage as exc:

@@ -26,6 +26,7 @@ Endings, each settled exactly once by `on_end` (shielded from cancellation):
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -36,7 +37,10 @@ from tollway.errors import TollwayError, UpstreamError
 from tollway.privacy import scrub
 from tollway.providers.base import StreamMeter, UpstreamResponse
 
-_ERROR_KEY = b'"error":'
+_ERROR_KEY = b'"error"'
+# An error object or an error event; not `"error":null`, which every Responses lifecycle
+# event carries (scrubbing those would mask the response and item ids the client matches).
+_ERROR = re.compile(rb'"error"\s*:\s*[^n\s]|"type"\s*:\s*"error"')
 DRAIN_SECONDS = 1.0  # after the end marker, for the body's terminator
 ERROR_EVENT_GRACE = 1.0  # past the deadline: how long the error event may wait for a stalled client
 DRAIN_EVENT_CAP = 262_144  # draining, a longer unfinished event is skipped (usage events are small)
@@ -252,7 +256,7 @@ class Relay:
             if self.meter.done:
                 self.tail = sent + b"\n\n"
                 continue
-            if _ERROR_KEY in sent:
+            if _ERROR_KEY in sent and _ERROR.search(sent):
                 # A provider's error event may echo the operator's key.
                 sent = scrub(sent.decode("utf-8", "replace"), self.secrets).encode()
             out.append(sent)

@@ -14,11 +14,13 @@ what is left of it: UpstreamRequest.timeout); a stream also has
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import aiohttp
+import orjson
 
 from tollway.errors import UpstreamError, UpstreamTimeout
-from tollway.providers.base import UpstreamRequest
+from tollway.providers.base import UpstreamRequest, UpstreamResponse
 
 # Streams are long-lived: the pool must not queue the 101st concurrent stream behind
 # the others (aiohttp's default limit is 100).
@@ -108,3 +110,22 @@ def _mapped(exc: BaseException, total: float, idle: float | None) -> UpstreamErr
     if isinstance(exc, asyncio.TimeoutError):
         return UpstreamTimeout(f"The model provider did not answer within {total:g} seconds.")
     return UpstreamError("The connection to the model provider failed before the answer was complete.")
+
+
+async def json_object(resp: UpstreamResponse) -> dict[str, Any]:
+    """A whole (non-streamed) 2xx answer as the JSON object it must be; the connection goes
+    back to the pool once read, or is dropped if reading failed."""
+    try:
+        raw = await resp.read()
+    except BaseException:
+        resp.close()
+        raise
+    resp.release()
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        data = None
+    if not isinstance(data, dict):
+        raise UpstreamError("The model provider returned a response that is not a JSON object.",
+                            code="upstream_invalid_response")
+    return data
