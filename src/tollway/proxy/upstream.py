@@ -37,11 +37,21 @@ class HttpResponse:
         self.status = resp.status
         self.headers = list(resp.headers.items())
 
-    async def read(self) -> bytes:
+    async def read(self, limit: int) -> bytes:
+        """The whole body, decoded, refused past `limit` bytes: counted as it arrives,
+        so neither a huge body nor a small gzip bomb is ever held whole."""
+        parts: list[bytes] = []
+        size = 0
         try:
-            return await self._resp.read()
+            while part := await self._resp.content.readany():
+                size += len(part)
+                if size > limit:
+                    raise UpstreamError(f"The model provider's response is larger than {limit} bytes; it was "
+                                        f"not read further.", code="upstream_invalid_response")
+                parts.append(part)
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise _mapped(exc, self._total, self._idle) from exc
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def chunk(self) -> bytes:
         try:
