@@ -54,10 +54,12 @@ class Served:
 class Conn:
     """One accepted connection: the request read, helpers to answer it byte by byte."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, served: Served) -> None:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, served: Served,
+                 model: str, key: str) -> None:
         self.reader = reader
         self.writer = writer
         self.served = served
+        self.wire, self.stream, self.model, self.key = served.wire, served.stream, model, key
         self.chunked = False
         self.gz: Any = None  # a zlib compressor when the body is gzip-encoded
 
@@ -210,96 +212,77 @@ SSE = "text/event-stream; charset=utf-8"
 JSON = "application/json"
 
 
-# --- the faults: one script per case, for any wire format, JSON or stream -------------------
+# --- the faults: one script per case, for either wire format, JSON or stream -----------------
+# An OSError (the gateway hung up) ends a script; the handler marks the request cut_short.
 
-Script = Callable[[Conn, str, str, bool, str], Awaitable[None]]  # conn, wire, model, stream, provider key
 
-
-async def _reset_before_headers(c: Conn, wire: str, model: str, stream: bool, key: str) -> None:
+async def _reset_before_headers(c: Conn) -> None:
     await c.reset()
 
 
-async def _headers_then_silence(c: Conn, wire: str, model: str, stream: bool, key: str) -> None:
-    if stream:
-        await c.head(200, SSE, chunked=True)
-    else:
-        await c.head(200, JSON, length=len(answer(wire, model)))
+async def _headers_then_silence(c: Conn) -> None:
+    await c.head(200, SSE if c.stream else JSON, chunked=c.stream,
+                 length=None if c.stream else len(answer(c.wire, c.model)))
     await c.hang()
 
 
-async def _reset_mid_body(c: Conn, wire: str, model: str, stream: bool, key: str) -> None:
-    if stream:
-        await c.head(200, SSE, chunked=True)
-        await c.send(b"".join(stream_events(wire, model)[0]))
-    else:
-        body = answer(wire, model)
-        await c.head(200, JSON, length=len(body))
-        await c.send(body[:len(body) // 2])
+async def _reset_mid_body(c: Conn) -> None:
+    body = b"".join(stream_events(c.wire, c.model)[0]) if c.stream else answer(c.wire, c.model)
+    await c.head(200, SSE if c.stream else JSON, chunked=c.stream, length=None if c.stream else len(body))
+    await c.send(body if c.stream else body[:len(body) // 2])
     await c.reset()
 
 
-async def _truncated(c: Conn, wire: str, model: str, stream: bool, key: str) -> None:
-    if stream:  # the body ends cleanly inside an event, before the end marker
+async def _truncated(c: Conn) -> None:
+    if c.stream:  # the body ends cleanly inside an event, before the end marker
+        cut = delta(c.wire, c.model, " and then")
         await c.head(200, SSE, chunked=True)
-        cut = delta(wire, model, " and then")
-        await c.send(b"".join(stream_events(wire, model)[0]) + cut[:len(cut) // 2])
+        await c.send(b"".join(stream_events(c.wire, c.model)[0]) + cut[:len(cut) // 2])
     else:  # no length: the body ends where the connection does, mid-object
-        body = answer(wire, model)
+        body = answer(c.wire, c.model)
         await c.head(200, JSON)
         await c.send(body[:len(body) // 2])
     await c.end()
 
 
-async def _garbage(c: Conn, wire: str, model: str, stream: bool, key: str) -> None:
-    if stream:
-        prefix, rest = stream_events(wire, model)
+async def _garbage(c: Conn) -> None:
+    prefix, rest = stream_events(c.wire, c.model)
+    body = (b"".join([*prefix, *GARBAGE, *rest]) if c.stream
+            else answer(c.wire, c.model) + b"\x00\xff<html>trailing garbage</html>")
+    await c.head(200, SSE if c.stream else JSON, chunked=c.stream, length=None if c.stream else len(body))
+    await c.send(body)
+    await c.end()
+
+
+async def _long_line(c: Conn) -> None:
+    if c.stream:  # one event of LINE_BYTES, then the rest as if nothing happened
+        prefix, rest = stream_events(c.wire, c.model)
+        opening, closing = delta(c.wire, c.model, "@@").split(b"@@")
         await c.head(200, SSE, chunked=True)
-        await c.send(b"".join(prefix) + b"".join(GARBAGE) + b"".join(rest))
-    else:
-        body = answer(wire, model) + b"\x00\xff<html>trailing garbage</html>"
+        await c.send(b"".join(prefix))
+        await c.send_many(opening, LINE_BYTES, closing)
+        await c.send(b"".join(rest))
+    else:  # a valid answer, one line of JSON over 1 MiB
+        body = answer(c.wire, c.model, text="x" * JSON_LONG_TEXT)
         await c.head(200, JSON, length=len(body))
         await c.send(body)
     await c.end()
 
 
-async def _long_line(c: Conn, wire: str, model: str, stream: bool, key: str) -> None:
-    if stream:  # one event of LINE_BYTES, then the rest as if nothing happened
-        prefix, rest = stream_events(wire, model)
-        opening, closing = delta(wire, model, "@@").split(b"@@")
-        await c.head(200, SSE, chunked=True)
-        await c.send(b"".join(prefix))
-        with contextlib.suppress(OSError):
-            await c.send_many(opening, LINE_BYTES, closing)
-            await c.send(b"".join(rest))
-            await c.end()
-            return
-        c.served.cut_short = True
-    else:  # a valid answer, one line of JSON over 1 MiB
-        body = answer(wire, model, text="x" * JSON_LONG_TEXT)
-        await c.head(200, JSON, length=len(body))
-        await c.send(body)
-        await c.end()
-
-
-async def _huge_body(c: Conn, wire: str, model: str, stream: bool, key: str) -> None:
+async def _huge_body(c: Conn) -> None:
     """LINE_BYTES of bytes that are neither JSON nor SSE, with no blank line."""
-    prefix = b"".join(stream_events(wire, model)[0]) if stream else b""
-    await c.head(200, SSE if stream else JSON, chunked=stream, length=None if stream else LINE_BYTES)
-    with contextlib.suppress(OSError):
-        await c.send_many(prefix, LINE_BYTES, b"")
-        await c.end()
-        return
-    c.served.cut_short = True
+    await c.head(200, SSE if c.stream else JSON, chunked=c.stream, length=None if c.stream else LINE_BYTES)
+    await c.send_many(b"".join(stream_events(c.wire, c.model)[0]) if c.stream else b"", LINE_BYTES, b"")
+    await c.end()
 
 
-async def _gzip_bomb(c: Conn, wire: str, model: str, stream: bool, key: str) -> None:
+async def _gzip_bomb(c: Conn) -> None:
     """_huge_body gzip-encoded: LINE_BYTES of one byte is about 32 KiB of gzip."""
-    body = _bomb(b"".join(stream_events(wire, model)[0]) if stream else b"")
-    await c.head(200, SSE if stream else JSON, length=len(body), extra={"content-encoding": "gzip"})
-    with contextlib.suppress(OSError):
-        c.writer.write(body)
-        c.served.sent = LINE_BYTES
-        await c.end()
+    body = _bomb(b"".join(stream_events(c.wire, c.model)[0]) if c.stream else b"")
+    await c.head(200, SSE if c.stream else JSON, length=len(body), extra={"content-encoding": "gzip"})
+    c.writer.write(body)
+    c.served.sent = LINE_BYTES
+    await c.end()
 
 
 @functools.cache
@@ -310,65 +293,61 @@ def _bomb(prefix: bytes) -> bytes:
     return b"".join([*out, gz.flush()])
 
 
-async def _non_json_200(c: Conn, wire: str, model: str, stream: bool, key: str) -> None:
+async def _non_json_200(c: Conn) -> None:
     await c.head(200, "text/html; charset=utf-8", length=len(HTML))
     await c.send(HTML)
     await c.end()
 
 
-async def _no_usage(c: Conn, wire: str, model: str, stream: bool, key: str) -> None:
-    await _whole(c, wire, model, stream, usage=False, compressed=False)
-
-
-async def _gzip(c: Conn, wire: str, model: str, stream: bool, key: str) -> None:
-    await _whole(c, wire, model, stream, usage=True, compressed=True)
-
-
-async def _whole(c: Conn, wire: str, model: str, stream: bool, *, usage: bool, compressed: bool) -> None:
+async def _whole(c: Conn, *, usage: bool = True, compressed: bool = False) -> None:
     """A complete, valid answer (gzip-encoded: each event flushed on its own, as a server
     compressing a stream does)."""
-    if stream:
-        prefix, rest = stream_events(wire, model, usage)
+    if c.stream:
+        prefix, rest = stream_events(c.wire, c.model, usage)
         await c.head(200, SSE, chunked=True, gzip_body=compressed)
         for ev in (*prefix, *rest):
             await c.send(ev)
     else:
-        body = answer(wire, model, usage=usage)
-        await c.head(200, JSON, length=len(gzip.compress(body)) if compressed else len(body),
-                     extra={"content-encoding": "gzip"} if compressed else None)
+        body = answer(c.wire, c.model, usage=usage)
+        wire = gzip.compress(body) if compressed else body
+        await c.head(200, JSON, length=len(wire), extra={"content-encoding": "gzip"} if compressed else None)
         c.served.sent = len(body)
-        c.writer.write(gzip.compress(body) if compressed else body)
+        c.writer.write(wire)
     await c.end()
 
 
-async def _slow(c: Conn, wire: str, model: str, stream: bool, key: str) -> None:
+async def _no_usage(c: Conn) -> None:
+    await _whole(c, usage=False)
+
+
+async def _gzip(c: Conn) -> None:
+    await _whole(c, compressed=True)
+
+
+async def _slow(c: Conn) -> None:
     """Never silent for a whole idle limit, never done within the request timeout."""
-    try:
-        if not stream:
-            body = answer(wire, model)
-            await c.head(200, JSON, length=len(body))
-            for i in range(len(body)):
-                await asyncio.sleep(SLOW_INTERVAL)
-                await c.send(body[i:i + 1])
-            await c.end()
-            return
+    if c.stream:
         await c.head(200, SSE, chunked=True)
-        await c.send(b"".join(stream_events(wire, model)[0]))
+        await c.send(b"".join(stream_events(c.wire, c.model)[0]))
         while True:
             await asyncio.sleep(SLOW_INTERVAL)
-            await c.send(delta(wire, model, " w"))
-    except OSError:
-        c.served.cut_short = True
+            await c.send(delta(c.wire, c.model, " w"))
+    body = answer(c.wire, c.model)
+    await c.head(200, JSON, length=len(body))
+    for i in range(len(body)):
+        await asyncio.sleep(SLOW_INTERVAL)
+        await c.send(body[i:i + 1])
+    await c.end()
 
 
-async def _rate_limited(c: Conn, wire: str, model: str, stream: bool, key: str) -> None:
-    body = rate_limit_body(wire, key)
+async def _rate_limited(c: Conn) -> None:
+    body = rate_limit_body(c.wire, c.key)
     await c.head(429, JSON, length=len(body), extra={"retry-after": "7", "x-ratelimit-remaining-requests": "0"})
     await c.send(body)
     await c.end()
 
 
-FAULTS: dict[str, Script] = {
+FAULTS: dict[str, Callable[[Conn], Awaitable[None]]] = {
     "reset_before_headers": _reset_before_headers,
     "headers_then_silence": _headers_then_silence,
     "reset_mid_body": _reset_mid_body,
@@ -434,9 +413,12 @@ class FaultUpstream:
             model = str(body.get("model", ""))
             served = Served(model.removeprefix("fault-"), wire, bool(body.get("stream")), headers, body)
             self.served.append(served)
-            script = FAULTS[served.case]
-            await script(Conn(reader, writer, served), wire, model, served.stream, self.keys[wire])
         except (OSError, asyncio.IncompleteReadError):
-            pass
+            writer.close()
+            return
+        try:
+            await FAULTS[served.case](Conn(reader, writer, served, model, self.keys[wire]))
+        except OSError:
+            served.cut_short = True
         finally:
             writer.close()
