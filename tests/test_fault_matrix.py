@@ -17,6 +17,7 @@ table is rendered from it (`test_the_docs_table_is_the_matrix`), so a change of 
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 import tracemalloc
@@ -30,7 +31,7 @@ import httpx
 import orjson
 import pytest
 
-from tests.conftest import ServerThread, free_port, to_toml
+from tests.conftest import REDIS_URL, ServerThread, free_port, fresh_pg_database, need_redis, to_toml
 from tests.fakes.fault_upstream import FAULTS, LINE_BYTES, REPORTED, FaultUpstream
 from tests.fakes.harness import ANTHROPIC_KEY, PROVIDER_KEY, Gateway, start_gateway
 from tollway import config as config_mod
@@ -159,11 +160,10 @@ def fault() -> Iterator[FaultUpstream]:
     upstream.stop()
 
 
-@pytest.fixture(scope="module")
-def gw(tmp_path_factory: pytest.TempPathFactory, fault: FaultUpstream) -> Iterator[Gateway]:
-    """One gateway for the whole matrix (each cell checks its own charge): its providers
-    are the fault upstream in both wire formats, and a closed port in both."""
-    folder = tmp_path_factory.mktemp("faults")
+@contextlib.contextmanager
+def gateway_on(folder: Path, fault: FaultUpstream, stack: dict[str, Any]) -> Iterator[Gateway]:
+    """A gateway on `stack` ({"database": …, "cache": …}) whose providers are the fault
+    upstream in both wire formats, and a closed port in both."""
     closed = f"http://127.0.0.1:{free_port()}"
     providers = {"openai": {"type": "openai", "base_url": fault.url + "/v1", "api_key_env": "FAULT_OPENAI_KEY"},
                  "anthropic": {"type": "anthropic", "base_url": fault.url, "api_key_env": "FAULT_ANTHROPIC_KEY"},
@@ -178,8 +178,7 @@ def gw(tmp_path_factory: pytest.TempPathFactory, fault: FaultUpstream) -> Iterat
 
     def make_config(**sections: Any) -> config_mod.Config:
         path = folder / "tollway.toml"
-        path.write_text(to_toml({"database": {"url": f"sqlite:///{folder / 'tollway.db'}"},
-                                 "cache": {"url": "memory://"}, **sections}), encoding="utf-8")
+        path.write_text(to_toml({**stack, **sections}), encoding="utf-8")
         return config_mod.load(path)
 
     def serve(app: Any) -> ServerThread:
@@ -188,10 +187,30 @@ def gw(tmp_path_factory: pytest.TempPathFactory, fault: FaultUpstream) -> Iterat
 
     gateway = start_gateway(make_config, serve, fault.url, providers=providers, provider_keys=keys, models=models,
                             server=SERVER, credit_micros=100_000_000)
-    yield gateway
-    gateway.close()
-    for s in servers:
-        s.stop()
+    try:
+        yield gateway
+    finally:
+        gateway.close()
+        for s in servers:
+            s.stop()
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory: pytest.TempPathFactory, fault: FaultUpstream) -> Iterator[Gateway]:
+    """One gateway for the whole matrix (each cell checks its own charge), embedded stack."""
+    folder = tmp_path_factory.mktemp("faults")
+    with gateway_on(folder, fault, {"database": {"url": f"sqlite:///{folder / 'tollway.db'}"},
+                                    "cache": {"url": "memory://"}}) as gateway:
+        yield gateway
+
+
+@pytest.fixture(scope="module")
+def gw_scaleout(tmp_path_factory: pytest.TempPathFactory, fault: FaultUpstream) -> Iterator[Gateway]:
+    """The same on PostgreSQL and Redis, where holds are rows and settles transactions."""
+    need_redis()
+    with fresh_pg_database() as url, gateway_on(tmp_path_factory.mktemp("faults-pg"), fault, {
+            "database": {"url": url}, "cache": {"url": REDIS_URL}}) as gateway:
+        yield gateway
 
 
 # --- reading what the client got --------------------------------------------------------------
@@ -315,6 +334,24 @@ def fragments(secret: str) -> set[str]:
 @pytest.mark.parametrize("case", list(MATRIX))
 def test_fault(gw: Gateway, fault: FaultUpstream, capfd: pytest.CaptureFixture[str], case: str, wire: str,
                stream: bool) -> None:
+    check_cell(gw, fault, capfd, case, wire, stream)
+
+
+# One cell per charge rule, and a refusal before and after the stream began, on the scale-out stack.
+SCALEOUT_CELLS = [("refused", "openai", False), ("reset_mid_body", "anthropic", True),
+                  ("headers_then_silence", "openai", True), ("gzip", "anthropic", False),
+                  ("no_usage", "openai", True), ("huge_body", "openai", False)]
+
+
+@pytest.mark.parametrize(("case", "wire", "stream"), SCALEOUT_CELLS)
+def test_fault_on_postgres(gw_scaleout: Gateway, fault: FaultUpstream, capfd: pytest.CaptureFixture[str], case: str,
+                           wire: str, stream: bool) -> None:
+    check_cell(gw_scaleout, fault, capfd, case, wire, stream)
+
+
+def check_cell(gw: Gateway, fault: FaultUpstream, capfd: pytest.CaptureFixture[str], case: str, wire: str,
+               stream: bool) -> None:
+    """One cell of MATRIX, every check of the module docstring."""
     row = MATRIX[case]
     expected = row.outcome(wire, stream)
     slug = f"{wire}/{case}"
