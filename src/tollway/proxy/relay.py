@@ -4,17 +4,21 @@ Per upstream read: split complete events, let the adapter's meter rewrite the mo
 name and read usage (byte searches; a JSON parse only for the usage event), send
 everything in one ASGI message. No task and no buffer per chunk: one watcher task per
 stream listens for the client going away, one timer per stream bounds it, and only the
-unfinished tail of an event is kept between reads.
+unfinished tail of an event is kept between reads, at most EVENT_CAP (1 MiB).
 
 The deadline. The whole relay, the sends to the client included, ends by `deadline`
 (server.request_timeout_seconds after the call started): a client that stops reading
 leaves the server's send waiting on a full socket with no limit of its own, and the
 upstream client's total timeout does not cover that wait. Its request stays served
-(Ledger.live) until it settles, so the sweep never releases its hold meanwhile.
+(Ledger.live) until it settles, so the sweep never releases its hold meanwhile. A relay
+waiting on the provider at the deadline is left to the upstream client's own total
+timeout (`upstream_timeout`): the provider is the late one, not the client.
 
 Endings, each settled exactly once by `on_end` (shielded from cancellation):
   normal end              -> usage from the stream (or an estimate when none came)
-  upstream stall / error  -> an SSE error event to the client, then an estimate
+  upstream stall / error  -> an SSE error event to the client, then an estimate (the
+  / event over EVENT_CAP     conservative rule for a stall or the total timeout); an
+                             event the body's end cut in half is dropped, not relayed
   client disconnect, or   -> the rest of the stream is read without forwarding it, within
   the deadline passed        `RelayLimits`, for the provider's own usage (the drain); the
                              pipeline bills that usage, or else its conservative rule

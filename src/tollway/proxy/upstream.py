@@ -7,7 +7,8 @@ Cloudflare AI Gateway URL holds the operator's account id).
 
 Timeouts: every call has `request_timeout_seconds` in total; a stream also has
 `stream_idle_timeout_seconds` between two reads, enforced by aiohttp's socket-read timer
-(reset on each read, no task or timer object per chunk).
+(reset on each read, no task or timer object per chunk). A non-streaming body is read
+up to server.max_response_bytes, counted after decoding (a gzip bomb stops there too).
 """
 
 from __future__ import annotations
