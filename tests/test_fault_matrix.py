@@ -37,6 +37,7 @@ from tests.fakes.harness import ANTHROPIC_KEY, PROVIDER_KEY, Gateway, start_gate
 from tollway import config as config_mod
 from tollway.config import Secret
 from tollway.money import Prices, Usage, cost, format_usd
+from tollway.proxy.pipeline import _is_event_stream
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "proxy.md"
 
@@ -142,6 +143,19 @@ def test_the_docs_table_is_the_matrix() -> None:
     text = DOCS.read_text(encoding="utf-8")
     found = re.search(r"<!-- fault-matrix -->\n(.*?)\n<!-- /fault-matrix -->", text, re.S)
     assert found and found[1] == render_matrix(), "docs/proxy.md's fault matrix should read:\n" + render_matrix()
+
+
+class _Answer:
+    def __init__(self, headers: list[tuple[str, str]]) -> None:
+        self.headers = headers
+
+
+@pytest.mark.parametrize(("headers", "relayed"), [
+    ([("Content-Type", "text/event-stream; charset=utf-8")], True), ([("content-type", "TEXT/EVENT-STREAM")], True),
+    ([], True),  # none said: relayed (some OpenAI-compatible servers omit it)
+    ([("Content-Type", "text/html; charset=utf-8")], False), ([("content-type", "application/json")], False)])
+def test_a_stream_is_relayed_only_when_its_answer_is_one(headers: list[tuple[str, str]], relayed: bool) -> None:
+    assert _is_event_stream(_Answer(headers)) is relayed  # type: ignore[arg-type]
 
 
 # --- the gateway and the faulty provider ----------------------------------------------------
