@@ -176,7 +176,7 @@ async def measure(workdir: Path, nginx: Nginx, n: int, app_only: bool) -> list[t
     async def upstream_json(_: int) -> None:
         r = route.adapter.prepare(route.target, CHAT, parse_json(req), False, dict(route.target.headers))
         resp = await pipeline.upstream.send(r)
-        await resp.read()
+        await resp.read(pipeline.max_response)
         resp.release()
 
     async def upstream_sse(_: int) -> None:

@@ -100,6 +100,11 @@ class ServerConfig:
         "Most bytes of the provider's stream read so after a client leaves; past it (or the time) the "
         "conservative rule of docs/proxy.md is billed.", 8_388_608
     )
+    max_response_bytes: int = doc(
+        "Largest body of a provider's non-streaming answer, counted decoded (gzip included); past it the "
+        "call fails with 502 upstream_invalid_response, uncharged. A streamed event is capped at 1 MiB.",
+        67_108_864
+    )
 
     worker_release_after_seconds: int = doc(
         "A worker silent this long (no heartbeat) is presumed dead and its open reservations are released; "
@@ -461,6 +466,7 @@ class _Loader:
             ("server.sweep_grace_seconds", cfg.server.sweep_grace_seconds),
             ("server.disconnect_drain_seconds", cfg.server.disconnect_drain_seconds),
             ("server.disconnect_drain_bytes", cfg.server.disconnect_drain_bytes),
+            ("server.max_response_bytes", cfg.server.max_response_bytes),
             ("cache.key_ttl_seconds", cfg.cache.key_ttl_seconds),
             ("retention.access_log_days", cfg.retention.access_log_days),
             ("database.pool_size", cfg.database.pool_size),

@@ -66,7 +66,9 @@ class UpstreamResponse(Protocol):
     status: int
     headers: list[tuple[str, str]]
 
-    async def read(self) -> bytes: ...
+    async def read(self, limit: int) -> bytes:
+        """The whole body; an UpstreamError (upstream_invalid_response) past `limit` bytes."""
+        ...
 
     async def chunk(self) -> bytes:
         """The next bytes of the body as they arrive; b"" at the end."""

@@ -45,8 +45,8 @@ class EchoResponse:
         self._parts = [body] if isinstance(body, bytes) else body
         self._next = 0
 
-    async def read(self) -> bytes:
-        return b"".join(self._parts)
+    async def read(self, limit: int) -> bytes:
+        return b"".join(self._parts)  # made here from the request, which max_body_bytes bounds
 
     async def chunk(self) -> bytes:
         if self._next >= len(self._parts):

@@ -99,7 +99,7 @@ class TokenCounter:
         facts["upstream_status"] = resp.status
         if not 200 <= resp.status < 300:
             raise await self.pipeline._upstream_failure(route, resp)
-        answer = await json_object(resp)
+        answer = await json_object(resp, self.pipeline.max_response)
         extra = {k: v for k, v in returned_headers(resp.headers).items() if k != "content-type"}
         return Response(orjson.dumps(answer), headers=extra, media_type="application/json")
 

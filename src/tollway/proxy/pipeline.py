@@ -182,6 +182,7 @@ class Pipeline:
         cfg = svc.config
         self.svc = svc
         self.max_body = cfg.server.max_body_bytes
+        self.max_response = cfg.server.max_response_bytes
         self.attribution = cfg.attribution.header.lower() if cfg.attribution else None
         self.upstream = Upstream(cfg.server.request_timeout_seconds, cfg.server.stream_idle_timeout_seconds)
         self.request_timeout = cfg.server.request_timeout_seconds
@@ -321,6 +322,12 @@ class Pipeline:
                     return
                 resp, route = recovered
         call.upstream_status = resp.status
+        if stream and not _is_event_stream(resp):
+            # An HTML page from a proxy, a JSON body: relayed, it would reach the client as
+            # events its SDK cannot read, and be charged as a stream the provider cut.
+            resp.close()
+            raise UpstreamError("The model provider answered a streaming request with something other than an "
+                                "event stream.", code="upstream_invalid_response")
         if stream:
             # The whole call, the client's reading included, ends request_timeout after it began.
             deadline = asyncio.get_running_loop().time() + self.request_timeout - (time.perf_counter() - call.started)
@@ -329,7 +336,7 @@ class Pipeline:
                           lambda end: self._stream_ended(call, end), deadline, self.relay_limits)
             await relay(scope, receive, send)
             return
-        data = await json_object(resp)
+        data = await json_object(resp, self.max_response)
         try:
             usage = route.adapter.read_response(route.target, data)
         except InvalidUsage as exc:
@@ -555,6 +562,15 @@ class Pipeline:
             reasoning_tokens=u.reasoning_tokens, estimated=u.estimated, cost_micros=charged,
             cost_usd=format_usd(charged) if charged is not None else None,
             latency_ms=int((time.perf_counter() - call.started) * 1000))
+
+
+def _is_event_stream(resp: UpstreamResponse) -> bool:
+    """Whether a stream's answer is one: its content-type says text/event-stream, or it
+    names none (lenient: some OpenAI-compatible servers omit it)."""
+    for name, value in resp.headers:
+        if name.lower() == "content-type":
+            return value.lower().startswith("text/event-stream")
+    return True
 
 
 def _served_headers(route: Route, attempts: int) -> tuple[tuple[bytes, bytes], ...]:

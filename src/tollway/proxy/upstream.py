@@ -8,7 +8,8 @@ Cloudflare AI Gateway URL holds the operator's account id).
 Timeouts: every call has `request_timeout_seconds` in total (a retry or a fallback gets
 what is left of it: UpstreamRequest.timeout); a stream also has
 `stream_idle_timeout_seconds` between two reads, enforced by aiohttp's socket-read timer
-(reset on each read, no task or timer object per chunk).
+(reset on each read, no task or timer object per chunk). A non-streaming body is read
+up to server.max_response_bytes, counted after decoding (a gzip bomb stops there too).
 """
 
 from __future__ import annotations
@@ -40,11 +41,21 @@ class HttpResponse:
         self.status = resp.status
         self.headers = list(resp.headers.items())
 
-    async def read(self) -> bytes:
+    async def read(self, limit: int) -> bytes:
+        """The whole body, decoded, refused past `limit` bytes: counted as it arrives,
+        so neither a huge body nor a small gzip bomb is ever held whole."""
+        parts: list[bytes] = []
+        size = 0
         try:
-            return await self._resp.read()
+            while part := await self._resp.content.readany():
+                size += len(part)
+                if size > limit:
+                    raise UpstreamError(f"The model provider's response is larger than {limit} bytes; it was "
+                                        f"not read further.", code="upstream_invalid_response")
+                parts.append(part)
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise _mapped(exc, self._total, self._idle) from exc
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def chunk(self) -> bytes:
         try:
@@ -112,11 +123,11 @@ def _mapped(exc: BaseException, total: float, idle: float | None) -> UpstreamErr
     return UpstreamError("The connection to the model provider failed before the answer was complete.")
 
 
-async def json_object(resp: UpstreamResponse) -> dict[str, Any]:
-    """A whole (non-streamed) 2xx answer as the JSON object it must be; the connection goes
-    back to the pool once read, or is dropped if reading failed."""
+async def json_object(resp: UpstreamResponse, limit: int) -> dict[str, Any]:
+    """A whole (non-streamed) 2xx answer, at most `limit` bytes decoded, as the JSON object it
+    must be; the connection goes back to the pool once read, or is dropped if reading failed."""
     try:
-        raw = await resp.read()
+        raw = await resp.read(limit)
     except BaseException:
         resp.close()
         raise
