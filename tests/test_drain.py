@@ -29,11 +29,13 @@ import pytest
 import sqlalchemy as sa
 
 from tests.conftest import ServerThread, free_port
-from tests.fakes.harness import PRICES, PROVIDER_KEY, fake_models
+from tests.fakes.anthropic_upstream import FakeAnthropic
+from tests.fakes.harness import ANTHROPIC_KEY, PRICES, PROVIDER_KEY, fake_models, launcher
 from tests.fakes.openai_upstream import CACHED_TOKENS, PROMPT_TOKENS, REASONING_TOKENS, FakeOpenAI
 from tests.test_ledger import _run
 from tollway.config import Config
 from tollway.money import Prices, Usage, cost
+from tollway.proxy.relay import SHUTDOWN_MESSAGE
 from tollway.services import Services
 from tollway.store.schema import ledger_entries, reservations, usage_events
 
@@ -200,3 +202,43 @@ def test_sigterm_during_20_streams_drains_settles_and_exits_0(
     verify = subprocess.run([sys.executable, "-m", "tollway", "ledger", "verify", "--config", cfg.source],
                             capture_output=True, text=True, timeout=60)
     assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def test_an_anthropic_stream_cancelled_at_the_drain_deadline_ends_with_its_error_event(
+        make_config: Callable[..., Config], serve_app: Callable[[Any], ServerThread]) -> None:
+    """What uvicorn does at the drain's deadline, in process: it cancels the request's task.
+    The stream ends with Anthropic's `event: error`, and the settle bills the conservative
+    rule on what was delivered (the prompt as the provider counted it in message_start)."""
+    fake = FakeAnthropic(ANTHROPIC_KEY, interval=0.05)
+    models = [{"id": "anthropic/endless", "provider": "claude", "upstream": "fake-claude-think-endless",
+               "input_usd_per_mtok": "3.00", "output_usd_per_mtok": "15.00"}]
+    for launch in launcher(make_config, serve_app):
+        gw = launch(serve_app(FakeOpenAI("unused").app).url, models=models, anthropic_url=serve_app(fake.app).url)
+        events: list[tuple[str, dict[str, Any]]] = []
+        text = 0
+        with httpx.stream("POST", gw.url + "/v1/messages", timeout=30, headers={"x-api-key": gw.key}, json={
+                "model": "anthropic/endless", "max_tokens": 1000, "stream": True,
+                "messages": [{"role": "user", "content": "Salut"}]}) as r:
+            request_id = r.headers["x-request-id"]
+            name = ""
+            for line in r.iter_lines():
+                if line.startswith("event: "):
+                    name = line[7:]
+                elif line.startswith("data: "):
+                    data = json.loads(line[6:])
+                    events.append((name, data))
+                    delta = data.get("delta") or {}
+                    text += len((delta.get("text") or delta.get("thinking") or "").encode())
+                    if len(events) == 12:
+                        async def deadline() -> None:  # uvicorn's shutdown, past timeout_graceful_shutdown
+                            for task in gw.server.server.server_state.tasks:
+                                task.cancel(msg="Task cancelled, timeout graceful shutdown exceeded")
+
+                        gw.server.call(deadline())
+        assert events[-1][0] == "error" and events[-1][1]["type"] == "error", events[-3:]
+        assert events[-1][1]["error"] == {"type": "server_error", "message": SHUTDOWN_MESSAGE}
+        row = gw.usage_row(request_id)
+        assert row["estimated"] and row["error_type"] == "ShuttingDown" and row["status"] == 200
+        assert row["completion_tokens"] == math.ceil(text / 4)
+        assert gw.open_reservations() == 0 and gw.verify() == []
+        assert gw.balance() == 10_000_000 - row["cost_micros"] and row["cost_micros"] > 0
