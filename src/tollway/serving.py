@@ -158,16 +158,21 @@ _TOO_MANY = _refusal(503, b"Service Unavailable", "This gateway has too many ope
 
 
 class GuardedHttpTools(HttpToolsProtocol):
-    """uvicorn's httptools protocol with the bounds of the module docstring."""
+    """uvicorn's httptools protocol with the bounds of the module docstring.
+
+    Per request on the hot path: no timer is made or cancelled (one per connection is
+    moved to the next deadline only when it fires), and the headers are measured only
+    when the read that completed them was larger than the limit."""
 
     def __init__(self, config: uvicorn.Config, server_state: Any, app_state: dict[str, Any],
                  _loop: asyncio.AbstractEventLoop | None = None) -> None:
         super().__init__(config, server_state, app_state, _loop)
         self.guard: Guard = getattr(config, "guard", None) or Guard.of(ServerConfig())
         self.timer: asyncio.TimerHandle | None = None
+        self.deadline: float | None = None  # when the current head or body must be in; None: no bound running
         self.in_head = True  # what arrives next is a request's line and headers
         self.unfinished = 0  # bytes of reads that ended inside a head (llhttp holds them all)
-        self.head_bytes = 0  # the current head's line and headers, as parsed
+        self.last_read = 0
         self.heads = 0  # heads completed on this connection
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -178,11 +183,15 @@ class GuardedHttpTools(HttpToolsProtocol):
         self._arm(self.guard.header_timeout)  # a connection that sends nothing is closed too
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
+        self.deadline = None
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         heads, in_head = self.heads, self.in_head
+        self.last_read = len(data)
         super().data_received(data)
         # This read began and ended inside one head (not a body's end and the next head).
         if in_head and self.heads == heads and self.in_head and not self.transport.is_closing():
@@ -192,23 +201,15 @@ class GuardedHttpTools(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self.head_bytes = 0
-        if self.timer is None:
+        if self.deadline is None:
             self._arm(self.guard.header_timeout)
 
-    def on_url(self, url: bytes) -> None:
-        super().on_url(url)
-        self.head_bytes += len(url)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        super().on_header(name, value)
-        self.head_bytes += len(name) + len(value) + 4
-
     def on_headers_complete(self) -> None:
-        self._disarm()
-        self.in_head, self.unfinished = False, 0
+        self.deadline = None
         self.heads += 1
-        if self.head_bytes > self.guard.max_header_bytes:
+        head = self.unfinished + self.last_read  # at least the head's size
+        self.in_head, self.unfinished = False, 0
+        if head > self.guard.max_header_bytes and self._head_size() > self.guard.max_header_bytes:
             self._refuse(_BIG_HEAD)
             return
         super().on_headers_complete()
@@ -216,33 +217,37 @@ class GuardedHttpTools(HttpToolsProtocol):
             self._arm(self.guard.body_timeout)
 
     def on_message_complete(self) -> None:
-        self._disarm()
+        self.deadline = None
         self.in_head, self.unfinished = True, 0
         super().on_message_complete()
 
-    def _arm(self, seconds: float) -> None:
-        self._disarm()
-        self.timer = self.loop.call_later(seconds, self._expired)
+    def _head_size(self) -> int:
+        return len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
 
-    def _disarm(self) -> None:
-        if self.timer is not None:
+    def _arm(self, seconds: float) -> None:
+        self.deadline = deadline = self.loop.time() + seconds
+        if self.timer is not None and self.timer.when() > deadline:
             self.timer.cancel()
             self.timer = None
+        if self.timer is None:
+            self.timer = self.loop.call_at(deadline, self._expired)
 
     def _expired(self) -> None:
         self.timer = None
-        if self.transport.is_closing():
+        if self.deadline is None or self.transport.is_closing():
             return
-        if not self.in_head:
+        if self.loop.time() < self.deadline:  # moved on since this timer was set
+            self.timer = self.loop.call_at(self.deadline, self._expired)
+        elif not self.in_head:
             self._refuse(_SLOW_BODY)
-        elif self.unfinished or self.head_bytes:
+        elif self.unfinished or self.last_read:
             self._refuse(_SLOW_HEAD)
         else:
             self.transport.close()  # not one byte of a request came: nobody to answer
 
     def _refuse(self, response: bytes) -> None:
         """Answer `response` unless one is under way already, and close the connection."""
-        self._disarm()
+        self.deadline = None
         cycle: Any = self.cycle
         if cycle is not None and not cycle.response_complete and cycle.response_started:
             self.transport.close()
