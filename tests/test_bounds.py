@@ -23,8 +23,7 @@ import sqlalchemy as sa
 from tests.conftest import ServerThread, free_port
 from tests.fakes.harness import PROVIDER_KEY, fake_models
 from tests.fakes.openai_upstream import FakeOpenAI
-from tests.test_drain import _serve
-from tests.test_ledger import _run
+from tests.test_ledger import _run, _serve
 from tollway.config import Config
 from tollway.services import Services
 from tollway.store.schema import ledger_entries, usage_events

@@ -32,7 +32,7 @@ from tests.conftest import ServerThread, free_port
 from tests.fakes.anthropic_upstream import FakeAnthropic
 from tests.fakes.harness import ANTHROPIC_KEY, PRICES, PROVIDER_KEY, fake_models, launcher
 from tests.fakes.openai_upstream import CACHED_TOKENS, PROMPT_TOKENS, REASONING_TOKENS, FakeOpenAI
-from tests.test_ledger import _run
+from tests.test_ledger import _run, _serve
 from tollway.config import Config
 from tollway.money import Prices, Usage, cost
 from tollway.proxy.relay import SHUTDOWN_MESSAGE
@@ -57,25 +57,6 @@ class Seen:
     done: bool = False  # the stream's [DONE]
     error: dict[str, Any] | None = None  # the error event, or the JSON error body
     broken: str = ""  # a transport error: the stream neither completed nor ended with an error
-
-
-def _serve(cfg: Config, port: int, workers: int) -> subprocess.Popen[bytes]:
-    log = Path(cfg.source).with_suffix(f".{port}.log")
-    with log.open("ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "tollway", "serve", "--config", cfg.source, "--workers",
-                                 str(workers)], env={**os.environ, "FAKE_PROVIDER_KEY": PROVIDER_KEY},
-                                stdout=out, stderr=out, start_new_session=True)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, log.read_text()
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    raise AssertionError("tollway serve did not become ready")
 
 
 def _refused(port: int) -> bool:
