@@ -109,7 +109,9 @@ class Relay:
         finally:
             timer.cancel()
             watcher.cancel()
-            if not end.settled:  # cancelled again past the drain: settle what is known, then let it propagate
+            # A cancellation `_run` could not take back (during the read-on, or a second one):
+            # settle what is known as a stream the drain cut, then let it propagate.
+            if not end.settled:
                 self.resp.close()
                 end.settled, end.stopped = True, True
                 await shielded(self.on_end(end))
@@ -142,7 +144,7 @@ class Relay:
             _absorb(task, end)  # the drain's deadline came during the settle: the answer still goes out
         if end.client_gone:
             return
-        if end.stopped and not self.tail:
+        if end.stopped and not self.tail and not end.complete:
             last = self.error_event(ShuttingDown(SHUTDOWN_MESSAGE))
         elif end.timed_out and not self.tail:  # the client never got to the end marker
             last = self.error_event(StreamDeadline(
