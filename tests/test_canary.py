@@ -285,7 +285,7 @@ def test_canary_appears_nowhere(backend: dict[str, Any], make_config: Callable[.
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
-    assert proc.returncode in (0, -signal.SIGTERM), err_path.read_text()  # uvicorn re-raises the signal
+    assert proc.returncode == 0, err_path.read_text()  # drained, then exits 0 (serving.py)
 
     statuses = seen["statuses"]
     assert statuses == {"messages_not_served": 400, "malformed_json": 400, "not_an_object": 400,

@@ -106,6 +106,34 @@ class ServerConfig:
         67_108_864
     )
 
+    drain_timeout_seconds: int = doc(
+        "On SIGTERM (or Ctrl+C) each worker stops accepting and lets the requests and streams in flight finish "
+        "for up to this long; then a stream still running gets an error event and is settled by the conservative "
+        "rule (docs/proxy.md), a call still waiting gets a 503, and the process exits 0.", 30
+    )
+    header_timeout_seconds: int = doc(
+        "A request's line and headers must arrive within this long of the connection opening (or of the request's "
+        "first byte, on a kept-alive connection); a client that trickles them (slowloris) gets a 408 and is "
+        "disconnected.", 10
+    )
+    body_timeout_seconds: int = doc(
+        "A request's body must arrive in full within this long of its headers; a client that trickles it gets a "
+        "408 and is disconnected.", 60
+    )
+    max_header_bytes: int = doc(
+        "Largest request line plus headers accepted (431 above).", 32_768
+    )
+    keepalive_timeout_seconds: int = doc(
+        "How long an idle keep-alive connection stays open between requests.", 5
+    )
+    max_connections: int = doc(
+        "Most client connections each worker process holds open; one more gets a 503 and is closed at once.", 1_000
+    )
+    max_streams_per_key: int = doc(
+        "Most streaming requests one customer key may have running at once on each worker process (counted in "
+        "that process's memory, so the gateway's limit is this times --workers); one more gets a 429.", 100
+    )
+
     worker_release_after_seconds: int = doc(
         "A worker silent this long (no heartbeat) is presumed dead and its open reservations are released; "
         "revokes stop waiting for it after 2.5 s already. At least 5.", 60)
@@ -467,6 +495,13 @@ class _Loader:
             ("server.disconnect_drain_seconds", cfg.server.disconnect_drain_seconds),
             ("server.disconnect_drain_bytes", cfg.server.disconnect_drain_bytes),
             ("server.max_response_bytes", cfg.server.max_response_bytes),
+            ("server.drain_timeout_seconds", cfg.server.drain_timeout_seconds),
+            ("server.header_timeout_seconds", cfg.server.header_timeout_seconds),
+            ("server.body_timeout_seconds", cfg.server.body_timeout_seconds),
+            ("server.max_header_bytes", cfg.server.max_header_bytes),
+            ("server.keepalive_timeout_seconds", cfg.server.keepalive_timeout_seconds),
+            ("server.max_connections", cfg.server.max_connections),
+            ("server.max_streams_per_key", cfg.server.max_streams_per_key),
             ("cache.key_ttl_seconds", cfg.cache.key_ttl_seconds),
             ("retention.access_log_days", cfg.retention.access_log_days),
             ("database.pool_size", cfg.database.pool_size),

@@ -55,11 +55,21 @@ def warnings(cfg: Config, host: str | None = None) -> list[str]:
     return found
 
 
+def limits(cfg: Config) -> dict[str, int]:
+    """The bounds against hostile clients and the drain on SIGTERM (serving.py), each worker's."""
+    s = cfg.server
+    return {"header_timeout_seconds": s.header_timeout_seconds, "body_timeout_seconds": s.body_timeout_seconds,
+            "max_header_bytes": s.max_header_bytes, "keepalive_timeout_seconds": s.keepalive_timeout_seconds,
+            "max_connections": s.max_connections, "max_streams_per_key": s.max_streams_per_key,
+            "drain_timeout_seconds": s.drain_timeout_seconds}
+
+
 def describe(cfg: Config) -> dict[str, Any]:
     admin_on = bool(os.environ.get(cfg.server.admin_token_env))
     return {
         "config_file": cfg.source,
         "listener": {"host": cfg.server.host, "port": cfg.server.port, "max_body_bytes": cfg.server.max_body_bytes},
+        "limits": limits(cfg),
         "routes": [
             {"path": p, "methods": m, "purpose": d,
              "auth": "operator token" if p == "/metrics" and cfg.metrics.require_admin_token else a,
@@ -118,7 +128,14 @@ def _columns(rows: list[list[str]]) -> list[str]:
 def render_text(s: dict[str, Any]) -> str:
     lines = [f"config: {s['config_file']}  (valid)", "",
              f"listener  http://{s['listener']['host']}:{s['listener']['port']}  "
-             f"(bodies up to {s['listener']['max_body_bytes']} bytes)", "", "routes"]
+             f"(bodies up to {s['listener']['max_body_bytes']} bytes)"]
+    lim = s["limits"]
+    lines += [f"limits    each worker: {lim['max_connections']} connections; headers within "
+              f"{lim['header_timeout_seconds']} s and {lim['max_header_bytes']} bytes, a body within "
+              f"{lim['body_timeout_seconds']} s; idle keep-alive {lim['keepalive_timeout_seconds']} s; "
+              f"{lim['max_streams_per_key']} streams per key",
+              f"drain     on SIGTERM, requests in flight may finish for {lim['drain_timeout_seconds']} s", "",
+              "routes"]
     off = {True: "", False: "  [off]"}
     lines += _columns([[r["methods"], r["path"], r["auth"], r["purpose"] + off[r.get("enabled", True)]]
                        for r in s["routes"]])

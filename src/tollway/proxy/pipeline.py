@@ -70,8 +70,9 @@ from tollway.providers.responses import ResponsesAdapter, serves_responses
 from tollway.providers.tenant_tag import TenantTagger, resolve_fields
 from tollway.proxy.disconnect import conservative_usage
 from tollway.proxy.inbound import ClientGone, header_map, model_slug, parse_json, read_body, shape
-from tollway.proxy.relay import Relay, RelayLimits, StreamEnd, shielded
+from tollway.proxy.relay import SHUTDOWN_MESSAGE, Relay, RelayLimits, ShuttingDown, StreamEnd, shielded
 from tollway.proxy.retry import RetryPolicy, moves_on, pause, retry_after, retryable, should_retry
+from tollway.proxy.streams import StreamSlots
 from tollway.proxy.upstream import Upstream, json_object
 from tollway.services import Services
 from tollway.store.db import retry_while_unavailable
@@ -196,6 +197,7 @@ class Pipeline:
         self.responses = {slug: dataclasses.replace(r, adapter=responses) for slug, r in self.routes.items()
                           if serves_responses(cfg.providers[r.target.provider])}
         self.tenant_tags = TenantTagger(svc.keys.secret)
+        self.streams = StreamSlots(cfg.server.max_streams_per_key)
 
     async def start(self) -> None:
         await self.upstream.start()
@@ -216,8 +218,15 @@ class Pipeline:
                 call.failed(exc)
                 self._record(call, None, None)
             await render_json(exc, call.request_id)(scope, receive, send)
+        except asyncio.CancelledError:
+            # The server's drain deadline (serving.py): a call not answered yet gets a 503.
+            if call.settled and call.status != ShuttingDown.status:
+                raise  # answered, or a stream (the relay ends its own)
+            await self._shut_out(call, scope, receive, send)
         finally:
             self.live.discard(call.request_id)
+            if call.stream:
+                self.streams.give_back(call.request_id)
 
     async def _serve(self, call: Call, state: dict[str, Any], scope: Scope, receive: Receive, send: Send) -> None:
         headers = header_map(scope)
@@ -230,6 +239,8 @@ class Pipeline:
         sh = shape(call.endpoint, body, len(raw), route.model, headers, route.target.output_field)
         call.stream = sh.stream
         call.prompt_bound, call.output_bound = sh.prompt_bound, sh.completion_bound
+        if sh.stream:
+            self.streams.take(principal.key_id, call.request_id)  # 429 past server.max_streams_per_key
         if route.fallbacks:
             route = self._plan(call, raw, headers)
         elif route.transport is None:
@@ -251,8 +262,8 @@ class Pipeline:
             await self._forward(call, route, headers, sh.stream, sh.wants_usage, scope, receive, send)
         except BaseException as exc:
             if not call.settled:  # every error path releases the whole reservation
-                if isinstance(exc, TollwayError):
-                    call.failed(exc)
+                if isinstance(exc, TollwayError | asyncio.CancelledError):
+                    call.failed(exc if isinstance(exc, TollwayError) else ShuttingDown(SHUTDOWN_MESSAGE))
                 else:
                     call.status, call.error_type = 500, type(exc).__name__
                 await shielded(self._settle(call, None))
@@ -286,6 +297,16 @@ class Pipeline:
     def _switch(call: Call, c: Candidate) -> Route:
         call.route, call.body, call.prompt_bound, call.output_bound = c.route, c.body, c.prompt_bound, c.output_bound
         return c.route
+
+    async def _shut_out(self, call: Call, scope: Scope, receive: Receive, send: Send) -> None:
+        task = asyncio.current_task()
+        while task is not None and task.uncancel():
+            pass
+        exc = ShuttingDown(SHUTDOWN_MESSAGE)
+        if not call.recorded:
+            call.failed(exc)
+            self._record(call, None, None)
+        await render_json(exc, call.request_id)(scope, receive, send)
 
     def _resolve(self, endpoint: str, slug: str) -> Route:
         # A model whose provider does not serve the Responses API gets its plain route: the
@@ -472,7 +493,8 @@ class Pipeline:
         usage = end.meter.usage()
         if end.meter.invalid is not None:
             usage = self._invalid_usage(call, end.meter.invalid, end.meter.text_bytes)
-        elif end.client_gone or end.timed_out or (end.error is not None and end.error.instance_code in _GATEWAY_CUTS):
+        elif (end.client_gone or end.timed_out or end.stopped
+              or (end.error is not None and end.error.instance_code in _GATEWAY_CUTS)):
             if usage is None or usage.estimated or not end.complete:  # the provider's final count, or the rule
                 usage = conservative_usage(call.route.model if call.route else None, call.body, call.prompt_bound,
                                            call.output_bound, end.meter.text_bytes, usage)
@@ -480,6 +502,8 @@ class Pipeline:
             usage = self._estimate(call, end.meter.text_bytes, usage)
         if end.client_gone:
             call.status, call.error_type = 499, "client_disconnected"
+        elif end.stopped:
+            call.error_type, call.error_code = "ShuttingDown", ShuttingDown.code
         elif end.timed_out:
             call.error_type, call.error_code = "StreamDeadline", "stream_deadline"
         elif end.error is not None:

@@ -25,6 +25,9 @@ Endings, each settled exactly once by `on_end` (shielded from cancellation):
                              (docs/proxy.md). Past the deadline the client gets an error
                              event if it reads again within ERROR_EVENT_GRACE, or the
                              connection is closed after what was already sent.
+  the server's drain      -> (a cancellation not the relay's own: serving.py) nothing is
+  deadline                   read on, the pipeline bills the conservative rule, and the
+                             client gets a `server_shutting_down` error event.
 """
 
 from __future__ import annotations
@@ -60,6 +63,13 @@ class StreamDeadline(TollwayError):
     status, type, code = 504, "timeout_error", "stream_deadline"
 
 
+class ShuttingDown(TollwayError):
+    status, type, code = 503, "server_error", "server_shutting_down"
+
+
+SHUTDOWN_MESSAGE = "The gateway is restarting and stopped this request before it finished; retry it."
+
+
 @dataclass(frozen=True, slots=True)
 class RelayLimits:
     """After a client left (or the deadline passed): how long and how much of the
@@ -75,6 +85,7 @@ class StreamEnd:
     error: TollwayError | None = None  # the upstream failed mid-stream
     client_gone: bool = False
     timed_out: bool = False  # the deadline passed before the stream was delivered
+    stopped: bool = False  # the server's drain deadline passed before the stream was delivered
     complete: bool = False  # the provider's stream was read to its end marker or its end
     # Cancelling the relay's task (watcher, deadline) is allowed only while it sends or
     # reads the stream: never while it drains or settles.
@@ -114,9 +125,11 @@ class Relay:
             if self.timer is not None:
                 self.timer.cancel()
             watcher.cancel()
-            if not end.settled:  # server shutdown: settle what is known, then let it propagate
+            # A cancellation `_run` could not take back (during the read-on, or a second one):
+            # settle what is known as a stream the drain cut, then let it propagate.
+            if not end.settled:
                 self.resp.close()
-                end.settled = True
+                end.settled, end.stopped = True, True
                 await shielded(self.on_end(end))
 
     async def _run(self, send: Send, task: asyncio.Task[Any], end: StreamEnd) -> None:
@@ -133,7 +146,7 @@ class Relay:
                 await asyncio.sleep(0)
             except asyncio.CancelledError:
                 _absorb(task, end)
-        if end.client_gone or end.timed_out:
+        if (end.client_gone or end.timed_out) and not end.stopped:
             await self._read_on_for_usage()
         end.complete = self.meter.done or self.drained
         if self.drained:
@@ -141,10 +154,15 @@ class Relay:
         else:
             self.resp.close()  # the provider stops generating
         end.settled = True
-        await shielded(self.on_end(end))
+        try:
+            await shielded(self.on_end(end))
+        except asyncio.CancelledError:
+            _absorb(task, end)  # the drain's deadline came during the settle: the answer still goes out
         if end.client_gone:
             return
-        if end.timed_out and not self.tail:  # the client never got to the end marker
+        if end.stopped and not self.tail and not end.complete:
+            last = self.error_event(ShuttingDown(SHUTDOWN_MESSAGE))
+        elif end.timed_out and not self.tail:  # the client never got to the end marker
             last = self.error_event(StreamDeadline(
                 "The stream was not read within the gateway's request timeout; it was stopped."))
         else:
@@ -152,7 +170,8 @@ class Relay:
             # stream (SDKs stop reading at [DONE]) also sees its charge.
             last = self.held + self.tail
         loop = asyncio.get_running_loop()
-        late = loop.call_later(ERROR_EVENT_GRACE, _expire, task, end) if loop.time() >= self.deadline else None
+        late = (loop.call_later(ERROR_EVENT_GRACE, _expire, task, end)
+                if end.stopped or loop.time() >= self.deadline else None)
         end.cancellable = True
         try:
             await send({"type": "http.response.body", "body": last, "more_body": False})
@@ -337,12 +356,18 @@ def _cancel(task: asyncio.Task[Any], end: StreamEnd) -> None:
 
 
 def _absorb(task: asyncio.Task[Any], end: StreamEnd) -> None:
-    """Take back a cancellation of ours (watcher, deadline); re-raise any other (shutdown)."""
-    if not end.cancel_pending:
-        raise asyncio.CancelledError
-    end.cancel_pending = False
-    if task.uncancel():
-        raise asyncio.CancelledError
+    """Take back a cancellation: ours (watcher, deadline), or the server's, which cancels
+    what still runs at its drain deadline: the stream is then `stopped` (it ends with an
+    error event and is settled, unless cancelled once more: `__call__`)."""
+    if end.cancel_pending:
+        end.cancel_pending = False
+        if not task.uncancel():
+            return
+    if end.stopped:
+        raise asyncio.CancelledError  # a second one: the process is going away
+    end.stopped = True
+    while task.uncancel():
+        pass
 
 
 async def shielded(aw: Awaitable[T]) -> T:
