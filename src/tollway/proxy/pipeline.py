@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,8 +62,9 @@ from tollway.providers.base import (
 )
 from tollway.providers.echo import EchoTransport
 from tollway.providers.tenant_tag import TenantTagger, resolve_fields
+from tollway.providers.translate import Translation, translation_for
 from tollway.proxy.disconnect import conservative_usage
-from tollway.proxy.inbound import ClientGone, header_map, model_slug, parse_json, read_body, shape
+from tollway.proxy.inbound import ClientGone, header_map, model_slug, parse_json, read_body, shape, widen
 from tollway.proxy.relay import Relay, RelayLimits, StreamEnd, shielded
 from tollway.proxy.upstream import Upstream
 from tollway.services import Services
@@ -97,7 +99,7 @@ class Call:
 
     __slots__ = ("body", "charge_reserved", "endpoint", "error_code", "error_type", "output_bound", "principal",
                  "prompt_bound", "recorded", "request_id", "reserved", "route", "settled", "started", "status",
-                 "stream", "upstream_status")
+                 "stream", "translation", "upstream_body", "upstream_status")
 
     def __init__(self, request_id: str, endpoint: str) -> None:
         self.request_id = request_id
@@ -106,6 +108,8 @@ class Call:
         self.principal: Principal | None = None
         self.route: Route | None = None
         self.body: dict[str, Any] = {}
+        self.translation: Translation | None = None  # the client's format is not the provider's
+        self.upstream_body: dict[str, Any] = self.body  # what the provider gets (translated, or the body)
         self.stream = False
         self.status = 200
         self.error_type: str | None = None
@@ -180,7 +184,7 @@ class Pipeline:
             if not call.recorded:
                 call.failed(exc)
                 self._record(call, None, None)
-            await render_json(exc, call.request_id)(scope, receive, send)
+            await render_json(exc, call.request_id, anthropic=endpoint == MESSAGES)(scope, receive, send)
         finally:
             self.live.discard(call.request_id)
 
@@ -194,10 +198,15 @@ class Pipeline:
         sh = shape(call.endpoint, body, len(raw), route.model, headers, route.target.output_field)
         call.stream = sh.stream
         call.prompt_bound, call.output_bound = sh.prompt_bound, sh.completion_bound
+        call.upstream_body = body
+        tr = call.translation = translation_for(call.endpoint, route.adapter.endpoints)
+        if tr is not None:  # checked and bounded in the client's format (shape); refused here if it cannot map
+            call.upstream_body = tr.request(body, route.target)
+            call.prompt_bound = widen(sh.prompt_bound, len(orjson.dumps(call.upstream_body)) - len(raw), route.model)
         if route.transport is None:
             raise ServiceUnavailable(f"The model '{route.target.slug}' is not available right now: its provider "
                                      f"has no key configured on this gateway.")
-        call.reserved = max_cost(sh.prompt_bound, sh.completion_bound, route.prices)
+        call.reserved = max_cost(call.prompt_bound, sh.completion_bound, route.prices)
         self.live.add(call.request_id)  # from here until it ends, the sweep leaves its hold alone
         try:
             await self.svc.ledger.reserve(
@@ -228,7 +237,7 @@ class Pipeline:
         if (kind == "embedding") != (endpoint == EMBEDDINGS):
             where = "POST /v1/embeddings" if kind == "embedding" else "a generation endpoint"
             raise BadRequest(f"The model '{slug}' is a {kind} model; call {where}.", param="model")
-        if endpoint not in route.adapter.endpoints:
+        if endpoint not in route.adapter.endpoints and translation_for(endpoint, route.adapter.endpoints) is None:
             where = "POST /v1/messages" if MESSAGES in route.adapter.endpoints else "POST /v1/chat/completions"
             raise BadRequest(f"The model '{slug}' is not served on {_ENDPOINT_OF[endpoint]}; call {where}.",
                              param="model")
@@ -243,10 +252,15 @@ class Pipeline:
             per_request[self.attribution] = orjson.dumps({
                 "tenant_id": call.principal.tenant_id, "key_id": call.principal.key_id,
                 "request_id": call.request_id}).decode()
-        out_headers = merge_headers(forwarded_headers(headers.items()), route.target.headers, per_request)
-        route.adapter.tag_tenant(call.endpoint, call.body, self.tenant_tags.tag(
+        client_headers = forwarded_headers(headers.items())
+        tr = call.translation
+        endpoint = call.endpoint if tr is None else tr.upstream_endpoint
+        if tr is not None and tr.drop_headers:
+            client_headers = {k: v for k, v in client_headers.items() if k not in tr.drop_headers}
+        out_headers = merge_headers(client_headers, route.target.headers, per_request)
+        route.adapter.tag_tenant(endpoint, call.upstream_body, self.tenant_tags.tag(
             route.target.provider, call.principal.tenant_id), route.tenant_fields)
-        request = route.adapter.prepare(route.target, call.endpoint, call.body, stream, out_headers)
+        request = route.adapter.prepare(route.target, endpoint, call.upstream_body, stream, out_headers)
         resp = await route.transport.send(request)
         call.upstream_status = resp.status
         if not 200 <= resp.status < 300:
@@ -254,8 +268,11 @@ class Pipeline:
         if stream:
             # The whole call, the client's reading included, ends request_timeout after it began.
             deadline = asyncio.get_running_loop().time() + self.request_timeout - (time.perf_counter() - call.started)
-            relay = Relay(resp, route.adapter.meter(route.target, strip_usage=not wants_usage),
-                          _stream_headers(resp), route.adapter.error_event, route.secrets,
+            meter = route.adapter.meter(route.target, strip_usage=not wants_usage or tr is not None)
+            error_event: Callable[[TollwayError], bytes] = route.adapter.error_event
+            if tr is not None:  # the provider's meter still reads the usage; the client gets its format
+                meter, error_event = tr.stream(meter, route.target, wants_usage), tr.error_event
+            relay = Relay(resp, meter, _stream_headers(resp), error_event, route.secrets,
                           lambda end: self._stream_ended(call, end), deadline, self.relay_limits)
             await relay(scope, receive, send)
             return
@@ -278,6 +295,8 @@ class Pipeline:
             usage = self._invalid_usage(call, exc, text_bytes_of(data, _TEXT_KEYS))
         if usage is None:
             usage = self._estimate(call, text_bytes_of(data, _TEXT_KEYS))
+        if tr is not None:  # before the settle: an answer that cannot be translated is not served
+            data = tr.response(data, usage, route.target.slug)
         charge = self._settle_at_once(call, usage)
         if charge is None:
             charge = await shielded(self._settle(call, usage))
