@@ -39,7 +39,9 @@ def upstream() -> Scripted:
 
 
 MODELS = [{"id": "oa/gpt", "provider": "fake", "upstream": "gpt-up", "max_output_tokens": MAX_OUTPUT,
-           "max_input_tokens": 200_000, **PRICES}]
+           "max_input_tokens": 200_000, **PRICES},
+          {"id": "demo/echo", "provider": "echo", "upstream": "echo-1", "input_usd_per_mtok": "1.00",
+           "output_usd_per_mtok": "2.00"}]
 
 
 @pytest.fixture
@@ -316,3 +318,16 @@ def test_the_translated_body_bounds_the_reservation_when_it_is_larger(
     upstream.replies.append(completion({"content": "ok"}))
     r = httpx.post(gw.url + "/v1/messages", json=body, headers={"x-api-key": gw.key})
     assert r.status_code == 200 and gw.balance() == hold - CHARGE
+
+
+def test_the_offline_echo_model_answers_the_anthropic_client(gw: Gateway) -> None:
+    """The starter config's echo model (OpenAI-format, served in process) works from the
+    anthropic SDK too, streaming and not, billed on the usage it reports."""
+    with client(gw) as c:
+        msg = c.messages.create(model="demo/echo", max_tokens=50, messages=[USER])  # type: ignore[list-item]
+        assert msg.content[0].text == "Hello" and msg.usage.output_tokens > 0  # type: ignore[union-attr]
+        with c.messages.stream(model="demo/echo", max_tokens=50, messages=[USER]) as stream:  # type: ignore[list-item]
+            assert "".join(stream.text_stream) == "Hello"
+            final = stream.get_final_message()
+    assert final.usage.input_tokens > 0 and final.usage.output_tokens > 0 and final.stop_reason == "end_turn"
+    assert gw.open_reservations() == 0 and gw.balance() < CREDIT
