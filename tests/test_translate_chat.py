@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import ServerThread
 from tests.fakes.harness import ANTHROPIC_KEY, Gateway, launcher
-from tests.fakes.scripted_upstream import Reply, Scripted, anthropic_event
+from tests.fakes.scripted_upstream import Reply, Scripted, anthropic_event, charged
 from tollway.config import Config
 from tollway.money import format_usd
 
@@ -71,12 +71,19 @@ def text_blocks(*words: str) -> list[bytes]:
             anthropic_event("content_block_stop", index=0)]
 
 
-def assert_charged(gw: Gateway, request_id: str, charge: int = CHARGE, estimated: bool = False) -> dict[str, Any]:
-    row = gw.usage_row(request_id)
-    assert row["cost_micros"] == charge and row["estimated"] is estimated
-    assert gw.balance() == CREDIT - charge
-    assert gw.open_reservations() == 0 and gw.verify() == []
-    return row
+def assert_charged(gw: Gateway, request_id: str) -> dict[str, Any]:
+    return charged(gw, request_id, CHARGE, CREDIT)
+
+
+def failed_stream(gw: Gateway) -> tuple[str, openai.APIError]:
+    """Stream a chat answer that fails on the way: the request id and what the SDK raised."""
+    with (pytest.raises(openai.APIError) as err,
+          gw.client().chat.completions.with_streaming_response.create(
+              model="claude/sonnet", messages=[USER], stream=True) as raw):
+        rid = raw.headers["x-request-id"]
+        for _ in raw.parse():
+            pass
+    return rid, err.value
 
 
 def test_text_and_system_prompt(gw: Gateway, upstream: Scripted) -> None:
@@ -274,13 +281,8 @@ def test_a_malformed_event_is_an_error_for_the_client_and_the_provider_usage_is_
     blocks = text_blocks("Bon", "jour")
     blocks.insert(2, b"event: content_block_delta\ndata: {not json\n\n")
     upstream.replies.append(stream_of(blocks))
-    with (pytest.raises(openai.APIError) as err,
-          gw.client().chat.completions.with_streaming_response.create(
-              model="claude/sonnet", messages=[USER], stream=True) as raw):
-        rid = raw.headers["x-request-id"]
-        for _ in raw.parse():
-            pass
-    assert "cannot be translated" in str(err.value)
+    rid, err = failed_stream(gw)
+    assert "cannot be translated" in str(err)
     # The provider finished its answer (and bills it): the charge is its own usage.
     assert_charged(gw, rid)
 
@@ -289,13 +291,8 @@ def test_an_upstream_error_event_mid_stream_reaches_the_client(gw: Gateway, upst
     start = stream_of([]).events[:2]  # type: ignore[index]
     upstream.replies.append(Reply(events=[*start, *text_blocks("Hal")[:2], anthropic_event(
         "error", error={"type": "overloaded_error", "message": f"Overloaded (key {ANTHROPIC_KEY})"})]))
-    with (pytest.raises(openai.APIError) as err,
-          gw.client().chat.completions.with_streaming_response.create(
-              model="claude/sonnet", messages=[USER], stream=True) as raw):
-        rid = raw.headers["x-request-id"]
-        for _ in raw.parse():
-            pass
-    assert "Overloaded" in str(err.value) and ANTHROPIC_KEY not in str(err.value)
+    rid, err = failed_stream(gw)
+    assert "Overloaded" in str(err) and ANTHROPIC_KEY not in str(err)
     row = gw.usage_row(rid)
     # No usage came after message_start: its exact input counts, the output estimated from the text.
     assert row["estimated"] is True and row["prompt_tokens"] == 1300 and row["completion_tokens"] == 1
@@ -306,13 +303,8 @@ def test_a_stream_that_ends_without_usage_is_charged_the_estimate(gw: Gateway, u
     start = stream_of([]).events[:1]  # type: ignore[index]
     words = ["A rather long answer ", "that stops ", "before its usage."]
     upstream.replies.append(Reply(events=[*start, *text_blocks(*words)]))  # no message_delta, no message_stop
-    with (pytest.raises(openai.APIError) as err,
-          gw.client().chat.completions.with_streaming_response.create(
-              model="claude/sonnet", messages=[USER], stream=True) as raw):
-        rid = raw.headers["x-request-id"]
-        for _ in raw.parse():
-            pass
-    assert "closed the stream" in str(err.value)
+    rid, err = failed_stream(gw)
+    assert "closed the stream" in str(err)
     completion = -(-len("".join(words)) // 4)
     row = gw.usage_row(rid)
     assert row["estimated"] is True and (row["prompt_tokens"], row["completion_tokens"]) == (1300, completion)

@@ -16,7 +16,7 @@ import pytest
 
 from tests.conftest import ServerThread
 from tests.fakes.harness import PROVIDER_KEY, Gateway, launcher
-from tests.fakes.scripted_upstream import Reply, Scripted, openai_chunk
+from tests.fakes.scripted_upstream import Reply, Scripted, charged, openai_chunk
 from tollway.config import Config
 from tollway.money import format_usd
 from tollway.providers.base import estimate_prompt_tokens, tokens_from_bytes
@@ -76,12 +76,8 @@ def chunks(*deltas: dict[str, Any], finish: str = "stop", usage: bool = True, do
     return Reply(events=events)
 
 
-def assert_charged(gw: Gateway, request_id: str, charge: int = CHARGE, estimated: bool = False) -> dict[str, Any]:
-    row = gw.usage_row(request_id)
-    assert row["cost_micros"] == charge and row["estimated"] is estimated
-    assert gw.balance() == CREDIT - charge
-    assert gw.open_reservations() == 0 and gw.verify() == []
-    return row
+def assert_charged(gw: Gateway, request_id: str) -> dict[str, Any]:
+    return charged(gw, request_id, CHARGE, CREDIT)
 
 
 def test_text_and_system_prompt(gw: Gateway, upstream: Scripted) -> None:

@@ -20,6 +20,8 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+from tests.fakes.harness import Gateway
+
 
 @dataclass
 class Reply:
@@ -67,3 +69,13 @@ class Scripted:
         for event in events:
             yield event
             await asyncio.sleep(0.001)  # one read each, as a provider streaming token by token
+
+
+def charged(gw: Gateway, request_id: str, charge: int, credit: int) -> dict[str, Any]:
+    """Assert the request was charged exactly `charge` on the provider's own usage, with
+    nothing left on hold and the books consistent; its usage row."""
+    row = gw.usage_row(request_id)
+    assert row["cost_micros"] == charge and row["estimated"] is False
+    assert gw.balance() == credit - charge
+    assert gw.open_reservations() == 0 and gw.verify() == []
+    return row

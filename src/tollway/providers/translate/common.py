@@ -3,6 +3,7 @@ the stream wrapper that puts a converter behind an adapter's meter."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import orjson
@@ -51,6 +52,16 @@ def text_of(content: Any, where: str, fields: frozenset[str] = _TEXT_PART) -> st
             parts.append(part["text"])
         return "".join(parts)
     raise BadRequest(f"'{where}' must be a string or an array of text parts.", param=where)
+
+
+def tool_list(body: dict[str, Any], convert: Callable[[Any, str], dict[str, Any]]) -> list[dict[str, Any]] | None:
+    """The body's `tools`, each converted (`convert(tool, "tools[i]")`), or None if absent."""
+    tools = body.get("tools")
+    if tools is None:
+        return None
+    if not isinstance(tools, list):
+        raise BadRequest("'tools' must be an array.", param="tools")
+    return [convert(t, f"tools[{i}]") for i, t in enumerate(tools)]
 
 
 def json_object(arguments: Any, where: str) -> dict[str, Any]:

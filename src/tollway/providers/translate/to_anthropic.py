@@ -23,6 +23,7 @@ from tollway.providers.translate.common import (
     json_object,
     openai_usage,
     text_of,
+    tool_list,
     untranslatable,
 )
 
@@ -85,11 +86,9 @@ def _user(body: dict[str, Any], out: dict[str, Any]) -> None:
 
 
 def _tools(body: dict[str, Any], out: dict[str, Any]) -> None:
-    tools = body.get("tools")
+    tools = tool_list(body, _tool)
     if tools is not None:
-        if not isinstance(tools, list):
-            raise BadRequest("'tools' must be an array.", param="tools")
-        out["tools"] = [_tool(t, f"tools[{i}]") for i, t in enumerate(tools)]
+        out["tools"] = tools
     choice = body.get("tool_choice")
     if isinstance(choice, str) and choice in _TOOL_CHOICE:
         out["tool_choice"] = dict(_TOOL_CHOICE[choice])

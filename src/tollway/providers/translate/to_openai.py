@@ -8,6 +8,7 @@ stream    chat.completion.chunk events -> message_start ... message_stop (ChatTo
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -21,6 +22,7 @@ from tollway.providers.translate.common import (
     invalid_answer,
     sse,
     text_of,
+    tool_list,
     untranslatable,
 )
 
@@ -85,11 +87,9 @@ def _texts(content: Any, where: str) -> str | list[dict[str, Any]]:
 
 
 def _tools(body: dict[str, Any], out: dict[str, Any]) -> None:
-    tools = body.get("tools")
+    tools = tool_list(body, _tool)
     if tools is not None:
-        if not isinstance(tools, list):
-            raise BadRequest("'tools' must be an array.", param="tools")
-        out["tools"] = [_tool(t, f"tools[{i}]") for i, t in enumerate(tools)]
+        out["tools"] = tools
     choice = body.get("tool_choice")
     if choice is None:
         return
@@ -135,16 +135,23 @@ def _message(m: Any, where: str) -> list[dict[str, Any]]:
     return _user(content, f"{where}.content") if role == "user" else [_assistant(content, f"{where}.content")]
 
 
-def _user(content: list[Any], where: str) -> list[dict[str, Any]]:
-    """Tool results become tool messages, which must directly follow the assistant's
-    calls: they go first, the rest of the turn after them."""
-    results: list[dict[str, Any]] = []
-    parts: list[dict[str, Any]] = []
+def _blocks(content: list[Any], where: str) -> Iterator[tuple[str, Any, dict[str, Any]]]:
+    """(path, type, block) for each block of a turn; a text block's fields are checked here."""
     for j, block in enumerate(content):
         w = f"{where}[{j}]"
         kind = block.get("type") if isinstance(block, dict) else None
         if kind == "text":
             check_fields(block, _TEXT_BLOCK, _NO_CITATIONS, f"{w}.")
+        yield w, kind, block if isinstance(block, dict) else {}
+
+
+def _user(content: list[Any], where: str) -> list[dict[str, Any]]:
+    """Tool results become tool messages, which must directly follow the assistant's
+    calls: they go first, the rest of the turn after them."""
+    results: list[dict[str, Any]] = []
+    parts: list[dict[str, Any]] = []
+    for w, kind, block in _blocks(content, where):
+        if kind == "text":
             parts.append({"type": "text", "text": block.get("text")})
         elif kind == "image":
             check_fields(block, frozenset({"type", "source", "cache_control"}), {}, f"{w}.")
@@ -180,11 +187,8 @@ def _image_url(source: Any, where: str) -> str:
 def _assistant(content: list[Any], where: str) -> dict[str, Any]:
     texts: list[dict[str, Any]] = []
     calls: list[dict[str, Any]] = []
-    for j, block in enumerate(content):
-        w = f"{where}[{j}]"
-        kind = block.get("type") if isinstance(block, dict) else None
+    for w, kind, block in _blocks(content, where):
         if kind == "text":
-            check_fields(block, _TEXT_BLOCK, _NO_CITATIONS, f"{w}.")
             texts.append(block)
         elif kind == "tool_use":
             check_fields(block, frozenset({"type", "id", "name", "input", "cache_control"}), {}, f"{w}.")
