@@ -289,9 +289,13 @@ def test_a_stream_cut_without_usage_or_end_gives_an_error_event(gw: Gateway, ups
     upstream.replies.append(chunks({"content": "Half an ans"}, usage=False, done=False))
     with (client(gw) as c, pytest.raises(anthropic.APIError) as err,
           c.messages.stream(model="oa/gpt", max_tokens=64, messages=[USER]) as stream):  # type: ignore[list-item]
+        rid = stream.response.headers["x-request-id"]
         for _ in stream.text_stream:
             pass
-    assert "closed the stream" in str(err.value) and gw.open_reservations() == 0
+    assert "closed the stream" in str(err.value)
+    row = gw.usage_row(rid)  # written by the settle, which follows the error event
+    assert row["estimated"] is True and row["completion_tokens"] == tokens_from_bytes(len("Half an ans"))
+    assert gw.open_reservations() == 0
 
 
 def test_the_translated_body_bounds_the_reservation_when_it_is_larger(

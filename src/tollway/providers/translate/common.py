@@ -64,6 +64,15 @@ def tool_list(body: dict[str, Any], convert: Callable[[Any, str], dict[str, Any]
     return [convert(t, f"tools[{i}]") for i, t in enumerate(tools)]
 
 
+def strings(value: Any, name: str, *, one: bool = False) -> list[str]:
+    """A list of strings (stop sequences); `one`: a lone string is accepted as a list of one."""
+    if one and isinstance(value, str):
+        return [value]
+    if not (isinstance(value, list) and all(isinstance(s, str) for s in value)):
+        raise BadRequest(f"'{name}' must be {'a string or ' if one else ''}an array of strings.", param=name)
+    return value
+
+
 def json_object(arguments: Any, where: str) -> dict[str, Any]:
     """Tool-call arguments (a JSON string in OpenAI's format) as the object Anthropic takes."""
     if isinstance(arguments, str):

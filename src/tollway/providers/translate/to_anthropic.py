@@ -22,6 +22,7 @@ from tollway.providers.translate.common import (
     invalid_answer,
     json_object,
     openai_usage,
+    strings,
     text_of,
     tool_list,
     untranslatable,
@@ -58,11 +59,7 @@ def request(body: dict[str, Any], limit: int) -> dict[str, Any]:
         out["top_p"] = body["top_p"]
     stop = body.get("stop")
     if stop is not None:
-        if isinstance(stop, str):
-            stop = [stop]
-        if not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
-            raise BadRequest("'stop' must be a string or an array of strings.", param="stop")
-        out["stop_sequences"] = stop
+        out["stop_sequences"] = strings(stop, "stop", one=True)
     if body.get("stream") is True:
         out["stream"] = True
     opts = body.get("stream_options")

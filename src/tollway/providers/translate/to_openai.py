@@ -21,6 +21,7 @@ from tollway.providers.translate.common import (
     check_fields,
     invalid_answer,
     sse,
+    strings,
     text_of,
     tool_list,
     untranslatable,
@@ -52,9 +53,7 @@ def request(body: dict[str, Any], output_field: str) -> dict[str, Any]:
             out[name] = body[name]
     stop = body.get("stop_sequences")
     if stop is not None:
-        if not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
-            raise BadRequest("'stop_sequences' must be an array of strings.", param="stop_sequences")
-        out["stop"] = stop
+        out["stop"] = strings(stop, "stop_sequences")
     if body.get("stream") is True:
         out["stream"] = True
     meta = body.get("metadata")
