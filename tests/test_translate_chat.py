@@ -309,3 +309,29 @@ def test_a_stream_that_ends_without_usage_is_charged_the_estimate(gw: Gateway, u
     row = gw.usage_row(rid)
     assert row["estimated"] is True and (row["prompt_tokens"], row["completion_tokens"]) == (1300, completion)
     assert row["cost_micros"] == 300 + 300 + 750 + completion * 15 and gw.open_reservations() == 0
+
+
+def test_an_answer_that_cannot_be_translated_is_a_502_and_released(gw: Gateway, upstream: Scripted) -> None:
+    upstream.replies.append(message([{"type": "server_tool_use", "id": "srvtoolu_1", "name": "web_search",
+                                      "input": {}}]))
+    with pytest.raises(openai.InternalServerError) as err:
+        gw.client().chat.completions.create(model="claude/sonnet", messages=[USER])
+    assert err.value.code == "upstream_invalid_response" and err.value.status_code == 502
+    assert gw.balance() == CREDIT and gw.open_reservations() == 0
+
+
+def test_parallel_tool_calls_stream_as_separate_calls(gw: Gateway, upstream: Scripted) -> None:
+    blocks: list[bytes] = []
+    for i, city in enumerate(("Paris", "Oslo")):
+        blocks += [anthropic_event("content_block_start", index=i, content_block={
+                       "type": "tool_use", "id": f"toolu_{i}", "name": "get_weather", "input": {}}),
+                   anthropic_event("content_block_delta", index=i, delta={
+                       "type": "input_json_delta", "partial_json": json.dumps({"city": city})}),
+                   anthropic_event("content_block_stop", index=i)]
+    upstream.replies.append(stream_of(blocks, stop="tool_use"))
+    chunks = list(gw.client().chat.completions.create(model="claude/sonnet", messages=[USER], tools=[WEATHER],
+                                                      stream=True))
+    calls = [tc for c in chunks for tc in c.choices[0].delta.tool_calls or []]
+    assert [(tc.index, tc.id) for tc in calls if tc.id] == [(0, "toolu_0"), (1, "toolu_1")]
+    assert [tc.function.arguments for tc in calls if tc.function and tc.function.arguments] == [
+        '{"city": "Paris"}', '{"city": "Oslo"}']

@@ -331,3 +331,27 @@ def test_the_offline_echo_model_answers_the_anthropic_client(gw: Gateway) -> Non
             final = stream.get_final_message()
     assert final.usage.input_tokens > 0 and final.usage.output_tokens > 0 and final.stop_reason == "end_turn"
     assert gw.open_reservations() == 0 and gw.balance() < CREDIT
+
+
+def test_parallel_tool_calls_become_blocks_and_interleaved_pieces_an_error(gw: Gateway, upstream: Scripted) -> None:
+    def call(i: int, args: str, head: bool) -> dict[str, Any]:
+        fn = {"name": "get_weather", "arguments": args} if head else {"arguments": args}
+        return {"tool_calls": [{"index": i, **({"id": f"call_{i}", "type": "function"} if head else {}),
+                                "function": fn}]}
+
+    upstream.replies.append(chunks(call(0, '{"city":', True), call(0, '"Paris"}', False),
+                                   call(1, '{"city":"Oslo"}', True), finish="tool_calls"))
+    with client(gw) as c, c.messages.stream(model="oa/gpt", max_tokens=64, messages=[USER],  # type: ignore[list-item]
+                                            tools=[WEATHER]) as stream:  # type: ignore[list-item]
+        final = stream.get_final_message()
+    assert [(b.id, b.input) for b in final.content if b.type == "tool_use"] == [
+        ("call_0", {"city": "Paris"}), ("call_1", {"city": "Oslo"})]
+
+    # Pieces of call 0 after call 1 started: Anthropic's blocks cannot go back; the client is told.
+    upstream.replies.append(chunks(call(0, '{"city":', True), call(1, "{}", True), call(0, '"Paris"}', False),
+                                   finish="tool_calls"))
+    with (client(gw) as c, pytest.raises(anthropic.APIError) as err,
+          c.messages.stream(model="oa/gpt", max_tokens=64, messages=[USER]) as stream):  # type: ignore[list-item]
+        rid = stream.response.headers["x-request-id"]
+        stream.get_final_message()
+    assert "interleave" in str(err.value) and gw.usage_row(rid)["cost_micros"] == CHARGE
