@@ -31,7 +31,7 @@ from tollway.errors import TollwayError, render_anthropic_sse, render_sse
 from tollway.money import Usage
 from tollway.providers.base import CHAT, MESSAGES, StreamMeter, Target
 from tollway.providers.translate import to_anthropic, to_openai
-from tollway.providers.translate.common import TranslatedStream
+from tollway.providers.translate.common import TranslatedStream, guarded
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,14 +54,14 @@ def _chat_limit(body: dict[str, Any]) -> int:
 CHAT_TO_MESSAGES = Translation(
     MESSAGES,
     lambda body, target: to_anthropic.request(body, _chat_limit(body)),
-    to_anthropic.response,
+    guarded(to_anthropic.response),
     lambda meter, target, wants_usage: TranslatedStream(meter, to_anthropic.AnthropicToChat(target.slug,
                                                                                              wants_usage)),
     render_sse, ())
 MESSAGES_TO_CHAT = Translation(
     CHAT,
     lambda body, target: to_openai.request(body, target.output_field),
-    to_openai.response,
+    guarded(to_openai.response),
     lambda meter, target, wants_usage: TranslatedStream(meter, to_openai.ChatToAnthropic(target.slug)),
     render_anthropic_sse, ("anthropic-version", "anthropic-beta"))
 

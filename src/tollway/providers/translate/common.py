@@ -12,6 +12,9 @@ from tollway.errors import BadRequest, TollwayError, UpstreamError
 from tollway.money import Usage
 from tollway.providers.base import InvalidUsage, StreamMeter, sse_data
 
+# What reading a provider's JSON of an unexpected shape raises (its data is untrusted).
+_SHAPE_ERRORS = (TypeError, ValueError, KeyError, AttributeError, IndexError)
+
 
 def untranslatable(param: str, why: str) -> BadRequest:
     """The 400 for a field the other wire format cannot carry exactly: named, never dropped."""
@@ -158,6 +161,21 @@ class TranslatedStream:
         except UpstreamError as exc:
             self._failed = True
             return self._conv.error(exc)
+        except _SHAPE_ERRORS:  # an event of a shape the converter does not expect (a list for an index...)
+            self._failed = True
+            return self._conv.error(invalid_answer("an event of its stream has an unexpected shape"))
+
+
+def guarded(convert: Callable[[dict[str, Any], Usage, str], dict[str, Any]]
+            ) -> Callable[[dict[str, Any], Usage, str], dict[str, Any]]:
+    """An answer converter for which a provider's body of an unexpected shape is a 502
+    (upstream_invalid_response), never a 500."""
+    def run(data: dict[str, Any], usage: Usage, slug: str) -> dict[str, Any]:
+        try:
+            return convert(data, usage, slug)
+        except _SHAPE_ERRORS as exc:
+            raise invalid_answer("an unexpected shape") from exc
+    return run
 
 
 def sse(name: str, data: dict[str, Any]) -> bytes:
