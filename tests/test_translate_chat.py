@@ -230,6 +230,13 @@ def test_an_untranslatable_field_is_refused_and_nothing_is_forwarded_or_held(
     assert upstream.requests == [] and gw.balance() == CREDIT and gw.held() == 0 and gw.open_reservations() == 0
 
 
+def test_a_refusal_quotes_no_client_text(gw: Gateway, upstream: Scripted) -> None:
+    r = httpx.post(gw.url + "/v1/chat/completions", headers={"authorization": f"Bearer {gw.key}"}, json={
+        "model": "claude/sonnet", "messages": [{"role": "user", "content": "Hi", "my secret plan": 1}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0]"
+    assert "secret" not in r.text and upstream.requests == []
+
+
 def test_neutral_values_mean_nothing_and_are_accepted(gw: Gateway, upstream: Scripted) -> None:
     upstream.replies.append(message([{"type": "text", "text": "ok"}]))
     gw.client().chat.completions.create(model="claude/sonnet", messages=[USER], n=1, presence_penalty=0,

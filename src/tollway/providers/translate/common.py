@@ -3,6 +3,7 @@ the stream wrapper that puts a converter behind an adapter's meter."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -12,6 +13,7 @@ from tollway.errors import BadRequest, TollwayError, UpstreamError
 from tollway.money import Usage
 from tollway.providers.base import InvalidUsage, StreamMeter, sse_data
 
+_FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}")
 # What reading a provider's JSON of an unexpected shape raises (its data is untrusted).
 _SHAPE_ERRORS = (TypeError, ValueError, KeyError, AttributeError, IndexError)
 
@@ -35,6 +37,9 @@ def check_fields(body: dict[str, Any], known: frozenset[str], neutral: dict[str,
         value = body[name]
         if value is None or any(type(v) is type(value) and v == value for v in neutral.get(name, ())):
             continue
+        if not _FIELD_NAME.fullmatch(name):  # error messages quote no client text (errors.py)
+            raise untranslatable(where.rstrip(".") or "body", "it holds a field whose name is not an identifier "
+                                                              "and has no equivalent in the provider's API")
         raise untranslatable(f"{where}{name}", "it has no equivalent in the provider's API")
 
 
