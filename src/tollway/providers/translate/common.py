@@ -116,7 +116,7 @@ class Converter(Protocol):
     into the client's events; `done` is the upstream's end marker, when the converter
     adds the client's closing events (they go out after the settle, as any end marker)."""
 
-    def convert(self, data: dict[str, Any], name: bytes, meter: StreamMeter) -> bytes | None: ...
+    def convert(self, data: dict[str, Any], meter: StreamMeter) -> bytes | None: ...
 
     def finish(self, meter: StreamMeter) -> bytes: ...
 
@@ -160,9 +160,8 @@ class TranslatedStream:
         if not isinstance(data, dict):
             self._failed = True
             return self._conv.error(invalid_answer("an event of its stream is not a JSON object"))
-        name = sent[7:sent.index(b"\n")].strip() if sent.startswith(b"event:") and b"\n" in sent else b""
-        try:
-            return self._conv.convert(data, name, inner)
+        try:  # Anthropic's data repeats the event's name as its `type`: the data is enough
+            return self._conv.convert(data, inner)
         except UpstreamError as exc:
             self._failed = True
             return self._conv.error(exc)

@@ -270,7 +270,7 @@ class AnthropicToChat:
                       "model": self._slug, "choices": [{"index": 0, "delta": delta, "logprobs": None,
                                                         "finish_reason": finish}]})
 
-    def convert(self, data: dict[str, Any], name: bytes, meter: StreamMeter) -> bytes | None:
+    def convert(self, data: dict[str, Any], meter: StreamMeter) -> bytes | None:
         kind = data.get("type")
         if kind == "content_block_delta":
             return self._delta(data)

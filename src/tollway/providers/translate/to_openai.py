@@ -255,7 +255,7 @@ class ChatToAnthropic:
         self._tools: set[Any] = set()  # tool call indexes already opened
         self._stop = "end_turn"
 
-    def convert(self, data: dict[str, Any], name: bytes, meter: StreamMeter) -> bytes | None:
+    def convert(self, data: dict[str, Any], meter: StreamMeter) -> bytes | None:
         if "error" in data:
             err = data["error"]
             message = err.get("message") if isinstance(err, dict) else err
@@ -323,7 +323,7 @@ class ChatToAnthropic:
     def finish(self, meter: StreamMeter) -> bytes:
         out: list[bytes] = []
         if not self._started:  # a stream with no chunk at all still has a message to close
-            out.append(self.convert({}, b"", meter) or b"")
+            out.append(self.convert({}, meter) or b"")
         self._close(out)
         out.append(sse("message_delta", {"type": "message_delta",
                                          "delta": {"stop_reason": self._stop, "stop_sequence": None},
