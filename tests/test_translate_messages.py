@@ -60,6 +60,16 @@ def client(gw: Gateway) -> anthropic.Anthropic:
     return anthropic.Anthropic(base_url=gw.url, api_key=gw.key, max_retries=0)
 
 
+def failed_stream(gw: Gateway) -> tuple[str, anthropic.APIError]:
+    """Stream an answer that fails on the way: the request id and what the SDK raised."""
+    with (client(gw) as c, pytest.raises(anthropic.APIError) as err,
+          c.messages.stream(model="oa/gpt", max_tokens=64, messages=[USER]) as stream):  # type: ignore[list-item]
+        rid = stream.response.headers["x-request-id"]
+        for _ in stream.text_stream:
+            pass
+    return rid, err.value
+
+
 def completion(message: dict[str, Any], finish: str = "stop", usage: dict[str, Any] | None = None) -> Reply:
     return Reply({"id": "chatcmpl-up1", "object": "chat.completion", "created": 1, "model": "gpt-up-2025",
                   "choices": [{"index": 0, "message": {"role": "assistant", **message}, "finish_reason": finish}],
@@ -260,12 +270,8 @@ def test_unknown_and_malformed_chunks(gw: Gateway, upstream: Scripted) -> None:
     assert bad.events is not None
     bad.events.insert(2, b"data: {broken\n\n")
     upstream.replies.append(bad)
-    with (client(gw) as c, pytest.raises(anthropic.APIError) as err,
-          c.messages.stream(model="oa/gpt", max_tokens=64, messages=[USER]) as stream):  # type: ignore[list-item]
-        rid = stream.response.headers["x-request-id"]
-        for _ in stream.text_stream:
-            pass
-    assert "cannot be translated" in str(err.value)
+    rid, err = failed_stream(gw)
+    assert "cannot be translated" in str(err)
     row = gw.usage_row(rid)  # the provider finished (and bills) its answer: its usage is charged
     assert row["cost_micros"] == CHARGE and row["estimated"] is False and gw.open_reservations() == 0
 
@@ -287,12 +293,8 @@ def test_a_stream_that_ends_without_usage_is_charged_the_estimate(gw: Gateway, u
 
 def test_a_stream_cut_without_usage_or_end_gives_an_error_event(gw: Gateway, upstream: Scripted) -> None:
     upstream.replies.append(chunks({"content": "Half an ans"}, usage=False, done=False))
-    with (client(gw) as c, pytest.raises(anthropic.APIError) as err,
-          c.messages.stream(model="oa/gpt", max_tokens=64, messages=[USER]) as stream):  # type: ignore[list-item]
-        rid = stream.response.headers["x-request-id"]
-        for _ in stream.text_stream:
-            pass
-    assert "closed the stream" in str(err.value)
+    rid, err = failed_stream(gw)
+    assert "closed the stream" in str(err)
     row = gw.usage_row(rid)  # written by the settle, which follows the error event
     assert row["estimated"] is True and row["completion_tokens"] == tokens_from_bytes(len("Half an ans"))
     assert gw.open_reservations() == 0
@@ -350,8 +352,5 @@ def test_parallel_tool_calls_become_blocks_and_interleaved_pieces_an_error(gw: G
     # Pieces of call 0 after call 1 started: Anthropic's blocks cannot go back; the client is told.
     upstream.replies.append(chunks(call(0, '{"city":', True), call(1, "{}", True), call(0, '"Paris"}', False),
                                    finish="tool_calls"))
-    with (client(gw) as c, pytest.raises(anthropic.APIError) as err,
-          c.messages.stream(model="oa/gpt", max_tokens=64, messages=[USER]) as stream):  # type: ignore[list-item]
-        rid = stream.response.headers["x-request-id"]
-        stream.get_final_message()
-    assert "interleave" in str(err.value) and gw.usage_row(rid)["cost_micros"] == CHARGE
+    rid, err = failed_stream(gw)
+    assert "interleave" in str(err) and gw.usage_row(rid)["cost_micros"] == CHARGE
