@@ -209,6 +209,8 @@ def test_streamed_tool_call_arguments_split_across_many_deltas(gw: Gateway, upst
 
 @pytest.mark.parametrize(("field", "value", "param"), [
     ("top_k", 5, "top_k"),
+    ("cache_control", {"type": "ephemeral", "ttl": "1h"}, "cache_control.ttl"),  # priced.py, the client's format
+    ("diagnostics", {"a": 1}, "diagnostics"),
     ("thinking", {"type": "enabled", "budget_tokens": 1024}, "thinking"),
     ("output_config", {"effort": "low"}, "output_config"),
     ("tools", [{"type": "bash_20250124", "name": "bash"}], "tools[0].type"),
