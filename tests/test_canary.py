@@ -160,9 +160,15 @@ def exercise(url: str, key: str, broke_key: str, canary: str) -> dict[str, Any]:
             seen["responses_stream"] = "".join(s.iter_text())
         # Error paths.
         statuses = {
-            "messages_not_served": c.post("/v1/messages", json={
+            # Translated both ways (providers/translate): the canary crosses formats and back.
+            "messages_translated": c.post("/v1/messages", json={
                 "model": "acme/chat", "max_tokens": 10, "system": canary,
                 "messages": [{"role": "user", "content": canary}]}).status_code,
+            "chat_translated": c.post("/v1/chat/completions", json={
+                k: v for k, v in chat_body(canary, "anth/chat").items() if k != "metadata"}).status_code,
+            "untranslatable": c.post("/v1/chat/completions", json=chat_body(canary, "anth/chat")).status_code,
+            "completions_not_served": c.post("/v1/completions", json={
+                "model": "anth/chat", "prompt": canary}).status_code,
             "malformed_json": c.post("/v1/chat/completions", content=b'{"model": "acme/chat", "messages": [{"'
                                      + canary.encode() + b'": ').status_code,
             "not_an_object": c.post("/v1/chat/completions", json=[canary]).status_code,
@@ -288,7 +294,8 @@ def test_canary_appears_nowhere(backend: dict[str, Any], make_config: Callable[.
     assert proc.returncode == 0, err_path.read_text()  # drained, then exits 0 (serving.py)
 
     statuses = seen["statuses"]
-    assert statuses == {"messages_not_served": 400, "malformed_json": 400, "not_an_object": 400,
+    assert statuses == {"messages_translated": 200, "chat_translated": 200, "untranslatable": 400,
+                        "completions_not_served": 400, "malformed_json": 400, "not_an_object": 400,
                         "wrong_types": 400, "too_large": 413, "unknown_model": 404, "empty_wallet": 402,
                         "bad_key": 401, "stored_state": 400, "upstream_echo": 400, "upstream_echo_completions": 400,
                         "upstream_echo_messages": 400, "upstream_key_echo": 400,

@@ -140,6 +140,16 @@ def shape(endpoint: str, body: dict[str, Any], size: int, model: ModelConfig, he
     return Shape(stream, wants_usage, limit * choices, prompt)
 
 
+def widen(prompt_bound: int, extra_bytes: int, model: ModelConfig) -> int:
+    """The prompt bound of a call whose body was translated (providers/translate): the
+    provider reads the translated body, so when it is the larger, its size bounds the
+    prompt, under the same cap by the model's context window."""
+    if extra_bytes <= 0:
+        return prompt_bound
+    window = model.max_input_tokens
+    return prompt_bound + extra_bytes if window is None else min(prompt_bound + extra_bytes, window)
+
+
 def _prompt_bound(bounded: int, media: str | None, model: ModelConfig) -> int:
     """The body's bytes (plus what the provider adds) bound its tokens, unless it carries an
     input they do not bound: then only the model's context window does."""

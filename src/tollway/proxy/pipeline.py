@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -68,8 +69,9 @@ from tollway.providers.base import (
 from tollway.providers.echo import EchoTransport
 from tollway.providers.responses import ResponsesAdapter, serves_responses
 from tollway.providers.tenant_tag import TenantTagger, resolve_fields
+from tollway.providers.translate import Translation, translation_for
 from tollway.proxy.disconnect import conservative_usage
-from tollway.proxy.inbound import ClientGone, header_map, model_slug, parse_json, read_body, shape
+from tollway.proxy.inbound import ClientGone, header_map, model_slug, parse_json, read_body, shape, widen
 from tollway.proxy.relay import SHUTDOWN_MESSAGE, Relay, RelayLimits, ShuttingDown, StreamEnd, shielded
 from tollway.proxy.retry import RetryPolicy, moves_on, pause, retry_after, retryable, should_retry
 from tollway.proxy.streams import StreamSlots
@@ -113,6 +115,8 @@ class Candidate:
     body: dict[str, Any]
     prompt_bound: int
     output_bound: int
+    translation: Translation | None  # its provider's wire format is not the client's
+    upstream_body: dict[str, Any]  # `body`, or its translation
 
 
 class Call:
@@ -120,7 +124,7 @@ class Call:
 
     __slots__ = ("attempts", "body", "charge_reserved", "endpoint", "error_code", "error_type", "output_bound",
                  "plan", "principal", "prompt_bound", "recorded", "request_id", "requested", "reserved", "route",
-                 "settled", "started", "status", "stream", "upstream_status")
+                 "settled", "started", "status", "stream", "translation", "upstream_body", "upstream_status")
 
     def __init__(self, request_id: str, endpoint: str) -> None:
         self.request_id = request_id
@@ -129,6 +133,8 @@ class Call:
         self.principal: Principal | None = None
         self.route: Route | None = None
         self.body: dict[str, Any] = {}
+        self.translation: Translation | None = None  # the client's format is not the provider's
+        self.upstream_body: dict[str, Any] = self.body  # what the provider gets (translated, or the body)
         self.stream = False
         self.status = 200
         self.error_type: str | None = None
@@ -217,7 +223,7 @@ class Pipeline:
             if not call.recorded:
                 call.failed(exc)
                 self._record(call, None, None)
-            await render_json(exc, call.request_id)(scope, receive, send)
+            await render_json(exc, call.request_id, anthropic=endpoint == MESSAGES)(scope, receive, send)
         except asyncio.CancelledError:
             # The server's drain deadline (serving.py): a call not answered yet gets a 503.
             if call.settled and call.status != ShuttingDown.status:
@@ -239,6 +245,9 @@ class Pipeline:
         sh = shape(call.endpoint, body, len(raw), route.model, headers, route.target.output_field)
         call.stream = sh.stream
         call.prompt_bound, call.output_bound = sh.prompt_bound, sh.completion_bound
+        # Checked and bounded in the client's format (shape); refused here if it cannot map.
+        call.translation = translation_for(call.endpoint, route.adapter.endpoints)
+        call.upstream_body, call.prompt_bound = _translated(call.translation, body, sh.prompt_bound, len(raw), route)
         if sh.stream:
             self.streams.take(principal.key_id, call.request_id)  # 429 past server.max_streams_per_key
         if route.fallbacks:
@@ -247,7 +256,7 @@ class Pipeline:
             raise ServiceUnavailable(f"The model '{route.target.slug}' is not available right now: its provider "
                                      f"has no key configured on this gateway.")
         else:
-            call.reserved = max_cost(sh.prompt_bound, sh.completion_bound, route.prices)
+            call.reserved = max_cost(call.prompt_bound, sh.completion_bound, route.prices)
         self.live.add(call.request_id)  # from here until it ends, the sweep leaves its hold alone
         try:
             await self.svc.ledger.reserve(
@@ -274,18 +283,21 @@ class Pipeline:
         and the reservation: the most the most expensive of them can cost. Returns the first."""
         route = call.route
         assert route is not None
-        plan = [Candidate(route, call.body, call.prompt_bound, call.output_bound)] if route.transport else []
+        plan = [Candidate(route, call.body, call.prompt_bound, call.output_bound, call.translation,
+                          call.upstream_body)] if route.transport else []
         for listed in route.fallbacks:
             # /v1/responses: a fallback serves it only through its Responses route, if its provider has one.
             fb = self.responses.get(listed.target.slug) if call.endpoint == RESPONSES else listed
             if fb is None or fb.transport is None:
                 continue
             body = orjson.loads(raw)  # a fresh copy: shape and tag_tenant patch it for this model
+            tr = translation_for(call.endpoint, fb.adapter.endpoints)
             try:
                 sh = shape(call.endpoint, body, len(raw), fb.model, headers, fb.target.output_field)
+                upstream_body, prompt_bound = _translated(tr, body, sh.prompt_bound, len(raw), fb)
             except BadRequest:
                 continue  # this model cannot take this request (an image and no context window)
-            plan.append(Candidate(fb, body, sh.prompt_bound, sh.completion_bound))
+            plan.append(Candidate(fb, body, prompt_bound, sh.completion_bound, tr, upstream_body))
         if not plan:
             raise ServiceUnavailable(f"The model '{route.target.slug}' is not available right now: its provider "
                                      f"and those of its fallbacks have no key configured on this gateway.")
@@ -296,6 +308,7 @@ class Pipeline:
     @staticmethod
     def _switch(call: Call, c: Candidate) -> Route:
         call.route, call.body, call.prompt_bound, call.output_bound = c.route, c.body, c.prompt_bound, c.output_bound
+        call.translation, call.upstream_body = c.translation, c.upstream_body
         return c.route
 
     async def _shut_out(self, call: Call, scope: Scope, receive: Receive, send: Send) -> None:
@@ -306,7 +319,7 @@ class Pipeline:
         if not call.recorded:
             call.failed(exc)
             self._record(call, None, None)
-        await render_json(exc, call.request_id)(scope, receive, send)
+        await render_json(exc, call.request_id, anthropic=call.endpoint == MESSAGES)(scope, receive, send)
 
     def _resolve(self, endpoint: str, slug: str) -> Route:
         # A model whose provider does not serve the Responses API gets its plain route: the
@@ -319,7 +332,7 @@ class Pipeline:
         if (kind == "embedding") != (endpoint == EMBEDDINGS):
             where = "POST /v1/embeddings" if kind == "embedding" else "a generation endpoint"
             raise BadRequest(f"The model '{slug}' is a {kind} model; call {where}.", param="model")
-        if endpoint not in route.adapter.endpoints:
+        if endpoint not in route.adapter.endpoints and translation_for(endpoint, route.adapter.endpoints) is None:
             where = "POST /v1/messages" if MESSAGES in route.adapter.endpoints else "POST /v1/chat/completions"
             raise BadRequest(f"The model '{slug}' is not served on {_ENDPOINT_OF[endpoint]}; call {where}.",
                              param="model")
@@ -352,8 +365,12 @@ class Pipeline:
         if stream:
             # The whole call, the client's reading included, ends request_timeout after it began.
             deadline = asyncio.get_running_loop().time() + self.request_timeout - (time.perf_counter() - call.started)
-            relay = Relay(resp, route.adapter.meter(route.target, strip_usage=not wants_usage),
-                          _stream_headers(resp, route, call.attempts), route.adapter.error_event, route.secrets,
+            tr = call.translation
+            meter = route.adapter.meter(route.target, strip_usage=not wants_usage or tr is not None)
+            error_event: Callable[[TollwayError], bytes] = route.adapter.error_event
+            if tr is not None:  # the provider's meter still reads the usage; the client gets its format
+                meter, error_event = tr.stream(meter, route.target, wants_usage), tr.error_event
+            relay = Relay(resp, meter, _stream_headers(resp, route, call.attempts), error_event, route.secrets,
                           lambda end: self._stream_ended(call, end), deadline, self.relay_limits)
             await relay(scope, receive, send)
             return
@@ -364,6 +381,8 @@ class Pipeline:
             usage = self._invalid_usage(call, exc, text_bytes_of(data, _TEXT_KEYS))
         if usage is None:
             usage = self._estimate(call, text_bytes_of(data, _TEXT_KEYS))
+        if call.translation is not None:  # before the settle: an answer that cannot be translated is not served
+            data = call.translation.response(data, usage, route.target.slug)
         charge = self._settle_at_once(call, usage)
         if charge is None:
             charge = await shielded(self._settle(call, usage))
@@ -386,10 +405,15 @@ class Pipeline:
             per_request[self.attribution] = orjson.dumps({
                 "tenant_id": call.principal.tenant_id, "key_id": call.principal.key_id,
                 "request_id": call.request_id}).decode()
-        out_headers = merge_headers(forwarded_headers(headers.items()), route.target.headers, per_request)
-        route.adapter.tag_tenant(call.endpoint, call.body, self.tenant_tags.tag(
+        client_headers = forwarded_headers(headers.items())
+        tr = call.translation
+        endpoint = call.endpoint if tr is None else tr.upstream_endpoint
+        if tr is not None and tr.drop_headers:
+            client_headers = {k: v for k, v in client_headers.items() if k not in tr.drop_headers}
+        out_headers = merge_headers(client_headers, route.target.headers, per_request)
+        route.adapter.tag_tenant(endpoint, call.upstream_body, self.tenant_tags.tag(
             route.target.provider, call.principal.tenant_id), route.tenant_fields)
-        return route.adapter.prepare(route.target, call.endpoint, call.body, call.stream, out_headers)
+        return route.adapter.prepare(route.target, endpoint, call.upstream_body, call.stream, out_headers)
 
     async def _recover(self, call: Call, headers: dict[str, str], request: UpstreamRequest,
                        failure: UpstreamResponse | UpstreamError, receive: Receive
@@ -586,6 +610,16 @@ class Pipeline:
             reasoning_tokens=u.reasoning_tokens, estimated=u.estimated, cost_micros=charged,
             cost_usd=format_usd(charged) if charged is not None else None,
             latency_ms=int((time.perf_counter() - call.started) * 1000))
+
+
+def _translated(tr: Translation | None, body: dict[str, Any], prompt_bound: int, raw_size: int,
+                route: Route) -> tuple[dict[str, Any], int]:
+    """The body for `route`'s provider and the prompt bound widened to it when translated
+    (the translation may be larger than what the client sent)."""
+    if tr is None:
+        return body, prompt_bound
+    upstream = tr.request(body, route.target)
+    return upstream, widen(prompt_bound, len(orjson.dumps(upstream)) - raw_size, route.model)
 
 
 def _is_event_stream(resp: UpstreamResponse) -> bool:
