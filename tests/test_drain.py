@@ -217,7 +217,8 @@ def test_an_anthropic_stream_cancelled_at_the_drain_deadline_ends_with_its_error
 
                         gw.server.call(deadline())
         assert events[-1][0] == "error" and events[-1][1]["type"] == "error", events[-3:]
-        assert events[-1][1]["error"] == {"type": "server_error", "message": SHUTDOWN_MESSAGE}
+        assert events[-1][1]["error"] == {"type": "api_error", "message": SHUTDOWN_MESSAGE,
+                                      "code": "server_shutting_down", "param": None}
         row = gw.usage_row(request_id)
         assert row["estimated"] and row["error_type"] == "ShuttingDown" and row["status"] == 200
         assert row["completion_tokens"] == math.ceil(text / 4)
