@@ -70,7 +70,7 @@ class TokenCounter:
         except TollwayError as exc:
             facts.update(status=exc.status, error_type=type(exc).__name__, error_code=exc.instance_code)
             self._record(request_id, facts, started)
-            await render_json(exc, request_id)(scope, receive, send)
+            await render_json(exc, request_id, anthropic=True)(scope, receive, send)
             return
         self._record(request_id, facts, started)
         await response(scope, receive, send)
