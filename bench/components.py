@@ -1,6 +1,6 @@
 """Where the gateway's CPU goes: each step of one /v1 request, timed alone, in-process.
 
-    python bench/components.py [-n 2000]
+    python bench/components.py [-n 2000] [--translation-only]
 
 Uses the same config as bench/run.py (nginx upstream, SQLite + memory cache, auth and
 billing on) and the same functions the pipeline calls, each in a loop of N, reporting
@@ -37,8 +37,10 @@ from tollway.ledger.holds import MemoryHolds
 from tollway.ledger.transactions import Ledger
 from tollway.money import Usage, cost, format_usd
 from tollway.privacy import forwarded_headers
-from tollway.providers.base import CHAT, merge_headers
+from tollway.providers import ADAPTERS
+from tollway.providers.base import CHAT, Target, merge_headers
 from tollway.providers.echo import EchoResponse
+from tollway.providers.translate import CHAT_TO_MESSAGES, MESSAGES_TO_CHAT
 from tollway.proxy.inbound import header_map, model_slug, parse_json, shape
 from tollway.proxy.pipeline import Pipeline
 from tollway.proxy.relay import Relay, RelayLimits, StreamEnd
@@ -176,7 +178,7 @@ async def measure(workdir: Path, nginx: Nginx, n: int, app_only: bool) -> list[t
     async def upstream_json(_: int) -> None:
         r = route.adapter.prepare(route.target, CHAT, parse_json(req), False, dict(route.target.headers))
         resp = await pipeline.upstream.send(r)
-        await resp.read()
+        await resp.read(pipeline.max_response)
         resp.release()
 
     async def upstream_sse(_: int) -> None:
@@ -246,6 +248,7 @@ async def measure(workdir: Path, nginx: Nginx, n: int, app_only: bool) -> list[t
                 relay_step([b"".join(events)]), results)
     await timed(f"relay: {len(events)} events, one per read (token by token)", n,
                 relay_step(events), results)
+    await translation(n, sse_route.target, req, resp_body, sse_body, results)
     await timed("ledger: reserve + settle with usage row (SQLite, holds committed)", n, reserve_settle(svc.ledger),
                 results, counter)
     await timed("ledger: the same, holds in memory (one serving process)", n,
@@ -263,6 +266,79 @@ async def measure(workdir: Path, nginx: Nginx, n: int, app_only: bool) -> list[t
     await pipeline.close()
     await svc.close()
     return await whole_app(cfg, key, req, sse_req, n, results)
+
+
+def anthropic_sse_events(words: list[str]) -> list[bytes]:
+    """A Messages stream as Anthropic sends it: start, one text block, a delta per word, the
+    usage in message_delta, stop."""
+    def event(name: str, **data: Any) -> bytes:
+        return b"event: " + name.encode() + b"\ndata: " + orjson.dumps({"type": name, **data})
+
+    usage = {"input_tokens": 19, "output_tokens": 1, "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}
+    return [event("message_start", message={"id": "msg_bench", "type": "message", "role": "assistant",
+                                            "model": "bench-upstream-model", "content": [], "stop_reason": None,
+                                            "stop_sequence": None, "usage": usage}),
+            event("content_block_start", index=0, content_block={"type": "text", "text": ""}),
+            *(event("content_block_delta", index=0, delta={"type": "text_delta", "text": w}) for w in words),
+            event("content_block_stop", index=0),
+            event("message_delta", delta={"stop_reason": "end_turn", "stop_sequence": None},
+                  usage={"output_tokens": 10}),
+            event("message_stop")]
+
+
+async def translation(n: int, target: Target, chat_req: bytes, chat_resp: bytes, chat_sse: bytes,
+                      results: list[tuple[str, float, float]]) -> None:
+    """What OpenAI <-> Anthropic translation adds (providers/translate): per request, the
+    body both ways; per stream event, the converter behind the provider format's meter."""
+    words = ["Hello", " there", ",", " this", " is", " a", " fixed", " answer", "."]
+    anthropic, openai = ADAPTERS["anthropic"], ADAPTERS["openai"]
+    a_events = anthropic_sse_events(words)
+    c_events = [ev for ev in chat_sse.split(b"\n\n") if ev]
+    a_resp = orjson.dumps({"id": "msg_bench", "type": "message", "role": "assistant", "model": "bench-upstream-model",
+                           "content": [{"type": "text", "text": "".join(words)}], "stop_reason": "end_turn",
+                           "stop_sequence": None, "usage": {"input_tokens": 19, "output_tokens": 10}})
+    m_req = orjson.dumps({"model": target.slug, "max_tokens": 64, "system": "You are a terse assistant.",
+                          "messages": [{"role": "user", "content": "Say hello in one short sentence."}]})
+
+    async def chat_request(_: int) -> None:
+        orjson.dumps(CHAT_TO_MESSAGES.request(parse_json(chat_req), target))  # dumps: the bound's size
+
+    async def messages_request(_: int) -> None:
+        orjson.dumps(MESSAGES_TO_CHAT.request(parse_json(m_req), target))
+
+    async def chat_answer(_: int) -> None:
+        data = orjson.loads(a_resp)
+        u = anthropic.read_response(target, data)
+        assert u is not None
+        orjson.dumps(CHAT_TO_MESSAGES.response(data, u, target.slug))
+
+    async def messages_answer(_: int) -> None:
+        data = orjson.loads(chat_resp)
+        u = openai.read_response(target, data)
+        assert u is not None
+        orjson.dumps(MESSAGES_TO_CHAT.response(data, u, target.slug))
+
+    def stream(adapter: Any, events: list[bytes], tr: Any) -> Callable[[int], Awaitable[None]]:
+        async def step(_: int) -> None:
+            meter = adapter.meter(target, strip_usage=True)
+            if tr is not None:
+                meter = tr.stream(meter, target, True)
+            for ev in events:
+                meter.feed(ev)
+            assert meter.usage() is not None
+        return step
+
+    await timed("translate: chat request -> Anthropic body (+ its size)", n, chat_request, results)
+    await timed("translate: Anthropic answer -> chat.completion (+ usage)", n, chat_answer, results)
+    await timed("translate: Messages request -> chat body (+ its size)", n, messages_request, results)
+    await timed("translate: chat.completion -> Anthropic answer (+ usage)", n, messages_answer, results)
+    for name, adapter, events, tr in (("Anthropic events -> chat chunks", anthropic, a_events, CHAT_TO_MESSAGES),
+                                      ("chat chunks -> Anthropic events", openai, c_events, MESSAGES_TO_CHAT)):
+        await timed(f"SSE: {len(events)} events, provider format's meter only", n, stream(adapter, events, None),
+                    results)
+        await timed(f"SSE: the same, translated ({name})", n, stream(adapter, events, tr), results)
+        extra = (results[-1][1] - results[-2][1]) / len(events)
+        print(f"  {'  = translation per stream event':<58} {extra:9.1f} us CPU", file=sys.__stdout__, flush=True)
 
 
 async def whole_app(cfg: config_mod.Config, key: str, req: bytes, sse_req: bytes, n: int,
@@ -283,7 +359,16 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-n", type=int, default=2000, help="calls per step (default 2000)")
     ap.add_argument("--app-only", action="store_true", help="only the whole-app lines (e.g. under py-spy)")
+    ap.add_argument("--translation-only", action="store_true",
+                    help="only the OpenAI <-> Anthropic translation lines (pure functions: no nginx, no database)")
     args = ap.parse_args()
+    if args.translation_only:
+        import uvloop
+
+        target = Target(SSE_MODEL, "bench-upstream-model", "bench", "http://127.0.0.1:1", {})
+        print(f"{args.n} calls each; process CPU and wall time per call:")
+        uvloop.run(translation(args.n, target, request_body(SSE_MODEL, stream=True), chat_json(), chat_sse(), []))
+        return 0
     workdir = Path(tempfile.mkdtemp(prefix="tollway-components-"))
     os.environ[PROVIDER_KEY_ENV] = "sk-bench-" + os.urandom(12).hex()
     for name in [k for k in os.environ if k.startswith("TOLLWAY_")]:

@@ -109,6 +109,17 @@ def chat_body(canary: str, model: str = "acme/chat", **extra: Any) -> dict[str, 
     }
 
 
+def responses_body(canary: str, **extra: Any) -> dict[str, Any]:
+    return {"model": "acme/chat", "instructions": f"You keep {canary}",
+            "input": [{"role": "user", "content": [{"type": "input_text", "text": f"Please repeat {canary}"}]},
+                      {"type": "function_call", "call_id": "call_0", "name": "lookup",
+                       "arguments": orjson.dumps({"q": canary}).decode()},
+                      {"type": "function_call_output", "call_id": "call_0", "output": f"tool says {canary}"}],
+            "tools": [{"type": "function", "name": "lookup", "description": f"looks up {canary}",
+                       "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}}],
+            "prompt_cache_key": canary, "metadata": {"note": canary}, **extra}
+
+
 def exercise(url: str, key: str, broke_key: str, canary: str) -> dict[str, Any]:
     """Every endpoint and error path; returns what the client saw (for the non-vacuity checks)."""
     auth = {"authorization": f"Bearer {key}", "x-canary-note": canary, "user-agent": f"canary-agent {canary}"}
@@ -138,11 +149,26 @@ def exercise(url: str, key: str, broke_key: str, canary: str) -> dict[str, Any]:
         with c.stream("POST", "/v1/messages", json=anthropic_body(canary, stream=True), headers=anthropic) as s:
             assert s.status_code == 200
             seen["messages_stream"] = "".join(s.iter_text())
+        r = c.post("/v1/messages/count_tokens", json={k: v for k, v in anthropic_body(canary).items()
+                                                       if k in ("model", "system", "messages", "tools")})
+        assert r.status_code == 200 and r.json() == {"input_tokens": 21}, r.text
+        r = c.post("/v1/responses", json=responses_body(canary))
+        assert r.status_code == 200, r.text
+        seen["responses"] = r.text
+        with c.stream("POST", "/v1/responses", json=responses_body(canary, stream=True)) as s:
+            assert s.status_code == 200
+            seen["responses_stream"] = "".join(s.iter_text())
         # Error paths.
         statuses = {
-            "messages_not_served": c.post("/v1/messages", json={
+            # Translated both ways (providers/translate): the canary crosses formats and back.
+            "messages_translated": c.post("/v1/messages", json={
                 "model": "acme/chat", "max_tokens": 10, "system": canary,
                 "messages": [{"role": "user", "content": canary}]}).status_code,
+            "chat_translated": c.post("/v1/chat/completions", json={
+                k: v for k, v in chat_body(canary, "anth/chat").items() if k != "metadata"}).status_code,
+            "untranslatable": c.post("/v1/chat/completions", json=chat_body(canary, "anth/chat")).status_code,
+            "completions_not_served": c.post("/v1/completions", json={
+                "model": "anth/chat", "prompt": canary}).status_code,
             "malformed_json": c.post("/v1/chat/completions", content=b'{"model": "acme/chat", "messages": [{"'
                                      + canary.encode() + b'": ').status_code,
             "not_an_object": c.post("/v1/chat/completions", json=[canary]).status_code,
@@ -156,6 +182,8 @@ def exercise(url: str, key: str, broke_key: str, canary: str) -> dict[str, Any]:
                                    headers={"authorization": f"Bearer {broke_key}"}).status_code,
             "bad_key": c.post("/v1/chat/completions", json=chat_body(canary),
                               headers={"authorization": f"Bearer ak_{canary}"}).status_code,
+            "stored_state": c.post("/v1/responses", json=responses_body(
+                canary, previous_response_id=f"resp_{canary}")).status_code,
         }
         r = c.post("/v1/chat/completions", json=chat_body(canary, model="acme/error"))
         statuses["upstream_echo"] = r.status_code
@@ -228,7 +256,7 @@ def test_canary_appears_nowhere(backend: dict[str, Any], make_config: Callable[.
     port = free_port()
     cfg = make_config(**backend, server={"port": port, "max_body_bytes": MAX_BODY},
                       providers={"fake": {"type": "openai", "base_url": fake.url + "/v1",
-                                          "api_key_env": "CANARY_PROVIDER_KEY"},
+                                          "api_key_env": "CANARY_PROVIDER_KEY", "responses_api": "on"},
                                  "claude": {"type": "anthropic", "base_url": fake.url,
                                             "api_key_env": "CANARY_ANTHROPIC_KEY"}},
                       models=models(), attribution={"header": "cf-aig-metadata"})
@@ -263,17 +291,19 @@ def test_canary_appears_nowhere(backend: dict[str, Any], make_config: Callable[.
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
-    assert proc.returncode in (0, -signal.SIGTERM), err_path.read_text()  # uvicorn re-raises the signal
+    assert proc.returncode == 0, err_path.read_text()  # drained, then exits 0 (serving.py)
 
     statuses = seen["statuses"]
-    assert statuses == {"messages_not_served": 400, "malformed_json": 400, "not_an_object": 400,
+    assert statuses == {"messages_translated": 200, "chat_translated": 200, "untranslatable": 400,
+                        "completions_not_served": 400, "malformed_json": 400, "not_an_object": 400,
                         "wrong_types": 400, "too_large": 413, "unknown_model": 404, "empty_wallet": 402,
-                        "bad_key": 401, "upstream_echo": 400, "upstream_echo_completions": 400,
+                        "bad_key": 401, "stored_state": 400, "upstream_echo": 400, "upstream_echo_completions": 400,
                         "upstream_echo_messages": 400, "upstream_key_echo": 400,
                         "upstream_key_echo_messages": 400}, statuses
     # Not vacuous: the canary went upstream and came back, through every kind of field.
     assert sum(canary.encode() in raw for raw in upstream.raw_requests) >= 9
-    for what in ("chat", "stream", "completion", "completion_stream", "messages", "messages_stream"):
+    for what in ("chat", "stream", "completion", "completion_stream", "messages", "messages_stream", "responses",
+                 "responses_stream"):
         assert canary in seen[what], what
     assert '\\"q\\":\\"' + canary in seen["chat"]  # tool-call arguments in the answer
     assert canary in seen["upstream_error"]  # the client may see its own prompt quoted back

@@ -38,10 +38,13 @@ EXAMPLES = int(os.environ.get("TOLLWAY_FUZZ_EXAMPLES", "150"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=False, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                        HealthCheck.data_too_large])
-ENDPOINTS = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/messages"]
+ENDPOINTS = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/messages", "/v1/responses",
+             "/v1/messages/count_tokens"]
 MODELS = ["acme/chat", "acme/embed", "anthropic/sonnet", "nope/none", ""]
 USAGE = {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}
 A_USAGE = {"input_tokens": 11, "output_tokens": 7}
+R_USAGE = {"input_tokens": 11, "input_tokens_details": {"cached_tokens": 2}, "output_tokens": 7,
+           "output_tokens_details": {"reasoning_tokens": 1}}
 
 
 class TolerantUpstream:
@@ -59,6 +62,16 @@ class TolerantUpstream:
             body = {}
         stream = isinstance(body, dict) and body.get("stream") is True
         path = request.url.path
+        if path.endswith("/count_tokens"):
+            return Response(b'{"input_tokens": 3}', media_type="application/json")
+        if path.endswith("/responses"):
+            response = {"id": "resp_1", "object": "response", "status": "completed", "model": "m", "error": None,
+                        "output": [{"id": "msg_1", "type": "message", "role": "assistant", "status": "completed",
+                                    "content": [{"type": "output_text", "text": "ok", "annotations": []}]}],
+                        "usage": R_USAGE}
+            if stream:
+                return StreamingResponse(self._responses_stream(response), media_type="text/event-stream")
+            return Response(orjson.dumps(response), media_type="application/json")
         if path.endswith("/messages"):
             if stream:
                 return StreamingResponse(self._anthropic_stream(), media_type="text/event-stream")
@@ -83,6 +96,14 @@ class TolerantUpstream:
         yield b"data: " + orjson.dumps({**chunk, "choices": [], "usage": USAGE}) + b"\n\n"
         yield b"data: [DONE]\n\n"
 
+    async def _responses_stream(self, response: dict[str, Any]) -> AsyncIterator[bytes]:
+        def event(name: str, **data: Any) -> bytes:
+            return f"event: {name}\ndata: ".encode() + orjson.dumps({"type": name, **data}) + b"\n\n"
+
+        yield event("response.created", response={**response, "status": "in_progress", "output": [], "usage": None})
+        yield event("response.output_text.delta", item_id="msg_1", output_index=0, content_index=0, delta="ok")
+        yield event("response.completed", response=response)
+
     async def _anthropic_stream(self) -> AsyncIterator[bytes]:
         def event(name: str, data: dict[str, Any]) -> bytes:
             return f"event: {name}\ndata: ".encode() + orjson.dumps({"type": name, **data}) + b"\n\n"
@@ -104,7 +125,8 @@ def gw(make_config: Callable[..., Config], serve_app: Callable[[Any], ServerThre
               {"id": "acme/embed", "provider": "fake", "upstream": "e", "kind": "embedding", **prices},
               {"id": "anthropic/sonnet", "provider": "claude", "upstream": "s", **prices}]
     for launch in launcher(make_config, serve_app):
-        yield launch(upstream, models=models, anthropic_url=upstream, credit_micros=1_000_000_000)
+        yield launch(upstream, models=models, anthropic_url=upstream, credit_micros=1_000_000_000,
+                     fake_provider={"responses_api": "on"})
 
 
 # --- strategies ---------------------------------------------------------------------------
@@ -114,7 +136,9 @@ json_scalars = st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st
 json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=4)
                            | st.dictionaries(st.text(max_size=12), inner, max_size=4), max_leaves=12)
 FIELDS = ["model", "messages", "prompt", "input", "stream", "stream_options", "max_tokens",
-          "max_completion_tokens", "n", "system", "tools", "user", "temperature", "metadata"]
+          "max_completion_tokens", "n", "system", "tools", "user", "temperature", "metadata",
+          # the Responses API's
+          "instructions", "max_output_tokens", "store", "background", "previous_response_id", "reasoning"]
 
 
 def base_body(endpoint: str, model: str) -> dict[str, Any]:
@@ -122,6 +146,8 @@ def base_body(endpoint: str, model: str) -> dict[str, Any]:
         return {"model": model, "input": "hello"}
     if endpoint.endswith("/completions") and "chat" not in endpoint:
         return {"model": model, "prompt": "hello", "max_tokens": 16}
+    if endpoint.endswith("/responses"):
+        return {"model": model, "input": [{"role": "user", "content": "hello"}], "max_output_tokens": 16}
     body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 16}
     return body
 
@@ -163,6 +189,12 @@ RAW_BODIES = [
     b'{"model": "acme/chat", "messages": [], "service_tier": ["x"]}',
     b'{"model": "anthropic/sonnet", "max_tokens": 9, "messages": [{"role": "user", "content": [{"type": ["x"]}]}]}',
     b'{"model": "anthropic/sonnet", "max_tokens": 9, "messages": [], "service_tier": {"a": 1}}',
+    # Responses input items of every wrong shape.
+    b'{"model": "acme/chat", "input": [1, "x", null, [], {"type": ["x"]}, {"type": {"a": 1}}]}',
+    b'{"model": "acme/chat", "input": [{"type": "reasoning", "encrypted_content": ["x"]}]}',
+    b'{"model": "acme/chat", "input": [{"type": "function_call_output", "output": {"type": ["x"]}}]}',
+    b'{"model": "acme/chat", "input": [{"role": "user", "content": [{"type": ["input_image"]}]}]}',
+    b'{"model": "acme/chat", "input": "x", "tools": [{"type": ["web_search"]}], "store": null}',
 ]
 raw_bodies = st.sampled_from(RAW_BODIES) | st.binary(max_size=512)
 content_types = st.sampled_from(["application/json", "application/json; charset=utf-8", "text/plain", "",

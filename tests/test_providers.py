@@ -208,7 +208,7 @@ def test_echo_answers_streams_and_embeds_offline() -> None:
     echo = EchoTransport()
     body = {"model": "echo-1", "messages": [{"role": "user", "content": "hello there"}]}
     resp = run(echo.send(UpstreamRequest("/chat/completions", {}, orjson.dumps(body), False)))
-    done = orjson.loads(run(resp.read()))
+    done = orjson.loads(run(resp.read(1 << 20)))
     assert done["choices"][0]["message"]["content"] == "hello there" and done["model"] == "echo-1"
     assert done["usage"]["completion_tokens"] == 3
 
@@ -221,7 +221,7 @@ def test_echo_answers_streams_and_embeds_offline() -> None:
 
     emb = {"model": "e", "input": ["a", "b"], "encoding_format": "base64"}
     resp = run(echo.send(UpstreamRequest("/embeddings", {}, orjson.dumps(emb), False)))
-    data = orjson.loads(run(resp.read()))["data"]
+    data = orjson.loads(run(resp.read(1 << 20)))["data"]
     assert len(data) == 2 and len(struct.unpack("<16f", base64.b64decode(data[0]["embedding"]))) == 16
 
 

@@ -33,7 +33,7 @@ from tollway.errors import ServiceUnavailable, render_json
 from tollway.store.cache import Cache, MemoryCache, RedisCache, make_cache
 from tollway.store.db import IDLE_PING_AFTER, Store, is_unavailable, retry_while_unavailable
 from tollway.store.prepared import Prepared
-from tollway.store.schema import metadata, tenants, wallets
+from tollway.store.schema import metadata, tenants, usage_events, wallets
 
 # --- Cache contract ---------------------------------------------------------------------------
 
@@ -312,9 +312,14 @@ async def test_migration_0002_keeps_the_rows_and_rebuilds_by_key(db_url: str) ->
         fn(_alembic_config(c), rev)
 
     def dump(c: sa.Connection) -> dict[str, list[dict[str, Any]]]:
-        return {name: [dict(r._mapping) for r in c.execute(sa.select(metadata.tables[name])
-                                                           .order_by(*metadata.tables[name].primary_key))]
+        # The columns 0001 had: later migrations add others (checked below).
+        return {name: [dict(r._mapping) for r in c.execute(
+            sa.select(*(metadata.tables[name].c[k] for k in rows[name][0]))
+            .order_by(*metadata.tables[name].primary_key))]
                 for name in rows if name != "tenants"}
+
+    def added(c: sa.Connection) -> list[tuple[Any, ...]]:
+        return [tuple(r) for r in c.execute(sa.select(usage_events.c.requested_model, usage_events.c.attempts))]
 
     def without_rowid(c: sa.Connection) -> set[str]:
         if c.dialect.name != "sqlite":
@@ -336,6 +341,7 @@ async def test_migration_0002_keeps_the_rows_and_rebuilds_by_key(db_url: str) ->
             await conn.run_sync(step, command.upgrade, "head")
         async with s.read() as conn:
             assert await conn.run_sync(dump) == {k: v for k, v in rows.items() if k != "tenants"}
+            assert await conn.run_sync(added) == [(None, 1)]  # 0005: rows from before it
             rebuilt = await conn.run_sync(without_rowid)
             assert await conn.run_sync(indexes) == set()
         assert rebuilt == ({"ledger_entries", "reservations", "usage_events"} if s.is_sqlite else set())

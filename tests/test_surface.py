@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import ServerThread
 from tollway.app import create_app
-from tollway.config import Config
+from tollway.config import Config, ConfigError
 from tollway.surface import _columns, describe, render_text, warnings
 
 STRONG = "t" * 32
@@ -72,3 +72,24 @@ def test_metrics_can_require_the_admin_token(make_config: Callable[..., Config],
     assert r.status_code == 200 and "tollway_http_requests_total" in r.text
     routes = {x["path"]: x for x in describe(cfg)["routes"]}
     assert routes["/metrics"]["auth"] == "operator token"
+
+
+def test_config_check_prints_the_resource_bounds_and_the_drain(make_config: Callable[..., Config]) -> None:
+    cfg = make_config(server={"max_connections": 77, "header_timeout_seconds": 7, "max_streams_per_key": 9,
+                              "max_header_bytes": 4096, "body_timeout_seconds": 31, "keepalive_timeout_seconds": 3,
+                              "drain_timeout_seconds": 45})
+    surface = describe(cfg)
+    assert surface["limits"] == {"max_connections": 77, "header_timeout_seconds": 7, "max_streams_per_key": 9,
+                                 "max_header_bytes": 4096, "body_timeout_seconds": 31,
+                                 "keepalive_timeout_seconds": 3, "drain_timeout_seconds": 45}
+    text = render_text(surface)
+    assert ("limits    each worker: 77 connections; headers within 7 s and 4096 bytes, a body within 31 s; "
+            "idle keep-alive 3 s; 9 streams per key") in text
+    assert "drain     on SIGTERM, requests in flight may finish for 45 s" in text
+    defaults = describe(make_config())["limits"]  # safe defaults, all set
+    assert defaults == {"header_timeout_seconds": 10, "body_timeout_seconds": 60, "max_header_bytes": 32_768,
+                        "keepalive_timeout_seconds": 5, "max_connections": 1_000, "max_streams_per_key": 100,
+                        "drain_timeout_seconds": 30}
+    for key in defaults:
+        with pytest.raises(ConfigError, match=f"server.{key}"):
+            make_config(server={key: 0})

@@ -178,6 +178,7 @@ def create_app(cfg: Config, *, services: Services | None = None, migrate: bool |
         try:
             yield
         finally:
+            await _until_settled(svc.ledger.live)
             for t in tasks:
                 t.cancel()
             for t in tasks:
@@ -196,6 +197,16 @@ def create_app(cfg: Config, *, services: Services | None = None, migrate: bool |
     app.state.services = svc
     app.state.config = cfg
     return app
+
+
+async def _until_settled(live: set[str], within: float = 35.0) -> None:
+    """Requests cancelled at the drain's deadline still settle (relay.py, pipeline.py), in
+    their own time: the database stays open until they have, for up to `within` (a settle
+    rides out a database restart for 30 s, pipeline.SETTLE_RETRY_SECONDS)."""
+    for _ in range(int(within / 0.02)):
+        if not live:
+            return
+        await asyncio.sleep(0.02)
 
 
 class _Gateway(Starlette):

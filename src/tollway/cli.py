@@ -114,10 +114,8 @@ def init(path: str, as_json: bool) -> None:
 @json_option
 @handle_errors
 def serve(config_path: str | None, host: str | None, port: int | None, workers: int, as_json: bool) -> None:
-    """Run the gateway."""
-    import uvicorn
-
-    from tollway import telemetry
+    """Run the gateway; on SIGTERM, drain (server.drain_timeout_seconds) and exit 0."""
+    from tollway import serving, telemetry
 
     cfg = load_config(config_path)
     config_mod.provider_secrets(cfg)  # fail now, with the key path, if a provider key is unset
@@ -141,11 +139,10 @@ def serve(config_path: str | None, host: str | None, port: int | None, workers: 
         if workers > 1 and not os.environ.get(telemetry.MULTIPROC_ENV):
             # One metrics folder shared by this run's workers: /metrics sums them all.
             os.environ[telemetry.MULTIPROC_ENV] = stack.enter_context(tempfile.TemporaryDirectory(prefix="tollway-"))
-        # log_config=None: uvicorn installs no handlers of its own, its records reach the
-        # allow-listed JSON handler (telemetry.configure_logging) like every other logger's.
-        uvicorn.run("tollway.app:app_from_env", factory=True, host=h, port=p, workers=workers,
-                    log_level="warning", access_log=False, log_config=None, loop="uvloop", http="httptools",
-                    timeout_graceful_shutdown=10)
+        # Drains on SIGTERM, with the connection bounds (serving.py).
+        status = serving.serve(h, p, workers, cfg.server)
+    if status:
+        sys.exit(status)
 
 
 def _check_database_free(db: Path | None, workers: int) -> None:

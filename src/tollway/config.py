@@ -25,6 +25,8 @@ CONFIG_ENV = "TOLLWAY_CONFIG"
 # Set by `tollway serve` for its worker processes: how many of them serve this database.
 WORKERS_ENV = "TOLLWAY_WORKERS"
 DEFAULT_CONFIG_NAME = "tollway.toml"
+MAX_FALLBACKS = 5
+MAX_RETRY_ATTEMPTS = 5
 
 
 class ConfigError(Exception):
@@ -98,10 +100,52 @@ class ServerConfig:
         "Most bytes of the provider's stream read so after a client leaves; past it (or the time) the "
         "conservative rule of docs/proxy.md is billed.", 8_388_608
     )
+    max_response_bytes: int = doc(
+        "Largest body of a provider's non-streaming answer, counted decoded (gzip included); past it the "
+        "call fails with 502 upstream_invalid_response, uncharged. A streamed event is capped at 1 MiB.",
+        67_108_864
+    )
+
+    drain_timeout_seconds: int = doc(
+        "On SIGTERM (or Ctrl+C) each worker stops accepting and lets the requests and streams in flight finish "
+        "for up to this long; then a stream still running gets an error event and is settled by the conservative "
+        "rule (docs/proxy.md), a call still waiting gets a 503, and the process exits 0.", 30
+    )
+    header_timeout_seconds: int = doc(
+        "A request's line and headers must arrive within this long of the connection opening (or of the request's "
+        "first byte, on a kept-alive connection); a client that trickles them (slowloris) gets a 408 and is "
+        "disconnected.", 10
+    )
+    body_timeout_seconds: int = doc(
+        "A request's body must arrive in full within this long of its headers; a client that trickles it gets a "
+        "408 and is disconnected.", 60
+    )
+    max_header_bytes: int = doc(
+        "Largest request line plus headers accepted (431 above).", 32_768
+    )
+    keepalive_timeout_seconds: int = doc(
+        "How long an idle keep-alive connection stays open between requests.", 5
+    )
+    max_connections: int = doc(
+        "Most client connections each worker process holds open; one more gets a 503 and is closed at once.", 1_000
+    )
+    max_streams_per_key: int = doc(
+        "Most streaming requests one customer key may have running at once on each worker process (counted in "
+        "that process's memory, so the gateway's limit is this times --workers); one more gets a 429.", 100
+    )
 
     worker_release_after_seconds: int = doc(
         "A worker silent this long (no heartbeat) is presumed dead and its open reservations are released; "
         "revokes stop waiting for it after 2.5 s already. At least 5.", 60)
+    retry_attempts: int = doc(
+        "Retries of one model after a connection error, timeout, 408, 429 or 5xx that came before any byte "
+        "reached the client (docs/proxy.md); then its fallbacks are tried. 0: none. At most 5.", 1)
+    retry_backoff_ms: int = doc(
+        "Wait before the first retry; each next one waits twice as long, jittered between half and all of it.",
+        250)
+    retry_after_cap_seconds: int = doc(
+        "Longest provider retry-after / retry-after-ms honoured before a retry; a longer one moves to the next "
+        "fallback at once.", 5)
 
     @property
     def max_request_ms(self) -> int:
@@ -243,6 +287,9 @@ class ProviderConfig:
         "for anthropic, else none. Client-sent values are namespaced per tenant always.",
         "auto",
     )
+    responses_api: Literal["auto", "on", "off"] = doc(
+        "openai type: serve POST /v1/responses (OpenAI's Responses API) for this provider's models: on, off, or "
+        "auto (on for api.openai.com only; turn it on for another vendor that serves /responses).", "auto")
     name: str = ""  # filled from the table name, not a TOML key
 
 
@@ -270,6 +317,9 @@ class ModelConfig:
         "The model may generate reasoning it does not stream (OpenAI o-series, summarised thinking): a stream "
         "left before its usage could be read is billed up to its output bound (docs/proxy.md).", False
     )
+    fallbacks: tuple[str, ...] = doc(
+        "Model ids tried in order when this one fails before answering (docs/proxy.md): each of the same "
+        "kind and provider type, not followed further (their own fallbacks are not used). At most 5.", ())
 
 
 @dataclass(frozen=True)
@@ -396,6 +446,7 @@ class _Loader:
                 if bound is not None and bound <= 0:
                     raise self.fail(f"{path}.{key}", f"expected a positive integer, got {bound}")
             models.append(m)
+        self._check_fallbacks(models, providers)
         cfg = Config(
             server=self.dataclass(ServerConfig, data.get("server", {}), "server"),
             database=self.dataclass(DatabaseConfig, data.get("database", {}), "database"),
@@ -418,6 +469,30 @@ class _Loader:
         self._check(cfg)
         return cfg
 
+    def _check_fallbacks(self, models: list[ModelConfig], providers: dict[str, ProviderConfig]) -> None:
+        """A fallback must serve what its model serves, natively: the same kind, and the same
+        wire format (translation is not applied to a fallback)."""
+        by_id = {m.id: m for m in models}
+        for i, m in enumerate(models):
+            path = f"models[{i}].fallbacks"
+            if len(m.fallbacks) > MAX_FALLBACKS:
+                raise self.fail(path, f"expected at most {MAX_FALLBACKS} fallbacks, got {len(m.fallbacks)}")
+            if len(set(m.fallbacks)) != len(m.fallbacks):
+                raise self.fail(path, "lists a model twice")
+            for fb in m.fallbacks:
+                other = by_id.get(fb)
+                if fb == m.id:
+                    raise self.fail(path, f"{fb!r} is this model itself")
+                if other is None:
+                    hint = difflib.get_close_matches(fb, sorted(by_id), n=1)
+                    raise self.fail(path, f"no model with id {fb!r}" + (f"; did you mean {hint[0]!r}?" if hint else ""))
+                if other.kind != m.kind:
+                    raise self.fail(path, f"{fb!r} is of kind {other.kind} and {m.id!r} of kind {m.kind}")
+                mine, theirs = providers[m.provider].type, providers[other.provider].type
+                if mine != theirs:
+                    raise self.fail(path, f"{fb!r} speaks the {theirs} wire format and {m.id!r} the {mine} one; "
+                                          f"a fallback must serve the same endpoints natively")
+
     def _check_provider(self, p: ProviderConfig, path: str) -> None:
         for name in p.extra_headers:
             if name.lower() in HOP_BY_HOP_HEADERS:
@@ -427,6 +502,8 @@ class _Loader:
                 raise self.fail(f"{path}.base_url", "expected an http:// or https:// URL")
             if not p.api_key_env:
                 raise self.fail(f"{path}.api_key_env", "expected the name of the env var holding the provider key")
+        if p.responses_api == "on" and p.type != "openai":
+            raise self.fail(f"{path}.responses_api", "only an openai-type provider can serve the Responses API")
 
     def _check(self, cfg: Config) -> None:
         url = cfg.database.url
@@ -452,13 +529,27 @@ class _Loader:
             ("server.sweep_grace_seconds", cfg.server.sweep_grace_seconds),
             ("server.disconnect_drain_seconds", cfg.server.disconnect_drain_seconds),
             ("server.disconnect_drain_bytes", cfg.server.disconnect_drain_bytes),
+            ("server.max_response_bytes", cfg.server.max_response_bytes),
+            ("server.drain_timeout_seconds", cfg.server.drain_timeout_seconds),
+            ("server.header_timeout_seconds", cfg.server.header_timeout_seconds),
+            ("server.body_timeout_seconds", cfg.server.body_timeout_seconds),
+            ("server.max_header_bytes", cfg.server.max_header_bytes),
+            ("server.keepalive_timeout_seconds", cfg.server.keepalive_timeout_seconds),
+            ("server.max_connections", cfg.server.max_connections),
+            ("server.max_streams_per_key", cfg.server.max_streams_per_key),
             ("cache.key_ttl_seconds", cfg.cache.key_ttl_seconds),
             ("retention.access_log_days", cfg.retention.access_log_days),
             ("database.pool_size", cfg.database.pool_size),
             ("database.pool_timeout_seconds", cfg.database.pool_timeout_seconds),
+            ("server.retry_backoff_ms", cfg.server.retry_backoff_ms),
         ):
             if value <= 0:
                 raise self.fail(path, f"expected a positive integer, got {value}")
+        if not 0 <= cfg.server.retry_attempts <= MAX_RETRY_ATTEMPTS:
+            raise self.fail("server.retry_attempts", f"expected 0 to {MAX_RETRY_ATTEMPTS}, got "
+                                                     f"{cfg.server.retry_attempts}")
+        if cfg.server.retry_after_cap_seconds < 0:
+            raise self.fail("server.retry_after_cap_seconds", "expected 0 or more seconds")
         if cfg.server.worker_release_after_seconds < 5:
             raise self.fail("server.worker_release_after_seconds",
                             "expected at least 5: far longer than the 2.5 s after which a revoke stops waiting")
@@ -548,6 +639,10 @@ class _Loader:
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise self.fail(path, "expected an array of strings")
             return list(value)
+        if origin is tuple:
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise self.fail(path, "expected an array of strings")
+            return tuple(value)
         if origin is dict:
             if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
                 raise self.fail(path, "expected a table of strings")
@@ -623,7 +718,9 @@ def schema_table() -> list[tuple[str, str, str]]:
         for f in dataclasses.fields(cls):
             if "doc" not in f.metadata:
                 continue
-            if f.default is not dataclasses.MISSING:
+            if isinstance(f.default, tuple):
+                default = "[]"  # shown as the TOML it is written in
+            elif f.default is not dataclasses.MISSING:
                 default = repr(f.default) if not isinstance(f.default, Decimal) else f'"{f.default}"'
             elif f.default_factory is not dataclasses.MISSING:
                 default = repr(f.default_factory())

@@ -1,7 +1,8 @@
 """One exception tree for everything a client can be told.
 
 Each class carries its HTTP status and OpenAI-style `type` and `code`; `render_json`
-and `render_sse` are the only two ways an error reaches a client. Messages are written
+and `render_sse` (`render_anthropic_sse` for /v1/messages clients) are the only ways an
+error reaches a client. Messages are written
 by Tollway, never copied from a request body, so they cannot leak prompt text.
 """
 
@@ -111,14 +112,33 @@ class ServiceUnavailable(TollwayError):
     status, type, code = 503, "server_error", "service_unavailable"
 
 
-def render_json(exc: TollwayError, request_id: str | None = None) -> Response:
+# Anthropic's error types by status (its API reference, "Errors").
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "billing_error",
+                    403: "permission_error", 404: "not_found_error", 413: "request_too_large",
+                    429: "rate_limit_error", 504: "timeout_error", 529: "overloaded_error"}
+
+
+def anthropic_body(exc: TollwayError) -> dict[str, object]:
+    """Anthropic's error shape, for /v1/messages clients; `code` and `param` are kept
+    beside Anthropic's fields, so both SDKs and a script reading either shape find them."""
+    return {"type": "error", "error": {"type": _ANTHROPIC_TYPES.get(exc.status, "api_error"),
+                                       "message": exc.message, "code": exc.instance_code, "param": exc.param}}
+
+
+def render_json(exc: TollwayError, request_id: str | None = None, *, anthropic: bool = False) -> Response:
     headers = dict(exc.headers)
     if request_id:
         headers["x-request-id"] = request_id
-    return Response(orjson.dumps(exc.body()), status_code=exc.status, headers=headers,
-                    media_type="application/json")
+    return Response(orjson.dumps(anthropic_body(exc) if anthropic else exc.body()), status_code=exc.status,
+                    headers=headers, media_type="application/json")
 
 
 def render_sse(exc: TollwayError) -> bytes:
     """An error event for a stream that already started (openai-python raises on it)."""
     return b"data: " + orjson.dumps(exc.body()) + b"\n\n"
+
+
+def render_anthropic_sse(exc: TollwayError) -> bytes:
+    """The same for an Anthropic stream: the SDKs raise on `event: error` (an unnamed
+    event would be ignored)."""
+    return b"event: error\ndata: " + orjson.dumps(anthropic_body(exc)) + b"\n\n"

@@ -20,6 +20,7 @@ LOGGABLE_FIELDS: frozenset[str] = frozenset({
     "method", "path", "client_ip", "worker_id", "count", "released", "notice", "host", "port",
     "exc_type", "exc_place", "upstream_status", "stripe_event_type", "stripe_event_id", "outcome",
     "clerk_operation", "clerk_event_type",
+    "requested_model", "attempts",
 })
 
 # What is never recorded anywhere, stated for the security page and `config check`.

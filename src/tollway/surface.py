@@ -13,6 +13,7 @@ from typing import Any
 
 from tollway.config import Config
 from tollway.privacy import FORWARDED_REQUEST_HEADERS, LOGGABLE_FIELDS, NEVER_RECORDED, RETURNED_RESPONSE_HEADERS
+from tollway.providers.responses import serves_responses
 from tollway.route_table import ROUTE_TABLE
 
 
@@ -69,11 +70,21 @@ def revocation_bound(cfg: Config) -> str:
             f"a key revoked in Clerk by any other way stops working within {ttl} s")
 
 
+def limits(cfg: Config) -> dict[str, int]:
+    """The bounds against hostile clients and the drain on SIGTERM (serving.py), each worker's."""
+    s = cfg.server
+    return {"header_timeout_seconds": s.header_timeout_seconds, "body_timeout_seconds": s.body_timeout_seconds,
+            "max_header_bytes": s.max_header_bytes, "keepalive_timeout_seconds": s.keepalive_timeout_seconds,
+            "max_connections": s.max_connections, "max_streams_per_key": s.max_streams_per_key,
+            "drain_timeout_seconds": s.drain_timeout_seconds}
+
+
 def describe(cfg: Config) -> dict[str, Any]:
     admin_on = bool(os.environ.get(cfg.server.admin_token_env))
     return {
         "config_file": cfg.source,
         "listener": {"host": cfg.server.host, "port": cfg.server.port, "max_body_bytes": cfg.server.max_body_bytes},
+        "limits": limits(cfg),
         "routes": [
             {"path": p, "methods": m, "purpose": d,
              "auth": "operator token" if p == "/metrics" and cfg.metrics.require_admin_token else a,
@@ -89,14 +100,17 @@ def describe(cfg: Config) -> dict[str, Any]:
             {"name": p.name, "type": p.type, "base_url": p.base_url or "(served in-process)",
              "key_env": p.api_key_env or None, "extra_headers": sorted(p.extra_headers),
              "cloudflare_body_logging": "off (cf-aig-collect-log-payload: false)" if not p.cf_collect_log_payload
-             else "provider default"}
+             else "provider default", "serves_responses_api": serves_responses(p)}
             for p in cfg.providers.values()
         ],
         "models": [
             {"id": m.id, "provider": m.provider, "upstream": m.upstream,
-             "input_usd_per_mtok": str(m.input_usd_per_mtok), "output_usd_per_mtok": str(m.output_usd_per_mtok)}
+             "input_usd_per_mtok": str(m.input_usd_per_mtok), "output_usd_per_mtok": str(m.output_usd_per_mtok),
+             "fallbacks": list(m.fallbacks)}
             for m in cfg.models
         ],
+        "retries": {"attempts": cfg.server.retry_attempts, "backoff_ms": cfg.server.retry_backoff_ms,
+                    "retry_after_cap_seconds": cfg.server.retry_after_cap_seconds},
         "environment_variables": [
             {"name": env, "purpose": purpose, "set": bool(os.environ.get(env))} for purpose, env in cfg.env_references()
         ],
@@ -133,18 +147,30 @@ def _columns(rows: list[list[str]]) -> list[str]:
 def render_text(s: dict[str, Any]) -> str:
     lines = [f"config: {s['config_file']}  (valid)", "",
              f"listener  http://{s['listener']['host']}:{s['listener']['port']}  "
-             f"(bodies up to {s['listener']['max_body_bytes']} bytes)", "", "routes"]
+             f"(bodies up to {s['listener']['max_body_bytes']} bytes)"]
+    lim = s["limits"]
+    lines += [f"limits    each worker: {lim['max_connections']} connections; headers within "
+              f"{lim['header_timeout_seconds']} s and {lim['max_header_bytes']} bytes, a body within "
+              f"{lim['body_timeout_seconds']} s; idle keep-alive {lim['keepalive_timeout_seconds']} s; "
+              f"{lim['max_streams_per_key']} streams per key",
+              f"drain     on SIGTERM, requests in flight may finish for {lim['drain_timeout_seconds']} s", "",
+              "routes"]
     off = {True: "", False: "  [off]"}
     lines += _columns([[r["methods"], r["path"], r["auth"], r["purpose"] + off[r.get("enabled", True)]]
                        for r in s["routes"]])
     lines += ["", "providers"]
     for p in s["providers"]:
         lines.append(f"  {p['name']:<14}{p['type']:<10}{p['base_url']}  key: ${p['key_env'] or '-'}"
-                     + (f"  extra headers: {', '.join(p['extra_headers'])}" if p["extra_headers"] else ""))
+                     + (f"  extra headers: {', '.join(p['extra_headers'])}" if p["extra_headers"] else "")
+                     + ("  /v1/responses" if p["serves_responses_api"] else ""))
     lines += ["", "models"]
     for m in s["models"]:
         lines.append(f"  {m['id']:<32}-> {m['provider']}/{m['upstream']}  "
-                     f"${m['input_usd_per_mtok']}/${m['output_usd_per_mtok']} per Mtok in/out")
+                     f"${m['input_usd_per_mtok']}/${m['output_usd_per_mtok']} per Mtok in/out"
+                     + (f"  fallbacks: {', '.join(m['fallbacks'])}" if m["fallbacks"] else ""))
+    r = s["retries"]
+    lines.append(f"  retries: {r['attempts']} per model before its next fallback, from {r['backoff_ms']} ms "
+                 f"doubling; provider retry-after honoured up to {r['retry_after_cap_seconds']} s")
     lines += ["", "environment variables (names only)"]
     lines += _columns([[e["name"], "set" if e["set"] else "unset", e["purpose"]] for e in s["environment_variables"]])
     st = s["storage"]

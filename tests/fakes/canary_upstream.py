@@ -12,6 +12,9 @@ not be. Behaviour by upstream model name:
   canary-slow    a stream of many canary chunks, 20 ms apart (for disconnects)
   (embeddings)   a small vector per input
   /v1/messages   the same three behaviours in Anthropic's Messages format
+  /v1/responses  canary-chat in the Responses format, streaming or not (text and a
+                 function call's arguments carry the canary)
+  /v1/messages/count_tokens  {"input_tokens": 21}
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ class CanaryUpstream:
             Route("/v1/completions", self.generate, methods=["POST"]),
             Route("/v1/embeddings", self.embeddings, methods=["POST"]),
             Route("/v1/messages", self.messages, methods=["POST"]),
+            Route("/v1/responses", self.responses, methods=["POST"]),
+            Route("/v1/messages/count_tokens", self.count_tokens, methods=["POST"]),
         ])
 
     def usage(self) -> dict[str, Any]:
@@ -167,3 +172,40 @@ class CanaryUpstream:
         except (asyncio.CancelledError, GeneratorExit):
             self.cancelled += 1
             raise
+
+    # --- Responses API and token counting -------------------------------------------------------
+
+    async def count_tokens(self, request: Request) -> Response:
+        self.raw_requests.append(await request.body())
+        return Response(b'{"input_tokens": 21}', media_type="application/json")
+
+    async def responses(self, request: Request) -> Response:
+        raw = await request.body()
+        self.raw_requests.append(raw)
+        body = orjson.loads(raw)
+        text = f"The answer is {self.canary}."
+        call = {"id": "fc_1", "type": "function_call", "status": "completed", "call_id": "call_1", "name": "lookup",
+                "arguments": orjson.dumps({"q": self.canary}).decode()}
+        message = {"id": "msg_1", "type": "message", "status": "completed", "role": "assistant",
+                   "content": [{"type": "output_text", "text": text, "annotations": []}]}
+        response = {"id": "resp_canary", "object": "response", "status": "completed", "model": body["model"],
+                    "error": None, "output": [message, call],
+                    "usage": {"input_tokens": 21, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": 9,
+                              "output_tokens_details": {"reasoning_tokens": 0}}}
+        if not body.get("stream"):
+            return Response(orjson.dumps(response), media_type="application/json")
+
+        async def events() -> AsyncIterator[bytes]:
+            def event(name: str, **data: Any) -> bytes:
+                return f"event: {name}\ndata: ".encode() + orjson.dumps({"type": name, **data}) + b"\n\n"
+
+            yield event("response.created", response={**response, "status": "in_progress", "output": [],
+                                                      "usage": None})
+            for word in text.split(" "):
+                yield event("response.output_text.delta", item_id="msg_1", output_index=0, content_index=0,
+                            delta=word + " ")
+            yield event("response.function_call_arguments.delta", item_id="fc_1", output_index=1,
+                        delta=call["arguments"])
+            yield event("response.completed", response=response)
+
+        return StreamingResponse(events(), media_type="text/event-stream")

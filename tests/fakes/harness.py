@@ -130,14 +130,19 @@ class Gateway:
 def start_gateway(make_config: Callable[..., Config], serve_app: Callable[[Any], Any], upstream_url: str,
                   *, credit_micros: int = 10_000_000, models: list[dict[str, Any]] | None = None,
                   anthropic_url: str | None = None, provider_keys: dict[str, Secret] | None = None,
-                  fake_provider: dict[str, Any] | None = None, **sections: Any) -> Gateway:
-    """sections: make_config sections; attribution=None leaves [attribution] out."""
-    providers: dict[str, Any] = {
+                  fake_provider: dict[str, Any] | None = None, providers: dict[str, Any] | None = None,
+                  extra_providers: dict[str, tuple[dict[str, Any], Secret | None]] | None = None,
+                  **sections: Any) -> Gateway:
+    """sections: make_config sections; attribution=None leaves [attribution] out;
+    `providers` (with `provider_keys`) replaces the fake, echo and claude providers;
+    extra_providers: name -> (its [providers.NAME] table, its key)."""
+    providers = providers or {
         "fake": {"type": "openai", "base_url": upstream_url + "/v1", "api_key_env": "FAKE_PROVIDER_KEY",
                  "cf_collect_log_payload": False, "extra_headers": {"x-extra": "configured"}},
         "echo": {"type": "echo"},
     }
-    providers["fake"].update(fake_provider or {})
+    if "fake" in providers:
+        providers["fake"].update(fake_provider or {})
     keys = {"fake": Secret("FAKE_PROVIDER_KEY", PROVIDER_KEY)}
     if anthropic_url:
         providers["claude"] = {"type": "anthropic", "base_url": anthropic_url, "api_key_env": "FAKE_ANTHROPIC_KEY"}
@@ -148,6 +153,10 @@ def start_gateway(make_config: Callable[..., Config], serve_app: Callable[[Any],
         del sections["attribution"]
     if provider_keys is not None:
         keys = provider_keys
+    for name, (table, secret) in (extra_providers or {}).items():
+        providers[name] = table
+        if secret is not None:
+            keys[name] = secret
     cfg = make_config(providers=providers, models=models or fake_models(), **sections)
     app = create_app(cfg, provider_keys=keys, migrate=True)
     server = serve_app(app)

@@ -1,4 +1,10 @@
-"""Adapters by wire format; vendors are configuration rows, not code."""
+"""Adapters by wire format; vendors are configuration rows, not code.
+
+anthropic.py, openai.py, echo.py  one adapter per wire format (echo: offline, OpenAI's)
+base.py                           the adapter contract, usage bounds, estimates
+tenant_tag.py                     the tenant's pseudonym in provider-side user fields
+translate/                        OpenAI <-> Anthropic, for a client of the other format
+"""
 
 from __future__ import annotations
 

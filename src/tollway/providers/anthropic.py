@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 
 from tollway.config import ProviderConfig
-from tollway.errors import TollwayError
+from tollway.errors import TollwayError, render_anthropic_sse
 from tollway.money import Usage
 from tollway.providers.base import (
     MESSAGES,
@@ -84,9 +84,7 @@ class AnthropicAdapter:
             body["metadata"] = {**(meta or {}), "user_id": who.tag}
 
     def error_event(self, exc: TollwayError) -> bytes:
-        # The Anthropic SDKs raise on `event: error`; an unnamed event would be ignored.
-        body = {"type": "error", "error": {"type": exc.type, "message": exc.message}}
-        return b"event: error\ndata: " + orjson.dumps(body) + b"\n\n"
+        return render_anthropic_sse(exc)
 
 
 class AnthropicStream:

@@ -36,6 +36,7 @@ TOKENS_PER_MESSAGE = 4
 
 # Endpoint names used across the proxy: the /v1 path each one serves.
 CHAT, COMPLETIONS, EMBEDDINGS, MESSAGES = "chat", "completions", "embeddings", "messages"
+RESPONSES = "responses"  # OpenAI's Responses API (providers/responses.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +57,7 @@ class UpstreamRequest:
     headers: dict[str, str]
     body: bytes
     stream: bool
+    timeout: float | None = None  # seconds for this attempt in all; None: request_timeout_seconds
 
 
 class UpstreamResponse(Protocol):
@@ -64,7 +66,9 @@ class UpstreamResponse(Protocol):
     status: int
     headers: list[tuple[str, str]]
 
-    async def read(self) -> bytes: ...
+    async def read(self, limit: int) -> bytes:
+        """The whole body; an UpstreamError (upstream_invalid_response) past `limit` bytes."""
+        ...
 
     async def chunk(self) -> bytes:
         """The next bytes of the body as they arrive; b"" at the end."""
@@ -180,11 +184,11 @@ def tokens_from_bytes(n: int) -> int:
     return -(-n // BYTES_PER_TOKEN)
 
 
-_TEXT_FIELDS = ("messages", "prompt", "input", "system", "tools", "functions", "suffix")
+_TEXT_FIELDS = ("messages", "prompt", "input", "instructions", "system", "tools", "functions", "suffix")
 
 
 def estimate_prompt_tokens(body: Mapping[str, Any]) -> int:
-    """The documented prompt estimate (module docstring) for any of the four endpoints."""
+    """The documented prompt estimate (module docstring) for any of the endpoints."""
     text_bytes = 0
     ids = 0
     stack: list[Any] = [body.get(k) for k in _TEXT_FIELDS]

@@ -1,6 +1,7 @@
 """An offline OpenAI-compatible upstream served inside Tollway, for trying it out.
 
-Chat repeats the last user message; completions repeat the prompt; embeddings are
+Chat repeats the last user message; completions repeat the prompt; the Responses API
+repeats the input's last user text (echo_responses.py); embeddings are
 deterministic 16-dimension vectors derived from a hash of each input. Token counts use
 the same estimate Tollway bills when a real provider reports none (base.py), and
 streaming honours stream_options.include_usage, so the whole billing path runs with
@@ -25,6 +26,7 @@ from tollway.providers.base import (
     estimate_prompt_tokens,
     tokens_from_bytes,
 )
+from tollway.providers.echo_responses import responses
 from tollway.providers.openai import OpenAIAdapter
 
 DIMENSIONS = 16
@@ -43,8 +45,8 @@ class EchoResponse:
         self._parts = [body] if isinstance(body, bytes) else body
         self._next = 0
 
-    async def read(self) -> bytes:
-        return b"".join(self._parts)
+    async def read(self, limit: int) -> bytes:
+        return b"".join(self._parts)  # made here from the request, which max_body_bytes bounds
 
     async def chunk(self) -> bytes:
         if self._next >= len(self._parts):
@@ -67,6 +69,9 @@ class EchoTransport:
         body = orjson.loads(request.body)
         if request.url.endswith("/embeddings"):
             return EchoResponse(orjson.dumps(embeddings(body)), "application/json")
+        if request.url.endswith("/responses"):
+            answer = responses(body)
+            return EchoResponse(answer, "text/event-stream" if isinstance(answer, list) else "application/json")
         chat = request.url.endswith("/chat/completions")
         reply, finish = _reply(body, chat)
         prompt = estimate_prompt_tokens(body)

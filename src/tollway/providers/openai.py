@@ -17,6 +17,7 @@ from tollway.providers.base import (
     CHAT,
     COMPLETIONS,
     EMBEDDINGS,
+    RESPONSES,
     USER_AGENT,
     InvalidUsage,
     Target,
@@ -39,7 +40,8 @@ _MODEL = re.compile(rb'"model"\s*:\s*"(?:[^"\\]|\\.)*"')
 _DONE = (b"data: [DONE]", b"data:[DONE]")
 # What the client may send and what OpenAI takes per endpoint (tenant_tag.py).
 _TENANT_FIELDS = ("prompt_cache_key", "safety_identifier", "user")
-_TAGGED = {CHAT: ("prompt_cache_key", "safety_identifier"), COMPLETIONS: ("user",), EMBEDDINGS: ("user",)}
+_TAGGED = {CHAT: ("prompt_cache_key", "safety_identifier"), COMPLETIONS: ("user",), EMBEDDINGS: ("user",),
+           RESPONSES: ("prompt_cache_key", "safety_identifier")}
 
 
 def parse_usage(u: Any) -> Usage | None:

@@ -1,7 +1,8 @@
 """The client's side of a /v1 request: headers, the body read under its limit, and the
 few fields Tollway reads (model, stream, stream_options, max_tokens,
-max_completion_tokens, n, best_of, and the price-changing ones priced.py refuses).
-Tollway writes only the output bound; everything else in the body is left as it is.
+max_completion_tokens, max_output_tokens, n, best_of, the price-changing ones priced.py
+refuses and the stored-state ones stored.py refuses). Tollway writes only the output
+bound; everything else in the body is left as it is.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from starlette.types import Receive, Scope
 
 from tollway.config import ModelConfig
 from tollway.errors import BadRequest, PayloadTooLarge
-from tollway.providers.base import CHAT, COMPLETIONS, EMBEDDINGS, MESSAGES
-from tollway.proxy import priced
+from tollway.providers.base import CHAT, COMPLETIONS, EMBEDDINGS, MESSAGES, RESPONSES
+from tollway.proxy import priced, stored
 
 
 class ClientGone(Exception):
@@ -85,7 +86,7 @@ class Shape:
 
 
 _REQUIRED = {CHAT: ("messages", list), COMPLETIONS: ("prompt", None), EMBEDDINGS: ("input", None),
-             MESSAGES: ("messages", list)}
+             MESSAGES: ("messages", list), RESPONSES: ("input", str | list)}
 _OUTPUT_FIELDS = ("max_completion_tokens", "max_tokens")
 
 
@@ -101,6 +102,8 @@ def shape(endpoint: str, body: dict[str, Any], size: int, model: ModelConfig, he
         raise BadRequest(f"Missing required field '{field}'.", param=field)
     if kind is list and not (isinstance(value, list) and value):
         raise BadRequest(f"'{field}' must be a non-empty array.", param=field)
+    if kind is not None and kind is not list and not (isinstance(value, kind) and value):
+        raise BadRequest(f"'{field}' must be a non-empty string or array.", param=field)
     priced.check_headers(headers)
     if endpoint == EMBEDDINGS:
         return Shape(False, False, 0, size)
@@ -113,6 +116,8 @@ def shape(endpoint: str, body: dict[str, Any], size: int, model: ModelConfig, he
     if opts is not None and not isinstance(opts, dict):
         raise BadRequest("'stream_options' must be an object.", param="stream_options")
     wants_usage = isinstance(opts, dict) and opts.get("include_usage") is True
+    if endpoint == RESPONSES:
+        stored.check(body)
     extra = priced.check_body(endpoint, body)
     prompt = _prompt_bound(size + extra.prompt_tokens, extra.media, model)
     if endpoint == MESSAGES:
@@ -122,6 +127,10 @@ def shape(endpoint: str, body: dict[str, Any], size: int, model: ModelConfig, he
         if limit > model.max_output_tokens:
             body["max_tokens"] = limit = model.max_output_tokens
         return Shape(stream, wants_usage, limit, prompt)
+    if endpoint == RESPONSES:  # one answer; its bound counts reasoning too
+        limit = min(model.max_output_tokens, _positive(body, "max_output_tokens") or model.max_output_tokens)
+        body["max_output_tokens"] = limit
+        return Shape(stream, True, limit, prompt)  # usage is part of every Responses stream
     # A provider may read either field: every one sent carries the same, smallest, bound.
     sent = [name for name in _OUTPUT_FIELDS if _positive(body, name) is not None]
     limit = min([model.max_output_tokens, *(body[name] for name in sent)])
@@ -129,6 +138,16 @@ def shape(endpoint: str, body: dict[str, Any], size: int, model: ModelConfig, he
         body[name] = limit
     choices = max(_positive(body, "n") or 1, _positive(body, "best_of") or 1)
     return Shape(stream, wants_usage, limit * choices, prompt)
+
+
+def widen(prompt_bound: int, extra_bytes: int, model: ModelConfig) -> int:
+    """The prompt bound of a call whose body was translated (providers/translate): the
+    provider reads the translated body, so when it is the larger, its size bounds the
+    prompt, under the same cap by the model's context window."""
+    if extra_bytes <= 0:
+        return prompt_bound
+    window = model.max_input_tokens
+    return prompt_bound + extra_bytes if window is None else min(prompt_bound + extra_bytes, window)
 
 
 def _prompt_bound(bounded: int, media: str | None, model: ModelConfig) -> int:

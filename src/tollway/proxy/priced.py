@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tollway.errors import BadRequest
-from tollway.providers.base import EMBEDDINGS, MESSAGES
+from tollway.providers.base import EMBEDDINGS, MESSAGES, RESPONSES
 
 # Top-level fields that buy something the token prices do not cover, by wire format.
 _OPENAI_FIELDS = {
@@ -43,6 +43,11 @@ _ANTHROPIC_VALUES = {"service_tier": frozenset({"auto", "standard_only"}),
                      "inference_geo": frozenset({"global"}),
                      "speed": frozenset({"standard"})}
 _OPENAI_TOOLS = frozenset({"function", "custom"})  # executed by the client, billed as tokens
+# Responses tools the client executes (Codex's shell and patch tools); like Anthropic's
+# client tools, each adds a fixed prompt of its own. Every other Responses tool (web_search,
+# file_search, code_interpreter, computer_use_preview, image_generation, mcp, ...) is run
+# and billed by the provider.
+_RESPONSES_CLIENT_TOOLS = frozenset({"local_shell", "shell", "apply_patch"})
 # Anthropic-defined tools the client executes; they add a fixed prompt of their own.
 _ANTHROPIC_CLIENT_TOOLS = ("bash_", "text_editor_", "computer_", "memory_")
 # anthropic-beta flags that change neither the price per token nor what bounds the tokens.
@@ -62,7 +67,7 @@ CLIENT_TOOL_PROMPT_TOKENS = 2_048
 # or a large flat one compressed to a few KB, costs thousands of tokens), documents,
 # files by id, audio (OpenAI's input_audio is also priced apart: refused outright).
 _MEDIA = frozenset({"image_url", "image", "document", "file", "input_file", "input_image",
-                    "container_upload"})
+                    "container_upload", "computer_screenshot"})
 _REFUSED_PARTS = {"input_audio": "audio input is priced apart from text"}
 
 
@@ -106,8 +111,9 @@ def check_body(endpoint: str, body: dict[str, Any]) -> Extra:
     modalities = body.get("modalities")
     if modalities is not None and not (isinstance(modalities, list) and all(m == "text" for m in modalities)):
         raise refuse("modalities", "only text output is priced")
-    extra = _tools(body.get("tools"), anthropic) or (TOOLS_PROMPT_TOKENS if body.get("functions") else 0)
-    media = _media(body.get("messages"), anthropic)
+    responses = endpoint == RESPONSES
+    extra = _tools(body.get("tools"), anthropic, responses) or (TOOLS_PROMPT_TOKENS if body.get("functions") else 0)
+    media = _items(body.get("input")) if responses else _media(body.get("messages"), anthropic)
     if anthropic:
         system = body.get("system")
         if isinstance(system, list):
@@ -118,7 +124,7 @@ def check_body(endpoint: str, body: dict[str, Any]) -> Extra:
     return Extra(extra, media)
 
 
-def _tools(tools: Any, anthropic: bool) -> int:
+def _tools(tools: Any, anthropic: bool, responses: bool = False) -> int:
     if not isinstance(tools, list) or not tools:
         return 0
     extra = TOOLS_PROMPT_TOKENS
@@ -134,11 +140,14 @@ def _tools(tools: Any, anthropic: bool) -> int:
                 continue
         elif isinstance(kind, str) and kind in _OPENAI_TOOLS:
             continue
+        elif responses and isinstance(kind, str) and kind in _RESPONSES_CLIENT_TOOLS:
+            extra += CLIENT_TOOL_PROMPT_TOKENS
+            continue
         raise refuse(f"tools[{i}].type", "tools the provider runs are billed apart from tokens")
     return extra
 
 
-def _media(messages: Any, anthropic: bool) -> str | None:
+def _media(messages: Any, anthropic: bool, name: str = "messages") -> str | None:
     """Refuse the content parts that change the price; return where the first one whose
     bytes do not bound its tokens is, if any. A plain text part costs one lookup: the
     path to a part is spelled out only for a part that needs it."""
@@ -152,7 +161,7 @@ def _media(messages: Any, anthropic: bool) -> str | None:
         for j, part in enumerate(content):
             if isinstance(part, dict) and (part.get("type") != "text" or "cache_control" in part):
                 if _needs_look(part, anthropic):
-                    media = _part(part, f"messages[{i}].content[{j}]", anthropic)
+                    media = _part(part, f"{name}[{i}].content[{j}]", anthropic)
                     found = found or media
                 inner = part.get("content")
                 if isinstance(inner, list):  # Anthropic tool_result blocks carry parts of their own
@@ -160,6 +169,29 @@ def _media(messages: Any, anthropic: bool) -> str | None:
                         if isinstance(sub, dict) and _needs_look(sub, anthropic):
                             media = _part(sub, f"messages[{i}].content[{j}].content[{k}]", anthropic)
                             found = found or media
+    return found
+
+
+def _items(items: Any) -> str | None:
+    """The Responses `input` items: content parts of messages as `_media`, parts in a tool
+    output's list, and encrypted content (reasoning or compaction items passed back): an
+    opaque blob whose bytes do not bound the tokens it stands for."""
+    found = _media(items, False, "input")
+    if not isinstance(items, list):
+        return found
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            continue
+        if item.get("encrypted_content") is not None:
+            found = found or f"input[{i}].encrypted_content"
+        output = item.get("output")
+        if isinstance(output, dict):  # a computer_call_output's screenshot
+            output = [output]
+        if isinstance(output, list):
+            for j, part in enumerate(output):
+                if isinstance(part, dict) and _needs_look(part, False):
+                    media = _part(part, f"input[{i}].output[{j}]", False)
+                    found = found or media
     return found
 
 

@@ -17,7 +17,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from tollway.auth.keys import bearer_key
 from tollway.config import ModelConfig
 from tollway.errors import ModelNotFound
-from tollway.providers.base import CHAT, COMPLETIONS, EMBEDDINGS, MESSAGES
+from tollway.providers.base import CHAT, COMPLETIONS, EMBEDDINGS, MESSAGES, RESPONSES
+from tollway.proxy import count_tokens
 from tollway.proxy.pipeline import Pipeline
 from tollway.services import Services
 
@@ -42,7 +43,8 @@ class Proxy:
         p = self.pipeline
         self._posts: dict[str, ASGIApp] = {
             "/v1/chat/completions": _Endpoint(p, CHAT), "/v1/completions": _Endpoint(p, COMPLETIONS),
-            "/v1/embeddings": _Endpoint(p, EMBEDDINGS), "/v1/messages": _Endpoint(p, MESSAGES)}
+            "/v1/embeddings": _Endpoint(p, EMBEDDINGS), "/v1/messages": _Endpoint(p, MESSAGES),
+            "/v1/responses": _Endpoint(p, RESPONSES), count_tokens.PATH: count_tokens.TokenCounter(p)}
 
     def shortcuts(self) -> dict[str, ASGIApp]:
         """The POST endpoints by exact path, for the edge to call directly (edge.py)."""

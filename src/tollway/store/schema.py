@@ -130,6 +130,10 @@ usage_events = Table(
     Column("error_type", String(64), nullable=True),
     Column("latency_ms", Integer, nullable=False),
     Column("created_at", BigInteger, nullable=False),
+    # `model` is the model that served and was billed; with fallbacks (docs/proxy.md) the
+    # client may have asked for another, and several upstream requests may have been sent.
+    Column("requested_model", String(200), nullable=True),  # NULL: rows from before 0005
+    Column("attempts", Integer, nullable=False, server_default="1"),
     # A tenant's rows in request-id order, i.e. by time (request ids begin with the time):
     # the dashboard reads a time range of one tenant through it. On SQLite this is the
     # same B-tree the plain tenant_id index was (a WITHOUT ROWID index holds the key).
