@@ -64,6 +64,7 @@ class Edge:
                 headers = list(message.get("headers", ()))
                 if not any(k == b"x-request-id" for k, _ in headers):
                     headers.append(id_header)
+                headers += scope["state"].get("response_headers", ())  # a limited key's rate limits
                 message["headers"] = headers
             elif kind == "http.response.body" and not message.get("more_body", False):
                 completed = True

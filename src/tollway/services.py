@@ -3,16 +3,17 @@ the /v1 path all call these same objects."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tollway.auth.key_secret import load_key_secret, load_previous_secret
 from tollway.auth.keys import Keys
 from tollway.auth.workers import WorkerRegistry
-from tollway.config import Config, resolve_secret
+from tollway.config import Config, LimitsConfig, resolve_secret
 from tollway.ledger.holds import MemoryHolds
 from tollway.ledger.transactions import Ledger
+from tollway.proxy.ratelimit import Limiter
 from tollway.store.cache import Cache, MemoryCache, make_cache
 from tollway.store.db import Store, sqlite_path
 from tollway.tenants import Tenants
@@ -32,8 +33,10 @@ class Services:
     workers: WorkerRegistry
     notices: list[str]
     payments: Payments | None = None  # Stripe top-ups; None without a [stripe] table
+    limiter: Limiter = field(default_factory=lambda: Limiter(LimitsConfig()))  # per-key rate limits
 
     async def close(self) -> None:
+        await self.limiter.close()  # its last batch of token counts, while Redis is open
         await self.ledger.close()  # the journaled charges first, while the store is open
         if self.payments is not None:
             await self.payments.close()
@@ -75,4 +78,4 @@ def build(cfg: Config, *, worker_id: str | None = None, sole_server: bool = Fals
 
         payments = Payments(cfg.stripe, store, ledger, cfg.source)
     return Services(cfg, store, cache, keys, ledger, Tenants(store, ledger, keys), registry,
-                    [n for n in (notice, rotation) if n], payments)
+                    [n for n in (notice, rotation) if n], payments, Limiter(cfg.limits, cache))
