@@ -267,7 +267,7 @@ def test_admin_api_sets_a_keys_limits_and_they_apply_at_once(gw: Gateway) -> Non
     assert back.json()["requests_per_minute"] is None  # the [limits] default again: unlimited here
     r = chat(gw, key)
     assert r.status_code == 200 and limit_headers(r) == {}
-    for bad in ({}, {"requests_per_minute": -1}, {"tokens_per_minute": 10**10}, {"requests_per_minute": "5"}):
+    for bad in ({}, {"requests_per_minute": -1}, {"tokens_per_minute": 10**10}, {"requests_per_minute": 1.5}):
         refused = httpx.patch(f"{gw.url}/admin/keys/{key_id}", json=bad, headers=auth, timeout=30)
         assert refused.status_code == 400 and refused.json()["error"]["type"] == "invalid_request_error"
     missing = httpx.patch(f"{gw.url}/admin/keys/key_nope", json={"tokens_per_minute": 5}, headers=auth, timeout=30)

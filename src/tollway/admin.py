@@ -80,8 +80,8 @@ class KeyLimitsIn(_In):
 
     model_config = ConfigDict(json_schema_extra={"minProperties": 1})
 
-    requests_per_minute: int | None = Field(default=None, ge=0, le=MAX_PER_MINUTE, strict=True, description=_RPM)
-    tokens_per_minute: int | None = Field(default=None, ge=0, le=MAX_PER_MINUTE, strict=True, description=_TPM)
+    requests_per_minute: int | None = Field(default=None, ge=0, le=MAX_PER_MINUTE, description=_RPM)
+    tokens_per_minute: int | None = Field(default=None, ge=0, le=MAX_PER_MINUTE, description=_TPM)
 
     @model_validator(mode="after")
     def _some(self) -> KeyLimitsIn:
@@ -98,8 +98,8 @@ class KeyIn(_In):
                                    description="unix epoch milliseconds, in the future (400 otherwise)")
     spend_limit_usd: str | None = Field(default=None, pattern=POSITIVE_USD, description='decimal string, e.g. "10.00"')
     spend_limit_period: str | None = Field(default=None, pattern="^(day|month)$")
-    requests_per_minute: int | None = Field(default=None, ge=0, le=MAX_PER_MINUTE, strict=True, description=_RPM)
-    tokens_per_minute: int | None = Field(default=None, ge=0, le=MAX_PER_MINUTE, strict=True, description=_TPM)
+    requests_per_minute: int | None = Field(default=None, ge=0, le=MAX_PER_MINUTE, description=_RPM)
+    tokens_per_minute: int | None = Field(default=None, ge=0, le=MAX_PER_MINUTE, description=_TPM)
 
     @model_validator(mode="after")
     def _pair(self) -> KeyIn:
