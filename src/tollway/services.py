@@ -16,6 +16,7 @@ from tollway.ledger.transactions import Ledger
 from tollway.proxy.ratelimit import Limiter
 from tollway.store.cache import Cache, MemoryCache, make_cache
 from tollway.store.db import Store, sqlite_path
+from tollway.store.redis_wire import RedisWire
 from tollway.tenants import Tenants
 
 if TYPE_CHECKING:
@@ -61,7 +62,8 @@ def build(cfg: Config, *, worker_id: str | None = None, sole_server: bool = Fals
     base = config_dir(cfg)
     store = Store(cfg.database.url, base_dir=base, password=_password(cfg, cfg.database.password_env, "database"),
                   pool_size=cfg.database.pool_size, pool_timeout=cfg.database.pool_timeout_seconds)
-    cache = make_cache(cfg.cache.url, password=_password(cfg, cfg.cache.password_env, "cache"))
+    cache_password = _password(cfg, cfg.cache.password_env, "cache")
+    cache = make_cache(cfg.cache.url, password=cache_password)
     secret, notice = load_key_secret(cfg.server.key_secret_env, sqlite_path(cfg.database.url, base))
     previous, rotation = load_previous_secret(cfg.server.key_secret_previous_env, secret)
     # Each worker keeps verified keys in memory; with Redis that is a layer in front of it,
@@ -78,4 +80,5 @@ def build(cfg: Config, *, worker_id: str | None = None, sole_server: bool = Fals
 
         payments = Payments(cfg.stripe, store, ledger, cfg.source)
     return Services(cfg, store, cache, keys, ledger, Tenants(store, ledger, keys), registry,
-                    [n for n in (notice, rotation) if n], payments, Limiter(cfg.limits, cache))
+                    [n for n in (notice, rotation) if n], payments,
+                    Limiter(cfg.limits, RedisWire(cfg.cache.url, cache_password) if cache.shared else None))

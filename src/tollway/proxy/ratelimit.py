@@ -7,7 +7,8 @@ Map:
   MemoryState    the GCRA state of one process: key id -> (request TAT, token TAT), entries
                  of idle keys dropped, so it holds at most the keys seen in the last minute
   RedisState     the same state in Redis ("rl:<key id>"): admission is one Lua script (one
-                 round trip); token charges are batched, one script call per ~20 ms
+                 round trip, on store/redis_wire.py's lean connection); token charges are
+                 batched, one script call per ~20 ms
   Limiter        what the pipeline calls: `admit` right after authentication (429 or the
                  headers every response of a limited key carries), `used` after the settle;
                  with Redis, a failing Redis sends it to a per-worker MemoryState (fail-open)
@@ -32,7 +33,7 @@ from typing import Any
 from tollway.auth.keys import Principal
 from tollway.config import LimitsConfig
 from tollway.errors import RateLimited
-from tollway.store.cache import Cache, RedisCache
+from tollway.store.redis_wire import RedisWire, sha1
 from tollway.telemetry import log
 
 WINDOW_MS = 60_000.0
@@ -192,31 +193,37 @@ return #KEYS
 """
 
 
-class RedisState:
-    """The state shared by every worker, in the cache's Redis (its pool and prefix)."""
+_ADMIT_SHA, _CHARGE_SHA = sha1(_ADMIT), sha1(_CHARGE)
 
-    def __init__(self, cache: RedisCache, clock: Clock | None = None) -> None:
+
+class RedisState:
+    """The state shared by every worker, in the cache's Redis, under its prefix."""
+
+    def __init__(self, wire: RedisWire, prefix: str, clock: Clock | None = None) -> None:
+        self.wire = wire
         self.clock = clock or (lambda: time.time() * 1000)  # one clock for every host: the wall clock
-        self.prefix = cache.prefix + "rl:"
-        self._admit = cache.client.register_script(_ADMIT)
-        self._charge = cache.client.register_script(_CHARGE)
+        self.prefix = prefix + "rl:"
 
     async def admit(self, key_id: str, lim: Limits) -> Decision:
         ri, ti = _intervals(lim)
-        r, t, wait = await self._admit(keys=[self.prefix + key_id], args=[repr(self.clock()), repr(ri), repr(ti),
-                                                                          repr(WINDOW_MS)])
-        return Decision(lim, float(r), float(t), float(wait))
+        reply = await self.wire.script(_ADMIT_SHA, _ADMIT, [self.prefix + key_id],
+                                       [repr(self.clock()), repr(ri), repr(ti), repr(WINDOW_MS)])
+        if not isinstance(reply, list) or len(reply) != 3:
+            raise TypeError("unexpected reply from the rate-limit script")  # fails open, logged
+        return Decision(lim, float(reply[0]), float(reply[1]), float(reply[2]))
 
     async def charge(self, pending: dict[str, float]) -> None:
-        await self._charge(keys=[self.prefix + k for k in pending],
-                           args=[repr(self.clock()), *map(repr, pending.values())])
+        await self.wire.script(_CHARGE_SHA, _CHARGE, [self.prefix + k for k in pending],
+                               [repr(self.clock()), *map(repr, pending.values())])
 
 
 class Limiter:
-    def __init__(self, defaults: LimitsConfig, cache: Cache | None = None, *, clock: Clock | None = None) -> None:
+    def __init__(self, defaults: LimitsConfig, wire: RedisWire | None = None, *, prefix: str = "tollway:",
+                 clock: Clock | None = None) -> None:
+        """`wire`: the cache's Redis when scaled out (shared limits); None: this process's memory."""
         self.rpm, self.tpm = defaults.requests_per_minute, defaults.tokens_per_minute
         self.memory = MemoryState(clock)
-        self.shared = RedisState(cache, clock) if isinstance(cache, RedisCache) else None
+        self.shared = RedisState(wire, prefix, clock) if wire is not None else None
         self._down_until = 0.0  # monotonic seconds; Redis is not tried before
         self._pending: dict[str, float] = {}
         self._flusher: asyncio.Task[None] | None = None
@@ -292,3 +299,5 @@ class Limiter:
         if self._flusher is not None and not self._flusher.done():
             with contextlib.suppress(Exception):
                 await self._flusher
+        if self.shared is not None:
+            await self.shared.wire.close()
