@@ -44,6 +44,7 @@ class _Protocol(asyncio.Protocol):
         self.timeout = timeout
         self._watch: asyncio.TimerHandle | None = None
         self.on_lost: asyncio.Future[None] | None = None  # set by RedisWire.close
+        self._out: list[bytes] = []  # commands of this step of the loop, written together
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # (uvloop's is no asyncio.Transport subclass)
@@ -83,11 +84,20 @@ class _Protocol(asyncio.Protocol):
             raise RedisWireError("not connected")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[object] = loop.create_future()
-        self.transport.write(_pack(args))
+        if not self._out:
+            loop.call_soon(self._write)
+        self._out.append(_pack(args))
         self.waiting.append((loop.time(), future))
         if self._watch is None:
             self._watch = loop.call_later(self.timeout, self._check)
         return future
+
+    def _write(self) -> None:
+        """One write (one system call) for every command sent during the last step of the
+        loop: under load, many requests' calls share it."""
+        out, self._out = self._out, []
+        if self.transport is not None:
+            self.transport.write(b"".join(out))
 
     def _check(self) -> None:
         """One timer for the connection, not one per call: the oldest call is late -> drop."""
