@@ -27,7 +27,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from tollway.auth.keys import Principal
@@ -49,6 +49,12 @@ Clock = Callable[[], float]
 class Limits:
     rpm: int  # 0: no limit on requests
     tpm: int  # 0: no limit on tokens
+    rpm_text: bytes = field(init=False, repr=False, compare=False)  # the limit headers' values, made once
+    tpm_text: bytes = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rpm_text", b"%d" % self.rpm)
+        object.__setattr__(self, "tpm_text", b"%d" % self.tpm)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,14 +73,14 @@ class Decision:
     def headers(self) -> list[tuple[bytes, bytes]]:
         """OpenAI's headers, for the dimensions this key is limited in. `reset` is the time
         until the bucket is full again ("resets to its initial state")."""
-        out: list[tuple[bytes, bytes]] = []
-        if self.limits.rpm:
-            out += [(b"x-ratelimit-limit-requests", str(self.limits.rpm).encode()),
-                    (b"x-ratelimit-remaining-requests", str(self.remaining_requests()).encode()),
+        lim, out = self.limits, []
+        if lim.rpm:
+            out += [(b"x-ratelimit-limit-requests", lim.rpm_text),
+                    (b"x-ratelimit-remaining-requests", b"%d" % self.remaining_requests()),
                     (b"x-ratelimit-reset-requests", duration(self.request_ms).encode())]
-        if self.limits.tpm:
-            out += [(b"x-ratelimit-limit-tokens", str(self.limits.tpm).encode()),
-                    (b"x-ratelimit-remaining-tokens", str(self.remaining_tokens()).encode()),
+        if lim.tpm:
+            out += [(b"x-ratelimit-limit-tokens", lim.tpm_text),
+                    (b"x-ratelimit-remaining-tokens", b"%d" % self.remaining_tokens()),
                     (b"x-ratelimit-reset-tokens", duration(self.token_ms).encode())]
         return out
 
@@ -222,6 +228,7 @@ class Limiter:
                  clock: Clock | None = None) -> None:
         """`wire`: the cache's Redis when scaled out (shared limits); None: this process's memory."""
         self.rpm, self.tpm = defaults.requests_per_minute, defaults.tokens_per_minute
+        self._default = Limits(self.rpm, self.tpm) if self.rpm or self.tpm else None
         self.memory = MemoryState(clock)
         self.shared = RedisState(wire, prefix, clock) if wire is not None else None
         self._down_until = 0.0  # monotonic seconds; Redis is not tried before
@@ -229,6 +236,8 @@ class Limiter:
         self._flusher: asyncio.Task[None] | None = None
 
     def limits(self, p: Principal) -> Limits | None:
+        if p.requests_per_minute is None and p.tokens_per_minute is None:
+            return self._default
         rpm = self.rpm if p.requests_per_minute is None else p.requests_per_minute
         tpm = self.tpm if p.tokens_per_minute is None else p.tokens_per_minute
         return Limits(rpm, tpm) if rpm or tpm else None
