@@ -126,8 +126,14 @@ def test_principal_keeps_its_old_encoding_without_own_limits() -> None:
     assert Principal.decode(limited.encode()) == limited
 
 
-def test_config_limits_are_validated(make_config: Callable[..., Any]) -> None:
-    assert make_config(limits={"requests_per_minute": 60}).limits == LimitsConfig(60, 0)
+def test_config_limits_are_validated_and_shown_by_config_check(make_config: Callable[..., Any]) -> None:
+    from tollway.surface import describe, render_text
+
+    cfg = make_config(limits={"requests_per_minute": 60})
+    assert cfg.limits == LimitsConfig(60, 0)
+    shown = describe(cfg)
+    assert shown["rate_limits"]["requests_per_minute"] == 60 and shown["rate_limits"]["tokens_per_minute"] == 0
+    assert "60 requests/min, unlimited tokens/min; counted in memory" in render_text(shown)
     for bad in (-1, 10**12):
         with pytest.raises(ConfigError, match=r"limits\.requests_per_minute"):
             make_config(limits={"requests_per_minute": bad})
