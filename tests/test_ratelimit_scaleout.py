@@ -77,7 +77,7 @@ def test_tokens_per_minute_across_4_workers(gateway: Workers) -> None:  # noqa: 
             break
         assert r.status_code == 200, r.text
         used.append(r.json()["usage"]["total_tokens"])
-        time.sleep(0.2)  # each worker sends its token counts to Redis within ~20 ms
+        time.sleep(0.3)  # each worker sends its token counts to Redis within 0.1 s
     else:
         raise AssertionError("never limited")
     assert "tokens per min (TPM)" in r.json()["error"]["message"]
@@ -183,7 +183,7 @@ def test_redis_outage_keeps_serving_and_limits_per_worker_then_shares_again(
     key = gw.run(create)
     # Verified (now in the worker's memory); 1 of 3 used, in Redis.
     assert _limited(_post(gw.url, key, "acme/chat"))["x-ratelimit-remaining-requests"] == "2"
-    time.sleep(0.2)  # its tokens reach Redis
+    time.sleep(0.3)  # its tokens reach Redis (within 0.1 s)
     relay.close()
     time.sleep(0.1)  # the gateway sees its connection to Redis closed
     started = time.monotonic()

@@ -8,7 +8,7 @@ Map:
                  of idle keys dropped, so it holds at most the keys seen in the last minute
   RedisState     the same state in Redis ("rl:<key id>"): admission is one Lua script (one
                  round trip, on store/redis_wire.py's lean connection); token charges are
-                 batched, one script call per ~20 ms
+                 batched, one script call per worker per 0.1 s at most
   Limiter        what the pipeline calls: `admit` right after authentication (429 or the
                  headers every response of a limited key carries), `used` after the settle;
                  with Redis, a failing Redis sends it to a per-worker MemoryState (fail-open)
@@ -39,7 +39,7 @@ from tollway.telemetry import log
 WINDOW_MS = 60_000.0
 _SWEEP_EVERY_MS = 10_000.0
 OUTAGE_RETRY_SECONDS = 5.0  # after a Redis failure, this worker limits in memory this long
-_FLUSH_SECONDS = 0.02
+_FLUSH_SECONDS = 0.1  # token counts reach Redis this late at most; one call per worker per 0.1 s
 _EPSILON = 1e-6  # floating-point slack: 3 requests of 20 000 ms fill 60 000 ms exactly
 
 Clock = Callable[[], float]

@@ -84,9 +84,12 @@ class _Protocol(asyncio.Protocol):
             raise RedisWireError("not connected")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[object] = loop.create_future()
-        if not self._out:
-            loop.call_soon(self._write)
-        self._out.append(_pack(args))
+        if not self.waiting:  # nothing in flight: nothing to share a write with, send it now
+            self.transport.write(_pack(args))
+        else:
+            if not self._out:
+                loop.call_soon(self._write)
+            self._out.append(_pack(args))
         self.waiting.append((loop.time(), future))
         if self._watch is None:
             self._watch = loop.call_later(self.timeout, self._check)
@@ -94,7 +97,7 @@ class _Protocol(asyncio.Protocol):
 
     def _write(self) -> None:
         """One write (one system call) for every command sent during the last step of the
-        loop: under load, many requests' calls share it."""
+        loop while others were in flight: under load, many requests' calls share it."""
         out, self._out = self._out, []
         if self.transport is not None:
             self.transport.write(b"".join(out))
