@@ -51,6 +51,9 @@ def main() -> int:
                     "dependencies: with --base HEAD, compares interpreters instead of commits")
     ap.add_argument("--scale-out", action="store_true",
                     help="each side on a throw-away PostgreSQL database (127.0.0.1:5432) + Redis (db 14)")
+    ap.add_argument("--rate-limits", action="store_true",
+                    help="this side with per-key rate limits on ([limits], never reached): their cost; the base "
+                    "side runs without (a base from before [limits] existed refuses the table)")
     args = ap.parse_args()
     if "tok" in args.kinds.split(",") and not has_echo_module():
         print(ECHO_HINT, file=sys.stderr)
@@ -76,7 +79,8 @@ def main() -> int:
                 scale_out.create()
                 databases.append(scale_out)
             gw = gateways[side] = Gateway(side_dir, nginx.port, scale_out,
-                                          args.base_python if side == "base" else sys.executable)
+                                          args.base_python if side == "base" else sys.executable,
+                                          rate_limits=args.rate_limits and side == "this")
             if side == "base":
                 gw.env["PYTHONPATH"] = os.pathsep.join([str(tree / "src"), gw.env.get("PYTHONPATH", "")])
             setup = gw.setup()
@@ -90,7 +94,8 @@ def main() -> int:
         on = f" on {args.base_python}" if args.base_python != sys.executable else ""
         print(f"base = {args.base}{on}, this = the working tree; {args.rounds} rounds x {args.duration} s per side and "
               f"configuration, both gateways restarted every round; "
-              f"{'PostgreSQL + Redis' if args.scale_out else 'SQLite + memory'}", flush=True)
+              f"{'PostgreSQL + Redis' if args.scale_out else 'SQLite + memory'}"
+              f"{'; rate limits on this side' if args.rate_limits else ''}", flush=True)
         for r in range(args.rounds):
             for side, bench in benches.items():
                 if r:

@@ -40,10 +40,18 @@ def rss_bytes(pid: int) -> int:
     return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE_SIZE
 
 
+# Rate limits on, so high that the load never meets them: what checking them costs.
+RATE_LIMITS = """
+[limits]
+requests_per_minute = 1000000000
+tokens_per_minute = 1000000000
+"""
+
+
 def render_config(workdir: Path, port: int, upstream_port: int, database_url: str | None = None,
-                  cache_url: str = "memory://") -> str:
+                  cache_url: str = "memory://", rate_limits: bool = False) -> str:
     base = f"http://127.0.0.1:{upstream_port}"
-    return f"""
+    return (RATE_LIMITS if rate_limits else "") + f"""
 [server]
 host = "127.0.0.1"
 port = {port}
@@ -159,7 +167,7 @@ _USAGE_SQL = ("SELECT model, status, estimated, count(*), sum(cost_micros) FROM 
 
 class Gateway:
     def __init__(self, workdir: Path, upstream_port: int, scale_out: ScaleOut | None = None,
-                 python: str = sys.executable) -> None:
+                 python: str = sys.executable, rate_limits: bool = False) -> None:
         self.workdir = workdir
         self.python = python  # the interpreter (and so the installed dependencies) it runs on
         self.port = free_port()
@@ -167,7 +175,7 @@ class Gateway:
         self.config = workdir / "tollway.toml"
         self.config.write_text(render_config(workdir, self.port, upstream_port,
                                              scale_out.url if scale_out else None,
-                                             scale_out.REDIS_URL if scale_out else "memory://"))
+                                             scale_out.REDIS_URL if scale_out else "memory://", rate_limits))
         self.log_path = workdir / "gateway.log"
         # A clean environment: nothing of the caller's Tollway settings leaks in.
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("TOLLWAY_", "PROMETHEUS_"))}

@@ -125,7 +125,7 @@ def _fuzz(t: Target, with_token: bool) -> int:
     results = list(schema.get_all_operations())
     operations = [result.ok() for result in results if isinstance(result, Ok)]
     assert len(operations) == len(results), "the document has operations Schemathesis cannot read"
-    assert len(operations) == 11, [op.label for op in operations]
+    assert len(operations) == 12, [op.label for op in operations]
     per_operation = max(EXAMPLES // len(operations), 3)
     ran = 0
     session = httpx.Client(timeout=30)

@@ -80,6 +80,9 @@ def test_generated_configs_load_and_only_target_loopback(tmp_path: Path) -> None
     assert all(p.base_url.startswith("http://127.0.0.1:18081/") for p in cfg.providers.values())
     assert cfg.database.url.startswith("sqlite:///") and cfg.cache.url == "memory://"
     assert cfg.attribution is not None
+    limited = config_mod.parse(__import__("tomllib").loads(gateway.render_config(tmp_path, 1, 2, rate_limits=True)))
+    assert limited.limits.requests_per_minute == limited.limits.tokens_per_minute == 10**9
+    assert cfg.limits.requests_per_minute == cfg.limits.tokens_per_minute == 0
     conf = upstream.render_config(tmp_path, 18081)
     assert "listen 127.0.0.1:18081;" in conf and "access_log off;" in conf
 

@@ -319,6 +319,12 @@ def test_key_create_validation_and_revoke(gw: Gateway, pages: Callable[[], PageC
     assert ok.choices
     listing = client.get("/dashboard/keys").text
     assert key.group(1) not in listing  # shown once
+    assert ">none</span>" in listing  # no rate limit ([limits] is off here, the key has none of its own)
+    limited = gw.run(lambda s: s.keys.create(gw.tenant_id, name="slow", requests_per_minute=3,
+                                             tokens_per_minute=40_000))
+    assert "3 requests/min<br>40,000 tokens/min" in client.get("/dashboard/keys").text
+    gw.run(lambda s: s.keys.set_rate_limits(limited["key_id"], requests_per_minute=None))
+    assert "requests/min<br>" not in client.get("/dashboard/keys").text  # back to the default: none
     key_id = next(k["key_id"] if "key_id" in k else k["id"] for k in gw.run(lambda s: s.keys.list(gw.tenant_id))
                   if k["name"] == "ci")
     assert "Revoke" in client.get(f"/dashboard/keys/{key_id}").text

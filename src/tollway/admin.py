@@ -27,6 +27,7 @@ from starlette.routing import Match, Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tollway.bodycap import refuse
+from tollway.config import MAX_PER_MINUTE
 from tollway.errors import BadRequest, NotFound, TollwayError, Unauthorized, render_json
 from tollway.ledger.transactions import MANUAL_REFERENCE_MAX
 from tollway.money import MoneyError, format_usd, parse_operator_usd
@@ -70,6 +71,25 @@ _SPEND_LIMIT_PAIR: JsonDict = {"anyOf": [
 ]}
 
 
+_RPM = "the key's own requests per minute; 0: unlimited; null or absent: the [limits] default"
+_TPM = "the key's own tokens (prompt + completion) per minute; 0: unlimited; null or absent: the [limits] default"
+
+
+class KeyLimitsIn(_In):
+    """Only the limits named change; null puts one back to the [limits] default."""
+
+    model_config = ConfigDict(json_schema_extra={"minProperties": 1})
+
+    requests_per_minute: int | None = Field(default=None, ge=0, le=MAX_PER_MINUTE, description=_RPM)
+    tokens_per_minute: int | None = Field(default=None, ge=0, le=MAX_PER_MINUTE, description=_TPM)
+
+    @model_validator(mode="after")
+    def _some(self) -> KeyLimitsIn:
+        if not self.model_fields_set:
+            raise ValueError("name requests_per_minute and/or tokens_per_minute")
+        return self
+
+
 class KeyIn(_In):
     model_config = ConfigDict(json_schema_extra=_SPEND_LIMIT_PAIR)
 
@@ -78,6 +98,8 @@ class KeyIn(_In):
                                    description="unix epoch milliseconds, in the future (400 otherwise)")
     spend_limit_usd: str | None = Field(default=None, pattern=POSITIVE_USD, description='decimal string, e.g. "10.00"')
     spend_limit_period: str | None = Field(default=None, pattern="^(day|month)$")
+    requests_per_minute: int | None = Field(default=None, ge=0, le=MAX_PER_MINUTE, description=_RPM)
+    tokens_per_minute: int | None = Field(default=None, ge=0, le=MAX_PER_MINUTE, description=_TPM)
 
     @model_validator(mode="after")
     def _pair(self) -> KeyIn:
@@ -150,6 +172,14 @@ class KeyOut(_Out):
     expires_at: int | None
     spend_limit_micros: int | None
     spend_limit_period: str | None
+    requests_per_minute: int | None = Field(default=None, description=_RPM)
+    tokens_per_minute: int | None = Field(default=None, description=_TPM)
+
+
+class KeyLimits(_Out):
+    key_id: str
+    requests_per_minute: int | None = Field(description=_RPM)
+    tokens_per_minute: int | None = Field(description=_TPM)
 
 
 class KeyList(_Out):
@@ -321,12 +351,19 @@ def admin_app(svc: Services) -> TokenGate:
     async def create_key(tenant_id: ID, body: KeyIn) -> Any:
         limit = usd(body.spend_limit_usd, "spend_limit_usd") if body.spend_limit_usd else None
         return await svc.keys.create(tenant_id, name=body.name, expires_at=body.expires_at,
-                                     spend_limit_micros=limit, spend_limit_period=body.spend_limit_period)
+                                     spend_limit_micros=limit, spend_limit_period=body.spend_limit_period,
+                                     requests_per_minute=body.requests_per_minute,
+                                     tokens_per_minute=body.tokens_per_minute)
 
     @api.get("/tenants/{tenant_id}/keys", responses=_errors(404), response_model=KeyList)
     async def list_keys(tenant_id: ID) -> Any:
         await svc.tenants.get(tenant_id)  # a deleted or unknown tenant is 404 here as everywhere
         return {"tenant_id": tenant_id, "keys": await svc.keys.list(tenant_id)}
+
+    @api.patch("/keys/{key_id}", responses=_errors(404), response_model=KeyLimits)
+    async def set_key_limits(key_id: ID, body: KeyLimitsIn) -> Any:
+        """A key's own rate limits; in force within cache.key_ttl_seconds (docs/keys.md)."""
+        return await svc.keys.set_rate_limits(key_id, **body.model_dump(include=body.model_fields_set))
 
     @api.post("/keys/{key_id}/revoke", responses=_errors(404), response_model=KeyRevoked)
     async def revoke_key(key_id: ID) -> Any:

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import click
 
 from tollway import config as config_mod
-from tollway.config import Config, ConfigError
+from tollway.config import MAX_PER_MINUTE, Config, ConfigError
 from tollway.errors import TollwayError
 from tollway.ledger.holds import DatabaseInUse, ServingLock
 from tollway.money import MoneyError, format_usd, parse_operator_usd
@@ -311,10 +311,15 @@ def keys() -> None:
 @click.option("--expires-in-days", type=click.IntRange(1), default=None)
 @click.option("--spend-limit", "spend_limit", default=None, help="USD, e.g. 10.00")
 @click.option("--spend-period", type=click.Choice(["day", "month"]), default=None)
+@click.option("--rpm", type=click.IntRange(0, MAX_PER_MINUTE), default=None,
+              help="requests per minute for this key (0: unlimited; default: [limits])")
+@click.option("--tpm", type=click.IntRange(0, MAX_PER_MINUTE), default=None,
+              help="tokens per minute for this key (0: unlimited; default: [limits])")
 @json_option
 @handle_errors
 def keys_create(config_path: str | None, tenant_id: str, name: str | None, expires_in_days: int | None,
-                spend_limit: str | None, spend_period: str | None, as_json: bool) -> None:
+                spend_limit: str | None, spend_period: str | None, rpm: int | None, tpm: int | None,
+                as_json: bool) -> None:
     """Create a key; the key itself is shown only this once."""
     import time
 
@@ -322,7 +327,8 @@ def keys_create(config_path: str | None, tenant_id: str, name: str | None, expir
     expires = int((time.time() + expires_in_days * 86400) * 1000) if expires_in_days else None
     limit = parse_operator_usd(spend_limit) if spend_limit else None
     result = with_services(cfg, lambda s: s.keys.create(
-        tenant_id, name=name, expires_at=expires, spend_limit_micros=limit, spend_limit_period=spend_period))
+        tenant_id, name=name, expires_at=expires, spend_limit_micros=limit, spend_limit_period=spend_period,
+        requests_per_minute=rpm, tokens_per_minute=tpm))
     emit(result, as_json, lambda o: f"key_id: {o['key_id']}\nkey: {o['key']}\n(store it now: it is not shown again)")
 
 
@@ -337,6 +343,34 @@ def keys_list(config_path: str | None, tenant_id: str, as_json: bool) -> None:
     emit({"tenant_id": tenant_id, "keys": rows}, as_json,
          lambda o: "\n".join(f"{k['id']}  {k['prefix']}…  {k['name'] or ''}  "
                              f"{'revoked' if k['revoked_at'] else 'active'}" for k in o["keys"]) or "no keys")
+
+
+def _rate(value: str | None, option: str) -> dict[str, int | None]:
+    """--rpm/--tpm of `keys update`: a number (0: unlimited) or `default` (the [limits] one)."""
+    if value is None:
+        return {}
+    name = {"--rpm": "requests_per_minute", "--tpm": "tokens_per_minute"}[option]
+    if value == "default":
+        return {name: None}
+    if not value.isdigit() or not 0 <= int(value) <= MAX_PER_MINUTE:
+        raise CliError(f"{option}: expected a whole number from 0 (unlimited) to {MAX_PER_MINUTE}, or 'default'")
+    return {name: int(value)}
+
+
+@keys.command("update")
+@config_option
+@click.argument("key_id")
+@click.option("--rpm", default=None, metavar="N|default", help="requests per minute (0: unlimited)")
+@click.option("--tpm", default=None, metavar="N|default", help="tokens per minute (0: unlimited)")
+@json_option
+@handle_errors
+def keys_update(config_path: str | None, key_id: str, rpm: str | None, tpm: str | None, as_json: bool) -> None:
+    """Set a key's own rate limits; running workers apply them within cache.key_ttl_seconds."""
+    limits = {**_rate(rpm, "--rpm"), **_rate(tpm, "--tpm")}
+    if not limits:
+        raise CliError("give --rpm and/or --tpm")
+    cfg = load_config(config_path)
+    emit(with_services(cfg, lambda s: s.keys.set_rate_limits(key_id, **limits)), as_json)
 
 
 @keys.command("revoke")

@@ -27,6 +27,9 @@ WORKERS_ENV = "TOLLWAY_WORKERS"
 DEFAULT_CONFIG_NAME = "tollway.toml"
 MAX_FALLBACKS = 5
 MAX_RETRY_ATTEMPTS = 5
+# Largest per-minute rate limit (config default or a key's own): far above any real one, and
+# within what both databases' integer columns and Redis's doubles hold exactly.
+MAX_PER_MINUTE = 1_000_000_000
 
 
 class ConfigError(Exception):
@@ -176,6 +179,16 @@ class CacheConfig:
 @dataclass(frozen=True)
 class RetentionConfig:
     access_log_days: int = doc("Days access-log rows are kept; usage and ledger are kept.", 30)
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    requests_per_minute: int = doc(
+        "Requests per minute each key may send (0: unlimited); a key's own setting (`keys update --rpm`) "
+        "overrides it. Over it: 429 rate_limit_exceeded with Retry-After (docs/proxy.md, Rate limits).", 0)
+    tokens_per_minute: int = doc(
+        "Tokens (prompt + completion, as billed) per minute each key may use (0: unlimited); a key's own "
+        "setting (`--tpm`) overrides it. Counted when a call settles.", 0)
 
 
 @dataclass(frozen=True)
@@ -329,6 +342,7 @@ class Config:
     cache: CacheConfig = field(default_factory=CacheConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     attribution: AttributionConfig | None = None
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     stripe: StripeConfig | None = None
@@ -414,8 +428,8 @@ class _Loader:
         return ConfigError(f"{self.source}: {path}: {message}")
 
     def config(self, data: dict[str, Any]) -> Config:
-        known = {"server", "database", "cache", "retention", "auth", "attribution", "metrics", "stripe", "providers",
-                 "models", "dashboard", "security"}
+        known = {"server", "database", "cache", "retention", "auth", "limits", "attribution", "metrics", "stripe",
+                 "providers", "models", "dashboard", "security"}
         self._unknown(data, known, "")
         providers_raw = data.get("providers", {})
         if not isinstance(providers_raw, dict):
@@ -453,6 +467,7 @@ class _Loader:
             cache=self.dataclass(CacheConfig, data.get("cache", {}), "cache"),
             retention=self.dataclass(RetentionConfig, data.get("retention", {}), "retention"),
             auth=self.dataclass(AuthConfig, data.get("auth", {}), "auth"),
+            limits=self.dataclass(LimitsConfig, data.get("limits", {}), "limits"),
             attribution=(
                 self.dataclass(AttributionConfig, data["attribution"], "attribution")
                 if "attribution" in data
@@ -550,6 +565,10 @@ class _Loader:
                                                      f"{cfg.server.retry_attempts}")
         if cfg.server.retry_after_cap_seconds < 0:
             raise self.fail("server.retry_after_cap_seconds", "expected 0 or more seconds")
+        for path, value in (("limits.requests_per_minute", cfg.limits.requests_per_minute),
+                            ("limits.tokens_per_minute", cfg.limits.tokens_per_minute)):
+            if not 0 <= value <= MAX_PER_MINUTE:
+                raise self.fail(path, f"expected 0 (unlimited) to {MAX_PER_MINUTE}, got {value}")
         if cfg.server.worker_release_after_seconds < 5:
             raise self.fail("server.worker_release_after_seconds",
                             "expected at least 5: far longer than the 2.5 s after which a revoke stops waiting")
@@ -709,7 +728,8 @@ def schema_table() -> list[tuple[str, str, str]]:
     rows: list[tuple[str, str, str]] = []
     sections: list[tuple[str, type[Any]]] = [
         ("server", ServerConfig), ("database", DatabaseConfig), ("cache", CacheConfig),
-        ("retention", RetentionConfig), ("auth", AuthConfig), ("attribution", AttributionConfig),
+        ("retention", RetentionConfig), ("auth", AuthConfig), ("limits", LimitsConfig),
+        ("attribution", AttributionConfig),
         ("metrics", MetricsConfig),
         ("stripe", StripeConfig), ("dashboard", DashboardConfig), ("security", SecurityConfig),
         ("providers.NAME", ProviderConfig), ("models[]", ModelConfig),

@@ -2,7 +2,9 @@
 short way in for the /v1 POST endpoints.
 
 Every request gets an id (scope["state"]["request_id"], echoed as `x-request-id`) and,
-once it ends, one access-log row and its HTTP metrics. The /v1 POST endpoints are
+once it ends, one access-log row and its HTTP metrics. Headers an inner layer puts in
+scope["state"]["response_headers"] (a rate-limited key's x-ratelimit-*) go on whatever
+response it then sends, an error included. The /v1 POST endpoints are
 called straight from here: they are plain ASGI callables that render their own
 errors, so Starlette's error middleware, exception middleware and router would only
 add three wrappers around `send` and a regex walk per request on the hot path
@@ -64,6 +66,7 @@ class Edge:
                 headers = list(message.get("headers", ()))
                 if not any(k == b"x-request-id" for k, _ in headers):
                     headers.append(id_header)
+                headers += scope["state"].get("response_headers", ())  # a limited key's rate limits
                 message["headers"] = headers
             elif kind == "http.response.body" and not message.get("more_body", False):
                 completed = True

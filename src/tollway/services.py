@@ -3,18 +3,20 @@ the /v1 path all call these same objects."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tollway.auth.key_secret import load_key_secret, load_previous_secret
 from tollway.auth.keys import Keys
 from tollway.auth.workers import WorkerRegistry
-from tollway.config import Config, resolve_secret
+from tollway.config import Config, LimitsConfig, resolve_secret
 from tollway.ledger.holds import MemoryHolds
 from tollway.ledger.transactions import Ledger
+from tollway.proxy.ratelimit import Limiter
 from tollway.store.cache import Cache, MemoryCache, make_cache
 from tollway.store.db import Store, sqlite_path
+from tollway.store.redis_wire import RedisWire
 from tollway.tenants import Tenants
 
 if TYPE_CHECKING:
@@ -32,8 +34,10 @@ class Services:
     workers: WorkerRegistry
     notices: list[str]
     payments: Payments | None = None  # Stripe top-ups; None without a [stripe] table
+    limiter: Limiter = field(default_factory=lambda: Limiter(LimitsConfig()))  # per-key rate limits
 
     async def close(self) -> None:
+        await self.limiter.close()  # its last batch of token counts, while Redis is open
         await self.ledger.close()  # the journaled charges first, while the store is open
         if self.payments is not None:
             await self.payments.close()
@@ -59,7 +63,8 @@ def build(cfg: Config, *, worker_id: str | None = None, sole_server: bool = Fals
     base = config_dir(cfg)
     store = Store(cfg.database.url, base_dir=base, password=_password(cfg, cfg.database.password_env, "database"),
                   pool_size=cfg.database.pool_size, pool_timeout=cfg.database.pool_timeout_seconds)
-    cache = make_cache(cfg.cache.url, password=_password(cfg, cfg.cache.password_env, "cache"))
+    cache_password = _password(cfg, cfg.cache.password_env, "cache")
+    cache = make_cache(cfg.cache.url, password=cache_password)
     secret, notice = load_key_secret(cfg.server.key_secret_env, sqlite_path(cfg.database.url, base))
     previous, rotation = load_previous_secret(cfg.server.key_secret_previous_env, secret)
     # Each worker keeps verified keys in memory; with Redis that is a layer in front of it,
@@ -90,4 +95,5 @@ def build(cfg: Config, *, worker_id: str | None = None, sole_server: bool = Fals
         assert isinstance(keys, ClerkKeys)
         keys.tenants = tenants
     return Services(cfg, store, cache, keys, ledger, tenants, registry,
-                    [n for n in (notice, rotation) if n], payments)
+                    [n for n in (notice, rotation) if n], payments,
+                    Limiter(cfg.limits, RedisWire(cfg.cache.url, cache_password) if cache.shared else None))

@@ -120,6 +120,10 @@ def describe(cfg: Config) -> dict[str, Any]:
                  **({"clerk_api_url": cfg.auth.clerk_api_url, "clerk_evict_events": list(cfg.auth.clerk_evict_events)}
                     if cfg.auth.clerk else {})},
         "retention": {"access_log_days": cfg.retention.access_log_days, "usage_and_ledger": "kept"},
+        "rate_limits": {"requests_per_minute": cfg.limits.requests_per_minute,
+                        "tokens_per_minute": cfg.limits.tokens_per_minute,
+                        "counted_in": "memory (this process)" if cfg.cache.url == "memory://"
+                        else "Redis (every worker), each worker's memory while Redis fails"},
         "attribution": {"header": cfg.attribution.header, "fields": ["tenant_id", "key_id", "request_id"]}
         if cfg.attribution else None,
         "logging": {"recorded_fields": sorted(LOGGABLE_FIELDS), "never_recorded": list(NEVER_RECORDED),
@@ -178,6 +182,10 @@ def render_text(s: dict[str, Any]) -> str:
               f"{st['key_cache_ttl_seconds']} s)",
               f"retention access log {s['retention']['access_log_days']} days; usage and ledger kept",
               f"keys      issued by {s['keys']['issuer']}; revocation: {s['keys']['revocation']}"]
+    rl = s["rate_limits"]
+    lines.append(f"rate limits per key (default; a key's own setting wins): "
+                 f"{rl['requests_per_minute'] or 'unlimited'} requests/min, {rl['tokens_per_minute'] or 'unlimited'} "
+                 f"tokens/min; counted in {rl['counted_in']}")
     if s["attribution"]:
         lines.append(f"attribution header {s['attribution']['header']}: {', '.join(s['attribution']['fields'])}")
     lg = s["logging"]

@@ -139,21 +139,27 @@ class ClerkKeys(Keys):
         if found["expiration"] is not None and found["expiration"] <= now_ms():
             return None
         tenant_id = await self._tenant(found["subject"])
-        await self._mirror(found, tenant_id, key_hash, key[:7])
-        return Principal(tenant_id, found["id"], found["expiration"])
+        rpm, tpm = await self._mirror(found, tenant_id, key_hash, key[:7])
+        return Principal(tenant_id, found["id"], found["expiration"], requests_per_minute=rpm, tokens_per_minute=tpm)
 
     async def _tenant(self, subject: str) -> str:
         assert self.tenants is not None
         return await self.tenants.for_external_id(SUBJECT_PREFIX + subject)
 
-    async def _mirror(self, found: dict[str, Any], tenant_id: str, key_hash: str, prefix: str) -> None:
-        """The key's api_keys row, by which an eviction by key id or subject finds it."""
+    async def _mirror(self, found: dict[str, Any], tenant_id: str, key_hash: str, prefix: str
+                      ) -> tuple[int | None, int | None]:
+        """The key's api_keys row, by which an eviction by key id or subject finds it; returns
+        the key's own rate limits kept on it (`keys update --rpm/--tpm`; None: [limits])."""
+        limits: tuple[int | None, int | None] = (None, None)
         for _ in range(2):
             async with self.store.read() as conn:
-                row = (await conn.execute(sa.select(api_keys.c.tenant_id, api_keys.c.key_hash, api_keys.c.revoked_at)
+                row = (await conn.execute(sa.select(api_keys.c.tenant_id, api_keys.c.key_hash, api_keys.c.revoked_at,
+                                                    api_keys.c.requests_per_minute, api_keys.c.tokens_per_minute)
                                           .where(api_keys.c.id == found["id"]))).first()
+            if row is not None:
+                limits = (row.requests_per_minute, row.tokens_per_minute)
             if row is not None and row.tenant_id == tenant_id and row.key_hash == key_hash and row.revoked_at is None:
-                return
+                return limits
             try:
                 async with self.store.write() as conn:
                     if row is None:
@@ -165,9 +171,10 @@ class ClerkKeys(Keys):
                         await conn.execute(api_keys.update().where(api_keys.c.id == found["id"]).values(
                             tenant_id=tenant_id, key_hash=key_hash, revoked_at=None,
                             expires_at=found["expiration"]))
-                return
+                return limits
             except sa.exc.IntegrityError:
                 continue  # another worker mirrored it first: look again
+        return limits
 
     # --- keys through Tollway: Clerk's Backend API for the tenant's subject -----------------
 
@@ -183,7 +190,8 @@ class ClerkKeys(Keys):
         return str(row.external_id)[len(SUBJECT_PREFIX):]
 
     async def create(self, tenant_id: str, *, name: str | None = None, expires_at: int | None = None,
-                     spend_limit_micros: int | None = None, spend_limit_period: str | None = None
+                     spend_limit_micros: int | None = None, spend_limit_period: str | None = None,
+                     requests_per_minute: int | None = None, tokens_per_minute: int | None = None
                      ) -> dict[str, Any]:
         if spend_limit_micros is not None or spend_limit_period is not None:
             raise BadRequest("spend limits are not available for keys issued by Clerk (auth.issuer = \"clerk\")")
@@ -194,6 +202,10 @@ class ClerkKeys(Keys):
         key = made["secret"]
         # Mirrored at once: a revoke that follows finds it even before its first use.
         await self._mirror(made, tenant_id, self.secret.hash(key), key[:7])
+        own = {k: v for k, v in (("requests_per_minute", requests_per_minute),
+                                 ("tokens_per_minute", tokens_per_minute)) if v is not None}
+        if own:  # kept on the mirrored row, read with it at each verification
+            await self.set_rate_limits(made["id"], **own)
         return {"key_id": made["id"], "key": key, "tenant_id": tenant_id, "prefix": key[:7]}
 
     async def list(self, tenant_id: str) -> list[dict[str, Any]]:
@@ -206,7 +218,9 @@ class ClerkKeys(Keys):
                 "id": k["id"], "tenant_id": tenant_id, "name": k["name"], "prefix": seen.get("prefix") or "ak_",
                 "created_at": k["created_at"], "last_used_at": k["last_used_at"] or seen.get("last_used_at"),
                 "revoked_at": (k["updated_at"] or now_ms()) if k["revoked"] else None,
-                "expires_at": k["expiration"], "spend_limit_micros": None, "spend_limit_period": None})
+                "expires_at": k["expiration"], "spend_limit_micros": None, "spend_limit_period": None,
+                "requests_per_minute": seen.get("requests_per_minute"),
+                "tokens_per_minute": seen.get("tokens_per_minute")})
         return out
 
     async def get(self, tenant_id: str, key_id: str) -> dict[str, Any]:

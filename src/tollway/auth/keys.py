@@ -52,6 +52,7 @@ import sqlalchemy as sa
 
 from tollway.auth.key_secret import KEY_LEN, KeySecret, tag_secret
 from tollway.auth.workers import WorkerRegistry
+from tollway.config import MAX_PER_MINUTE
 from tollway.errors import BadRequest, NotFound, ServiceUnavailable, Unauthorized
 from tollway.ledger.transactions import spend_period
 from tollway.store.cache import Cache
@@ -76,22 +77,33 @@ class Principal:
     expires_at: int | None = None
     spend_limit_micros: int | None = None
     spend_limit_period: str | None = None
+    requests_per_minute: int | None = None  # the key's own rate limits; None: [limits], 0: none
+    tokens_per_minute: int | None = None
 
     def encode(self) -> str:
-        return "|".join(
-            [self.tenant_id, self.key_id, str(self.expires_at or ""), str(self.spend_limit_micros or ""),
-             self.spend_limit_period or ""]
-        )
+        fields = [self.tenant_id, self.key_id, str(self.expires_at or ""), str(self.spend_limit_micros or ""),
+                  self.spend_limit_period or ""]
+        if self.requests_per_minute is not None or self.tokens_per_minute is not None:
+            # Only then: a key without its own rate limits keeps the five fields that workers
+            # of earlier versions read, for the length of a rolling upgrade.
+            fields += [_opt(self.requests_per_minute), _opt(self.tokens_per_minute)]
+        return "|".join(fields)
 
     @classmethod
     def decode(cls, s: str) -> Principal:
-        t, k, exp, lim, per = s.split("|")
-        return cls(t, k, int(exp) if exp else None, int(lim) if lim else None, per or None)
+        t, k, exp, lim, per, *rate = s.split("|")
+        rpm, tpm = rate or ("", "")
+        return cls(t, k, int(exp) if exp else None, int(lim) if lim else None, per or None,
+                   int(rpm) if rpm else None, int(tpm) if tpm else None)
 
     def spend_period(self, at: float | None = None) -> str | None:
         if self.spend_limit_micros is None:
             return None
         return spend_period(self.spend_limit_period, None if at is None else datetime.fromtimestamp(at, UTC))
+
+
+def _opt(value: int | None) -> str:
+    return "" if value is None else str(value)
 
 
 def new_id(prefix: str) -> str:
@@ -124,8 +136,10 @@ class Keys:
         return self.secret.mint()
 
     async def create(self, tenant_id: str, *, name: str | None = None, expires_at: int | None = None,
-                     spend_limit_micros: int | None = None, spend_limit_period: str | None = None
+                     spend_limit_micros: int | None = None, spend_limit_period: str | None = None,
+                     requests_per_minute: int | None = None, tokens_per_minute: int | None = None
                      ) -> dict[str, Any]:
+        _check_rate_limits(requests_per_minute, tokens_per_minute)
         if (spend_limit_micros is None) != (spend_limit_period is None):
             raise BadRequest("spend limit needs both an amount and a period (day or month)")
         if spend_limit_period is not None and spend_limit_period not in PERIODS:
@@ -143,7 +157,8 @@ class Keys:
             await conn.execute(api_keys.insert().values(
                 id=key_id, tenant_id=tenant_id, name=name, prefix=key[:7], key_hash=self.secret.hash(key),
                 created_at=now_ms(), expires_at=expires_at, spend_limit_micros=spend_limit_micros,
-                spend_limit_period=spend_limit_period))
+                spend_limit_period=spend_limit_period, requests_per_minute=requests_per_minute,
+                tokens_per_minute=tokens_per_minute))
         return {"key_id": key_id, "key": key, "tenant_id": tenant_id, "prefix": key[:7]}
 
     async def list(self, tenant_id: str) -> list[dict[str, Any]]:
@@ -166,6 +181,27 @@ class Keys:
 
     async def close(self) -> None:
         """Nothing to release here; an issuer that holds a client (auth/clerk.py) closes it."""
+
+    async def set_rate_limits(self, key_id: str, **limits: int | None) -> dict[str, Any]:
+        """Set a key's own `requests_per_minute` / `tokens_per_minute` (None: back to the
+        [limits] default; 0: unlimited); a limit not named is left as it is. Workers see it
+        within cache.key_ttl_seconds: this process at once, Redis's shared entry is dropped,
+        other workers' memory keeps the old value until its entry expires (docs/keys.md)."""
+        if not limits or set(limits) - {"requests_per_minute", "tokens_per_minute"}:
+            raise BadRequest("name requests_per_minute and/or tokens_per_minute")
+        _check_rate_limits(limits.get("requests_per_minute"), limits.get("tokens_per_minute"))
+        async with self.store.write() as conn:
+            row = (await conn.execute(sa.select(api_keys.c.key_hash).where(api_keys.c.id == key_id))).first()
+            if row is None:
+                raise NotFound(f"no key {key_id}")
+            await conn.execute(api_keys.update().where(api_keys.c.id == key_id).values(**limits))
+            out = (await conn.execute(sa.select(api_keys.c.id, api_keys.c.requests_per_minute,
+                                                api_keys.c.tokens_per_minute).where(api_keys.c.id == key_id))).one()
+        if self.local is not None:
+            await self.local.delete(f"k:{row.key_hash}")
+        await self.cache.delete(f"ks:{row.key_hash}" if self.cache.shared else f"k:{row.key_hash}")
+        return {"key_id": out.id, "requests_per_minute": out.requests_per_minute,
+                "tokens_per_minute": out.tokens_per_minute}
 
     async def revoke(self, key_id: str) -> dict[str, Any]:
         """Returns only when no worker will admit the key any more."""
@@ -353,12 +389,14 @@ class Keys:
         async with self.store.read() as conn:
             row = (await conn.execute(
                 sa.select(api_keys.c.id, api_keys.c.tenant_id, api_keys.c.key_hash, api_keys.c.revoked_at,
-                          api_keys.c.expires_at, api_keys.c.spend_limit_micros, api_keys.c.spend_limit_period)
+                          api_keys.c.expires_at, api_keys.c.spend_limit_micros, api_keys.c.spend_limit_period,
+                          api_keys.c.requests_per_minute, api_keys.c.tokens_per_minute)
                 .where(api_keys.c.key_hash == key_hash)
             )).first()
         if row is None or not hmac.compare_digest(row.key_hash, key_hash) or row.revoked_at is not None:
             return None
-        return Principal(row.tenant_id, row.id, row.expires_at, row.spend_limit_micros, row.spend_limit_period)
+        return Principal(row.tenant_id, row.id, row.expires_at, row.spend_limit_micros, row.spend_limit_period,
+                         row.requests_per_minute, row.tokens_per_minute)
 
     # --- last_used_at without a write per request ----------------------------------------------
 
@@ -384,6 +422,12 @@ class Keys:
             await asyncio.sleep(every)
             with contextlib.suppress(Exception):  # retried on the next tick; never fatal
                 await self.flush_last_used()
+
+
+def _check_rate_limits(*values: int | None) -> None:
+    for value in values:
+        if value is not None and not 0 <= value <= MAX_PER_MINUTE:
+            raise BadRequest(f"a rate limit is a whole number from 0 (unlimited) to {MAX_PER_MINUTE} per minute")
 
 
 def bearer_key(headers: Any) -> str | None:

@@ -47,6 +47,8 @@ class Pages:
             row["status"] = ("revoked" if row["revoked_at"] else
                              "expired" if row["expires_at"] and row["expires_at"] <= now else "active")
             row["spent_micros"], row["period"] = spent.get(row["id"], (0, "this month"))
+            row["rate"] = self.svc.limiter.limits(Principal(tenant["id"], row["id"], None, None, None,
+                                                            row["requests_per_minute"], row["tokens_per_minute"]))
         rows.reverse()  # newest first
         response = self.web.render(request, "keys.html", status=status, tenant=tenant, keys=rows, created=created,
                                    errors=errors or {}, values=dict(await request.form()) if errors else {},

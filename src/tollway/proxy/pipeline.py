@@ -204,6 +204,7 @@ class Pipeline:
                           if serves_responses(cfg.providers[r.target.provider])}
         self.tenant_tags = TenantTagger(svc.keys.secret)
         self.streams = StreamSlots(cfg.server.max_streams_per_key)
+        self.limiter = svc.limiter
 
     async def start(self) -> None:
         await self.upstream.start()
@@ -238,6 +239,7 @@ class Pipeline:
         headers = header_map(scope)
         call.principal = principal = await self.svc.keys.authenticate(bearer_key(headers))
         state["tenant_id"] = principal.tenant_id
+        await self.limiter.admit(principal, state)  # 429 here forwards and reserves nothing
         raw = await read_body(receive, headers, self.max_body)
         call.body = body = parse_json(raw)
         call.route = route = self._resolve(call.endpoint, model_slug(body))
@@ -600,6 +602,8 @@ class Pipeline:
         call.recorded = True
         p, r = call.principal, call.route
         u = usage or Usage()
+        if p is not None and usage is not None:
+            self.limiter.used(p, u.prompt_tokens + u.completion_tokens)  # tokens per minute, as billed
         record_request(
             request_id=call.request_id, tenant_id=p.tenant_id if p else None, key_id=p.key_id if p else None,
             model=r.target.slug if r else None, provider=r.target.provider if r else None,

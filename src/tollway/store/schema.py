@@ -55,6 +55,9 @@ api_keys = Table(
     Column("expires_at", BigInteger, nullable=True),
     Column("spend_limit_micros", BigInteger, nullable=True),
     Column("spend_limit_period", String(8), nullable=True),  # "day" | "month"
+    # The key's own rate limits (proxy/ratelimit.py): NULL = the [limits] default, 0 = none.
+    Column("requests_per_minute", BigInteger, nullable=True),
+    Column("tokens_per_minute", BigInteger, nullable=True),
 )
 
 # Spend of one limited key in one period (reservations included), so the limit holds

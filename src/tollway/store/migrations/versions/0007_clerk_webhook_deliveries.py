@@ -1,7 +1,7 @@
 """clerk: the Svix message ids of processed Clerk webhook deliveries
 
 Revision ID: 0007
-Revises: 0005
+Revises: 0006
 
 A Clerk webhook (webhooks/clerk.py) is acted on once per `svix-id`: a redelivery or a
 replay finds its row and changes nothing. Rows older than a day are pruned (Svix refuses
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = '0007'
-down_revision = '0005'
+down_revision = '0006'
 branch_labels = None
 depends_on = None
 
