@@ -282,6 +282,7 @@ def expected_charge(rule: str, wire: str, stream: bool, raw: bytes, r: httpx.Res
 # What an Anthropic client can tell apart: its error event carries a type and a message.
 UPSTREAM_HITS = {"reset_before_headers": 2}
 TYPE_OF = {"upstream_rate_limited": "rate_limit_error"}
+ANTHROPIC_TYPE_OF = {429: "rate_limit_error", 504: "timeout_error"}
 MESSAGE_OF = {"upstream_stalled": "sent nothing for 1 seconds", "upstream_timeout": "did not answer within 2 seconds",
               "upstream_error": "failed before the answer was complete",
               "upstream_stream_cut": "closed the stream before it finished",
@@ -295,8 +296,13 @@ def check_client(r: httpx.Response, expected: Outcome, wire: str, stream: bool, 
     assert "content-encoding" not in r.headers  # the gateway decoded what the provider encoded
     if expected.code is not None and not expected.event:
         assert r.headers["content-type"] == "application/json"
-        error = r.json()["error"]
-        assert error["code"] == expected.code and error["type"] == TYPE_OF.get(expected.code, "upstream_error")
+        answer = r.json()
+        error = answer["error"]
+        if wire == "anthropic":  # /v1/messages errors come in Anthropic's shape, by status, code kept
+            assert answer["type"] == "error" and error["type"] == ANTHROPIC_TYPE_OF.get(expected.status, "api_error")
+        else:
+            assert error["type"] == TYPE_OF.get(expected.code, "upstream_error")
+        assert error["code"] == expected.code
         assert MESSAGE_OF[expected.code] in error["message"]
         if expected.status == 429:
             assert r.headers["retry-after"] == "7" and "x-ratelimit-remaining-requests" not in r.headers
@@ -318,7 +324,10 @@ def check_client(r: httpx.Response, expected: Outcome, wire: str, stream: bool, 
         message = last["error"]["message"]
     else:
         assert events[-1].startswith(b"event: error\n") and last["type"] == "error", events[-1]
-        assert last["error"]["type"] == TYPE_OF.get(expected.code or "", "upstream_error")
+        # Anthropic's error type, by the failure's status (errors.anthropic_body); the code is kept.
+        timed_out = expected.code in ("upstream_timeout", "upstream_stalled")
+        assert last["error"]["type"] == ("timeout_error" if timed_out else "api_error"), events[-1]
+        assert last["error"]["code"] == expected.code, events[-1]
         message = last["error"]["message"]
     assert MESSAGE_OF[expected.code or ""] in message
 
