@@ -42,12 +42,18 @@ def test_fallbacks_load_in_order_and_mutual_ones_are_allowed(tmp_path: Path) -> 
     # Not followed further: a -> b -> a cannot loop (pipeline.build_routes).
 
 
+def test_a_chat_model_may_fall_back_to_the_other_wire_format(tmp_path: Path) -> None:
+    cfg = load(tmp_path, [m("x/a", fallbacks=["x/c"]), m("x/c", "ant", fallbacks=["x/a"])])
+    assert cfg.models[0].fallbacks == ("x/c",) and cfg.models[1].fallbacks == ("x/a",)
+
+
 @pytest.mark.parametrize(("models", "message"), [
     ([m("x/a", fallbacks=["x/nope"]), m("x/b")], "no model with id 'x/nope'"),
     ([m("x/a", fallbacks=["x/a"])], "is this model itself"),
     ([m("x/a", fallbacks=["x/b", "x/b"]), m("x/b")], "lists a model twice"),
     ([m("x/a", fallbacks=["x/e"]), m("x/e", kind="embedding")], "'x/e' is of kind embedding"),
-    ([m("x/a", fallbacks=["x/c"]), m("x/c", "ant")], "a fallback must serve the same endpoints natively"),
+    ([m("x/e1", kind="embedding", fallbacks=["x/e2"]), m("x/e2", "ant", kind="embedding")],
+     "only chat models fall back across wire formats"),
     ([m("x/a", fallbacks=[f"x/{i}" for i in range(6)]), *(m(f"x/{i}") for i in range(6))], "at most 5"),
     ([m("x/a", fallbacks="x/b"), m("x/b")], "expected an array of strings"),
 ])

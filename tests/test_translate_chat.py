@@ -343,3 +343,30 @@ def test_parallel_tool_calls_stream_as_separate_calls(gw: Gateway, upstream: Scr
     assert [(tc.index, tc.id) for tc in calls if tc.id] == [(0, "toolu_0"), (1, "toolu_1")]
     assert [tc.function.arguments for tc in calls if tc.function and tc.function.arguments] == [
         '{"city": "Paris"}', '{"city": "Oslo"}']
+
+
+def test_an_openai_model_failing_falls_back_to_a_claude_model_translated(
+        make_config: Callable[..., Config], serve_app: Callable[[Any], ServerThread], upstream: Scripted) -> None:
+    """A provider outage absorbed across vendors: the OpenAI-format model answers 503, its
+    fallback is a Claude model, and the chat client gets a chat answer from it, billed at
+    the Claude model's prices, once, with the serving model named."""
+    url = serve_app(upstream.app).url
+    models = [{"id": "acme/gpt", "provider": "fake", "upstream": "gpt-up", "max_output_tokens": 1000,
+               "max_input_tokens": 200_000, "input_usd_per_mtok": "1.00", "output_usd_per_mtok": "1.00",
+               "fallbacks": ["claude/sonnet"]},
+              {"id": "claude/sonnet", "provider": "claude", "upstream": "claude-up", "max_output_tokens": MAX_OUTPUT,
+               "max_input_tokens": 200_000, **PRICES}]
+    upstream.replies += [Reply({"error": {"message": "overloaded", "type": "server_error"}}, status=503),
+                         message([{"type": "text", "text": "Bonjour"}])]
+    for launch in launcher(make_config, serve_app):
+        gw = launch(url, models=models, anthropic_url=url, credit_micros=CREDIT, server={"retry_attempts": 0})
+        raw = gw.client().chat.completions.with_raw_response.create(model="acme/gpt", messages=[SYSTEM, USER])
+        reply = raw.parse()
+        assert reply.choices[0].message.content == "Bonjour" and reply.model == "claude/sonnet"
+        assert raw.headers["x-tollway-model"] == "claude/sonnet" and raw.headers["x-tollway-attempts"] == "2"
+        assert [path for path, _, _ in upstream.requests] == ["/v1/chat/completions", "/v1/messages"]
+        sent = upstream.requests[1][2]
+        assert sent["model"] == "claude-up" and sent["system"] == [{"type": "text", "text": "Answer in French."}]
+        row = charged(gw, raw.headers["x-request-id"], CHARGE, CREDIT)
+        assert row["model"] == "claude/sonnet" and row["requested_model"] == "acme/gpt" and row["attempts"] == 2
+        assert raw.headers["x-tollway-cost-usd"] == format_usd(CHARGE)

@@ -26,6 +26,8 @@ CONFIG_ENV = "TOLLWAY_CONFIG"
 WORKERS_ENV = "TOLLWAY_WORKERS"
 DEFAULT_CONFIG_NAME = "tollway.toml"
 MAX_FALLBACKS = 5
+# Provider types whose chat models can stand in for each other (the gateway translates).
+_TRANSLATED_TYPES = frozenset({"openai", "anthropic", "echo"})
 MAX_RETRY_ATTEMPTS = 5
 # Largest per-minute rate limit (config default or a key's own): far above any real one, and
 # within what both databases' integer columns and Redis's doubles hold exactly.
@@ -332,7 +334,8 @@ class ModelConfig:
     )
     fallbacks: tuple[str, ...] = doc(
         "Model ids tried in order when this one fails before answering (docs/proxy.md): each of the same "
-        "kind and provider type, not followed further (their own fallbacks are not used). At most 5.", ())
+        "kind; a chat model may fall back to one of the other wire format (translated), an embedding model only "
+        "to the same provider type; not followed further (their own fallbacks are not used). At most 5.", ())
 
 
 @dataclass(frozen=True)
@@ -485,8 +488,9 @@ class _Loader:
         return cfg
 
     def _check_fallbacks(self, models: list[ModelConfig], providers: dict[str, ProviderConfig]) -> None:
-        """A fallback must serve what its model serves, natively: the same kind, and the same
-        wire format (translation is not applied to a fallback)."""
+        """A fallback must serve what its model serves: the same kind, and the same wire
+        format, or, for chat models, the other one through translation (providers/translate:
+        what cannot be translated exactly skips that fallback for that call)."""
         by_id = {m.id: m for m in models}
         for i, m in enumerate(models):
             path = f"models[{i}].fallbacks"
@@ -504,9 +508,9 @@ class _Loader:
                 if other.kind != m.kind:
                     raise self.fail(path, f"{fb!r} is of kind {other.kind} and {m.id!r} of kind {m.kind}")
                 mine, theirs = providers[m.provider].type, providers[other.provider].type
-                if mine != theirs:
+                if mine != theirs and not (m.kind == "chat" and {mine, theirs} <= _TRANSLATED_TYPES):
                     raise self.fail(path, f"{fb!r} speaks the {theirs} wire format and {m.id!r} the {mine} one; "
-                                          f"a fallback must serve the same endpoints natively")
+                                          f"only chat models fall back across wire formats (translated)")
 
     def _check_provider(self, p: ProviderConfig, path: str) -> None:
         for name in p.extra_headers:

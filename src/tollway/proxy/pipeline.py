@@ -294,6 +294,8 @@ class Pipeline:
                 continue
             body = orjson.loads(raw)  # a fresh copy: shape and tag_tenant patch it for this model
             tr = translation_for(call.endpoint, fb.adapter.endpoints)
+            if tr is None and call.endpoint not in fb.adapter.endpoints:
+                continue  # neither served nor translated there (legacy completions on a Messages model)
             try:
                 sh = shape(call.endpoint, body, len(raw), fb.model, headers, fb.target.output_field)
                 upstream_body, prompt_bound = _translated(tr, body, sh.prompt_bound, len(raw), fb)
