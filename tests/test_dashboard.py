@@ -262,7 +262,8 @@ def test_every_page_has_the_security_headers(gw: Gateway, pages: Callable[[], Pa
             attrs = {a.strip().lower() for a in line.split(";")[1:]}
             assert {"secure", "httponly", "samesite=lax", "path=/dashboard"} <= attrs, line
     paths = ["/dashboard/keys", "/dashboard/wallet", "/dashboard/usage", "/dashboard/usage.csv", "/dashboard/privacy",
-             "/dashboard/privacy/export", f"/dashboard/keys/{gw.key_id}", "/dashboard/nowhere",
+             "/dashboard/privacy/export", f"/dashboard/keys/{gw.key_id}", f"/dashboard/keys/{gw.key_id}/limits",
+             "/dashboard/nowhere",
              "/dashboard/static/style.css", "/dashboard/signin", "/security", "/.well-known/security.txt"]
     for path in paths:
         r = client.get(path)
@@ -272,7 +273,8 @@ def test_every_page_has_the_security_headers(gw: Gateway, pages: Callable[[], Pa
         assert r.headers["x-content-type-options"] == "nosniff", path
         assert r.headers["referrer-policy"] == "no-referrer", path
     assert client.get("/dashboard/nowhere").status_code == 404
-    for page in ("/dashboard/keys", "/dashboard/wallet", "/dashboard/usage", "/dashboard/privacy", "/security"):
+    for page in ("/dashboard/keys", "/dashboard/wallet", "/dashboard/usage", "/dashboard/privacy", "/security",
+                 f"/dashboard/keys/{gw.key_id}/limits"):
         html = client.get(page).text
         assert "<script>" not in html and " style=" not in html and 'href="/security"' in html, page
 
