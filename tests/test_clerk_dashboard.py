@@ -142,3 +142,38 @@ def test_serve_refuses_to_start_without_the_clerk_secret(make_config: Callable[.
     cfg = make_config(auth={"issuer": "clerk"})
     with pytest.raises(ConfigError, match="CLERK_SECRET_KEY"):
         create_app(cfg, provider_keys={}, migrate=True)
+
+
+def test_clerk_keys_take_their_own_rate_limits_on_the_dashboard(setup: tuple[str, FakeClerk, FakeOIDC, Config]
+                                                                ) -> None:
+    from tollway.store.schema import api_keys
+
+    url, clerk, oidc, cfg = setup
+    unseen_key, unseen_id = clerk.add_key(oidc.subject, name="not used yet")
+
+    async def own(key_id: str) -> Any:
+        svc = build(cfg)
+        try:
+            async with svc.store.read() as conn:
+                return (await conn.execute(sa.select(api_keys.c.requests_per_minute, api_keys.c.tokens_per_minute)
+                                           .where(api_keys.c.id == key_id))).first()
+        finally:
+            await svc.close()
+
+    client = PageClient(url)
+    try:
+        assert oidc_round_trip(client).status_code == 303
+        made = client.post("/dashboard/keys", {"csrf": client.csrf(), "name": "capped", "requests_per_minute": "2",
+                                               "tokens_per_minute": ""})
+        assert made.status_code == 200 and "you will not see it again" in made.text, made.text
+        [made_id] = [k["id"] for k in clerk.keys.values() if k["name"] == "capped"]
+        assert tuple(asyncio.run(own(made_id))) == (2, None)
+        form = {"csrf": client.csrf(f"/dashboard/keys/{unseen_id}/limits"), "key_id": unseen_id,
+                "requests_per_minute": "7"}
+        early = client.post("/dashboard/keys/limits", form)  # no mirrored row yet to keep it on
+        assert early.status_code == 409 and "first request" in early.text
+        assert httpx.get(url + "/v1/models", headers={"authorization": f"Bearer {unseen_key}"}).status_code == 200
+        assert client.post("/dashboard/keys/limits", form).status_code == 303
+        assert tuple(asyncio.run(own(unseen_id))) == (7, None)
+    finally:
+        client.close()

@@ -48,8 +48,15 @@ def oidc(serve_app: Callable[[Any], ServerThread], monkeypatch: pytest.MonkeyPat
 
 
 @pytest.fixture
-def gw(launch: Callable[..., Gateway], oidc: FakeOIDC) -> Gateway:
-    return launch("http://127.0.0.1:9", **dashboard_sections(issuer=oidc.issuer))
+def limits() -> dict[str, int]:
+    """The operator's [limits] (none here); a test parametrizes it to set some."""
+    return {}
+
+
+@pytest.fixture
+def gw(launch: Callable[..., Gateway], oidc: FakeOIDC, limits: dict[str, int]) -> Gateway:
+    sections = dashboard_sections(issuer=oidc.issuer) | ({"limits": limits} if limits else {})
+    return launch("http://127.0.0.1:9", **sections)
 
 
 @pytest.fixture
@@ -218,6 +225,7 @@ def test_every_post_without_csrf_is_403_and_changes_nothing(gw: Gateway, pages: 
     posts = {
         "/dashboard/keys": {"name": "sneaky"},
         "/dashboard/keys/revoke": {"key_id": gw.key_id},
+        "/dashboard/keys/limits": {"key_id": gw.key_id, "requests_per_minute": "1"},
         "/dashboard/wallet/topup": {"amount_usd": "20.00"},
         "/dashboard/privacy/delete": {"confirm": gw.tenant_id},
         "/dashboard/signout": {},
@@ -227,7 +235,8 @@ def test_every_post_without_csrf_is_403_and_changes_nothing(gw: Gateway, pages: 
     def state(svc: Services) -> Any:
         async def read() -> Any:
             async with svc.store.read() as conn:
-                keys = (await conn.execute(sa.select(api_keys.c.id, api_keys.c.revoked_at)
+                keys = (await conn.execute(sa.select(api_keys.c.id, api_keys.c.revoked_at,
+                                                     api_keys.c.requests_per_minute, api_keys.c.tokens_per_minute)
                                            .where(api_keys.c.tenant_id == gw.tenant_id))).all()
                 live = (await conn.execute(sa.select(tenants.c.deleted_at).where(tenants.c.id == gw.tenant_id))).all()
             return sorted(map(tuple, keys)), list(map(tuple, live))
@@ -253,7 +262,8 @@ def test_every_page_has_the_security_headers(gw: Gateway, pages: Callable[[], Pa
             attrs = {a.strip().lower() for a in line.split(";")[1:]}
             assert {"secure", "httponly", "samesite=lax", "path=/dashboard"} <= attrs, line
     paths = ["/dashboard/keys", "/dashboard/wallet", "/dashboard/usage", "/dashboard/usage.csv", "/dashboard/privacy",
-             "/dashboard/privacy/export", f"/dashboard/keys/{gw.key_id}", "/dashboard/nowhere",
+             "/dashboard/privacy/export", f"/dashboard/keys/{gw.key_id}", f"/dashboard/keys/{gw.key_id}/limits",
+             "/dashboard/nowhere",
              "/dashboard/static/style.css", "/dashboard/signin", "/security", "/.well-known/security.txt"]
     for path in paths:
         r = client.get(path)
@@ -263,7 +273,8 @@ def test_every_page_has_the_security_headers(gw: Gateway, pages: Callable[[], Pa
         assert r.headers["x-content-type-options"] == "nosniff", path
         assert r.headers["referrer-policy"] == "no-referrer", path
     assert client.get("/dashboard/nowhere").status_code == 404
-    for page in ("/dashboard/keys", "/dashboard/wallet", "/dashboard/usage", "/dashboard/privacy", "/security"):
+    for page in ("/dashboard/keys", "/dashboard/wallet", "/dashboard/usage", "/dashboard/privacy", "/security",
+                 f"/dashboard/keys/{gw.key_id}/limits"):
         html = client.get(page).text
         assert "<script>" not in html and " style=" not in html and 'href="/security"' in html, page
 
@@ -335,6 +346,139 @@ def test_key_create_validation_and_revoke(gw: Gateway, pages: Callable[[], PageC
     with pytest.raises(openai.AuthenticationError):
         gw.client(api_key=key.group(1)).chat.completions.create(model="demo/echo",
                                                                 messages=[{"role": "user", "content": "x"}])
+
+
+# --- a customer's own rate limits ---------------------------------------------------------------
+
+
+# The operator's [limits]: 5 requests and 100,000 tokens a minute per key.
+operator_limits = pytest.mark.parametrize("limits", [{"requests_per_minute": 5, "tokens_per_minute": 100_000}])
+
+
+def own_limits(gw: Gateway, key_id: str) -> tuple[int | None, int | None]:
+    async def read(svc: Services) -> tuple[int | None, int | None]:
+        async with svc.store.read() as conn:
+            row = (await conn.execute(sa.select(api_keys.c.requests_per_minute, api_keys.c.tokens_per_minute)
+                                      .where(api_keys.c.id == key_id))).one()
+        return row.requests_per_minute, row.tokens_per_minute
+    return gw.run(read)
+
+
+def chat_status(gw: Gateway, key: str, n: int) -> list[int]:
+    import httpx
+
+    body = {"model": "demo/echo", "messages": [{"role": "user", "content": "hi"}]}
+    return [httpx.post(gw.url + "/v1/chat/completions", json=body, headers={"authorization": f"Bearer {key}"},
+                       timeout=30).status_code for _ in range(n)]
+
+
+def set_limits(client: PageClient, key_id: str, rpm: str = "", tpm: str = "", **extra: str) -> Any:
+    form = {"csrf": client.csrf(f"/dashboard/keys/{key_id}/limits"), "key_id": key_id,
+            "requests_per_minute": rpm, "tokens_per_minute": tpm, **extra}
+    return client.post("/dashboard/keys/limits", form)
+
+
+@operator_limits
+def test_customer_creates_a_key_with_limits_at_most_the_operators_default(gw: Gateway,
+                                                                         pages: Callable[[], PageClient]) -> None:
+    client = signed_in(gw, pages)
+    form = client.get("/dashboard/keys").text
+    assert '<label for="requests_per_minute">' in form and '<label for="tokens_per_minute">' in form
+    assert "default 5, the most allowed" in form and "default 100,000, the most allowed" in form
+    for rpm, tpm in (("6", ""), ("0", ""), ("", "100001"), ("", "0"), ("abc", ""), ("-1", ""), ("1e3", ""),
+                     ("٣", ""), ("1_0", ""), ("", "99999999999")):
+        bad = client.post("/dashboard/keys", {"csrf": client.csrf(), "name": "greedy", "requests_per_minute": rpm,
+                                              "tokens_per_minute": tpm})
+        assert bad.status_code == 400, (rpm, tpm)
+        assert 'aria-invalid="true"' in bad.text and "you will not see it again" not in bad.text
+        field = "requests" if rpm else "tokens"
+        assert f"{field} per minute" in bad.text and f"from 1 to {'5' if rpm else '100,000'}," in bad.text
+        assert f'value="{rpm or tpm}"' in bad.text  # the entry is kept to correct
+    assert [k["name"] for k in gw.run(lambda svc: svc.keys.list(gw.tenant_id))] == ["test"]  # nothing was created
+    made = client.post("/dashboard/keys", {"csrf": client.csrf(), "name": "slow", "requests_per_minute": " 2 ",
+                                           "tokens_per_minute": "100000"})
+    assert made.status_code == 200 and "you will not see it again" in made.text
+    key = re.search(r'value="(ak_[A-Za-z0-9_-]+)"', made.text)
+    assert key is not None
+    key_id = next(k["id"] for k in gw.run(lambda svc: svc.keys.list(gw.tenant_id)) if k["name"] == "slow")
+    assert own_limits(gw, key_id) == (2, 100_000)
+    assert chat_status(gw, key.group(1), 3) == [200, 200, 429]
+    plain = client.post("/dashboard/keys", {"csrf": client.csrf(), "name": "plain"})  # empty: the defaults
+    assert plain.status_code == 200
+    plain_id = next(k["id"] for k in gw.run(lambda svc: svc.keys.list(gw.tenant_id)) if k["name"] == "plain")
+    assert own_limits(gw, plain_id) == (None, None)
+
+
+@operator_limits
+def test_customer_sets_changes_and_clears_a_keys_limits(gw: Gateway, pages: Callable[[], PageClient]) -> None:
+    client = signed_in(gw, pages)
+    assert chat_status(gw, gw.key, 1) == [200]  # verified and cached with the default (5 a minute)
+    assert f'href="/dashboard/keys/{gw.key_id}/limits"' in client.get("/dashboard/keys").text
+    page = client.get(f"/dashboard/keys/{gw.key_id}/limits")
+    assert page.status_code == 200 and '<label for="requests_per_minute">' in page.text
+    r = set_limits(client, gw.key_id, rpm="2")
+    assert r.status_code == 303 and r.headers["location"] == "/dashboard/keys?done=limits"
+    assert own_limits(gw, gw.key_id) == (2, None)
+    # The serving process dropped its cached entry: the next request is held to 2 a minute,
+    # the one made before the change counting as the first.
+    assert chat_status(gw, gw.key, 2) == [200, 429]
+    listing = client.get("/dashboard/keys?done=limits").text
+    assert "rate limits are saved" in listing and "2 requests/min" in listing
+    assert 'value="2"' in client.get(f"/dashboard/keys/{gw.key_id}/limits").text  # the form shows the key's own
+    assert set_limits(client, gw.key_id, rpm="1", tpm="50000").status_code == 303
+    assert own_limits(gw, gw.key_id) == (1, 50_000)
+    assert chat_status(gw, gw.key, 1) == [429]  # 1 a minute, already spent
+    refused = set_limits(client, gw.key_id, rpm="50", tpm="50000")
+    assert refused.status_code == 400 and "at most 5 requests per minute per key" in refused.text
+    assert own_limits(gw, gw.key_id) == (1, 50_000)  # nothing changed
+    cleared = set_limits(client, gw.key_id, tpm="50000")  # an emptied field: back to the default
+    assert cleared.status_code == 303 and own_limits(gw, gw.key_id) == (None, 50_000)
+    assert set_limits(client, gw.key_id, rpm="3", tpm="9", reset="1").status_code == 303  # "Use the defaults"
+    assert own_limits(gw, gw.key_id) == (None, None)
+    assert "5 requests/min" in client.get("/dashboard/keys").text
+
+
+@operator_limits
+def test_an_operators_higher_limit_can_be_kept_but_not_raised(gw: Gateway, pages: Callable[[], PageClient]) -> None:
+    gw.run(lambda svc: svc.keys.set_rate_limits(gw.key_id, requests_per_minute=100, tokens_per_minute=0))
+    client = signed_in(gw, pages)
+    kept = set_limits(client, gw.key_id, rpm="100", tpm="0")  # unchanged: the operator granted them
+    assert kept.status_code == 303 and own_limits(gw, gw.key_id) == (100, 0)
+    for rpm, tpm in (("101", "0"), ("100", "1000000")):
+        r = set_limits(client, gw.key_id, rpm=rpm, tpm=tpm)
+        assert r.status_code == 400 and own_limits(gw, gw.key_id) == (100, 0)
+    assert set_limits(client, gw.key_id, rpm="4", tpm="0").status_code == 303  # lower is fine
+    assert own_limits(gw, gw.key_id) == (4, 0)
+    assert set_limits(client, gw.key_id, rpm="100", tpm="0").status_code == 400  # once lowered, not raised again
+
+
+def test_with_an_unlimited_default_any_limit_is_allowed(gw: Gateway, pages: Callable[[], PageClient]) -> None:
+    client = signed_in(gw, pages)
+    assert "default unlimited" in client.get(f"/dashboard/keys/{gw.key_id}/limits").text
+    assert set_limits(client, gw.key_id, rpm="1000000000", tpm="0").status_code == 303
+    assert own_limits(gw, gw.key_id) == (1_000_000_000, 0)
+    r = set_limits(client, gw.key_id, rpm="1000000001")
+    assert r.status_code == 400 and "from 0 (unlimited) to 1,000,000,000" in r.text
+    assert own_limits(gw, gw.key_id) == (1_000_000_000, 0)
+
+
+@operator_limits
+def test_another_tenants_key_limits_are_404_and_unchanged(gw: Gateway, pages: Callable[[], PageClient]) -> None:
+    other_id, other_key_id, _ = new_tenant(gw)
+    intruder = signed_in(gw, pages, other_id)
+    assert intruder.get(f"/dashboard/keys/{gw.key_id}/limits").status_code == 404
+    for form in ({"requests_per_minute": "1"}, {"reset": "1"}, {"requests_per_minute": "1", "tenant_id": gw.tenant_id}):
+        r = intruder.post("/dashboard/keys/limits", {"csrf": intruder.csrf(), "key_id": gw.key_id, **form})
+        assert r.status_code == 404 and gw.tenant_id not in r.text
+    assert own_limits(gw, gw.key_id) == (None, None)
+    assert chat_status(gw, gw.key, 2) == [200, 200]
+    assert set_limits(intruder, other_key_id, rpm="1").status_code == 303  # their own key, of course
+    assert own_limits(gw, other_key_id) == (1, None) and own_limits(gw, gw.key_id) == (None, None)
+    revoke = intruder.post("/dashboard/keys/revoke", {"csrf": intruder.csrf(), "key_id": other_key_id})
+    assert revoke.status_code == 303
+    late = intruder.post("/dashboard/keys/limits", {"csrf": intruder.csrf(), "key_id": other_key_id,
+                                                    "requests_per_minute": "2"})
+    assert late.status_code == 400 and "revoked" in late.text and own_limits(gw, other_key_id) == (1, None)
 
 
 def test_usage_page_and_csv_show_requests_metadata_only(gw: Gateway, pages: Callable[[], PageClient]) -> None:

@@ -146,6 +146,13 @@ def test_customer_journey_in_chromium(stack: tuple[str, Config, FakeOIDC, FakeSt
         shoot(page, "key-created")
         request_id = call(key)
 
+        # Hold the key to fewer requests a minute on its own page (no script needed).
+        page.get_by_role("link", name="Limits… of production server").click()
+        page.get_by_label("Requests per minute").fill("1000")
+        page.get_by_role("button", name="Save limits").click()
+        expect(page.get_by_text("rate limits are saved")).to_be_visible()
+        expect(page.get_by_role("cell", name="1,000 requests/min")).to_be_visible()
+
         # The request appears in usage (metadata only).
         page.get_by_role("link", name="Usage", exact=True).click()
         expect(page.get_by_text(request_id)).to_be_visible()

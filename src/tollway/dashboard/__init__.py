@@ -13,7 +13,8 @@ Modules in reading order:
   web.py       templates, the signed-in tenant (from the session only), CSRF-checked
                forms, error pages
   signin.py    sign-in page, sign-in links, the OIDC round trip, sign-out
-  pages.py     keys, wallet (Stripe top-up, ledger history), privacy (export, delete)
+  pages.py     keys (with their own rate limits), wallet (Stripe top-up, ledger history),
+               privacy (export, delete)
   rollup.py    daily usage totals of finished days, folded in the background
   usage.py     usage per day and model, SVG chart, CSV, recent requests
   security.py  /security and security.txt, generated from the config and privacy.py
@@ -114,7 +115,9 @@ def _pages(web: Web, cfg: DashboardConfig, totals: Rollup) -> list[BaseRoute]:
         Route("/keys", on(pages.keys), methods=["GET"]),
         Route("/keys", on(pages.create_key), methods=["POST"]),
         Route("/keys/revoke", on(pages.revoke_key), methods=["POST"]),
+        Route("/keys/limits", on(pages.set_key_limits), methods=["POST"]),
         Route("/keys/{key_id}", on(pages.key), methods=["GET"]),
+        Route("/keys/{key_id}/limits", on(pages.key_limits), methods=["GET"]),
         Route("/wallet", on(pages.wallet), methods=["GET"]),
         Route("/wallet/topup", on(pages.topup), methods=["POST"]),
         Route("/wallet/entries/{entry_id:path}", on(pages.entry), methods=["GET"]),

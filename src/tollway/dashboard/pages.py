@@ -4,6 +4,7 @@ objects as the CLI and the admin API (keys.py, ledger.py, webhooks/stripe.py, te
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import time
 from datetime import UTC, datetime
@@ -14,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
 from tollway.auth.keys import Principal
+from tollway.config import MAX_PER_MINUTE
 from tollway.errors import NotFound, TollwayError
 from tollway.money import MoneyError, parse_usd
 from tollway.store.db import now_ms
@@ -28,6 +30,7 @@ PAGE_SIZE = 25
 # Holds for requests in flight and their release net to nothing once a request settles;
 # the history shows what moved money for good. (The export has every entry.)
 _HIDDEN_KINDS = ("reserve", "release")
+RATE_FIELDS = {"requests_per_minute": "requests", "tokens_per_minute": "tokens"}
 
 
 class Pages:
@@ -52,7 +55,7 @@ class Pages:
         rows.reverse()  # newest first
         response = self.web.render(request, "keys.html", status=status, tenant=tenant, keys=rows, created=created,
                                    errors=errors or {}, values=dict(await request.form()) if errors else {},
-                                   spend_limits=not self.svc.config.auth.clerk,
+                                   spend_limits=not self.svc.config.auth.clerk, defaults=self._rate_defaults(),
                                    notice=request.query_params.get("done"))
         return response
 
@@ -80,10 +83,11 @@ class Pages:
                 errors["spend_period"] = "Choose whether the limit is per day or per month."
         else:
             period = None
+        rates = self._rate_limits(form, {}, errors)
         if errors:
             return await self.keys(request, tenant, errors=errors, status=400)
         key = await self.svc.keys.create(tenant["id"], name=name, expires_at=expires_at, spend_limit_micros=limit,
-                                         spend_limit_period=period)
+                                         spend_limit_period=period, **rates)
         log.info("dashboard_key_created", tenant_id=tenant["id"], key_id=key["key_id"])
         return await self.keys(request, tenant, created={**key, "name": name})
 
@@ -98,6 +102,59 @@ class Pages:
             await self.svc.keys.revoke(row["id"])  # returns once no worker admits the key
             log.info("dashboard_key_revoked", tenant_id=tenant["id"], key_id=row["id"])
         return RedirectResponse("/dashboard/keys?done=revoked", status_code=303)
+
+    async def key_limits(self, request: Request, tenant: dict[str, Any], *, errors: dict[str, str] | None = None,
+                         status: int = 200) -> Response:
+        row = await self._own_key(tenant["id"], request.path_params.get("key_id") or
+                                  str((await request.form()).get("key_id", "")))
+        values = {f: "" if row[f] is None else str(row[f]) for f in RATE_FIELDS}
+        if errors:
+            values = {f: str((await request.form()).get(f, "")) for f in RATE_FIELDS}
+        return self.web.render(request, "key_limits.html", status=status, tenant=tenant, key=row, values=values,
+                               errors=errors or {}, defaults=self._rate_defaults())
+
+    async def set_key_limits(self, request: Request, tenant: dict[str, Any]) -> Response:
+        """A customer's own rate limits for a key of theirs: at most the operator's [limits]
+        default, which protects the provider quota (a value the key already has stays allowed)."""
+        form = await request.form()
+        row = await self._own_key(tenant["id"], str(form.get("key_id", "")))  # 404 for another tenant's key
+        errors: dict[str, str] = {}
+        if row["revoked_at"]:
+            errors["key"] = "This key is revoked; its limits no longer matter."
+        rates = dict.fromkeys(RATE_FIELDS) if form.get("reset") else self._rate_limits(form, row, errors)
+        if errors:
+            return await self.key_limits(request, tenant, errors=errors, status=400)
+        try:
+            await self.svc.keys.set_rate_limits(row["id"], **rates)
+        except NotFound:  # a Clerk key not yet seen here has no row to keep them on (auth/clerk.py)
+            return await self.key_limits(request, tenant, status=409, errors={
+                "key": "This key's limits can be set once it has made its first request."})
+        log.info("dashboard_key_limits_set", tenant_id=tenant["id"], key_id=row["id"], **rates)
+        return RedirectResponse("/dashboard/keys?done=limits", status_code=303)
+
+    def _rate_defaults(self) -> dict[str, int]:
+        limits = self.svc.config.limits
+        return {"requests_per_minute": limits.requests_per_minute, "tokens_per_minute": limits.tokens_per_minute}
+
+    def _rate_limits(self, form: Any, current: dict[str, Any], errors: dict[str, str]) -> dict[str, int | None]:
+        """The form's per-minute limits (empty: the [limits] default), each at most that default
+        unless the default is 0 (unlimited); errors go into `errors` by field."""
+        out: dict[str, int | None] = {}
+        for field, unit in RATE_FIELDS.items():
+            text, default = str(form.get(field, "")).strip(), self._rate_defaults()[field]
+            value = int(text) if re.fullmatch(r"[0-9]{1,10}", text) else None
+            allowed = f"from 1 to {default:,}" if default else f"from 0 (unlimited) to {MAX_PER_MINUTE:,}"
+            if not text:
+                out[field] = None
+            elif value is None or value > MAX_PER_MINUTE:
+                errors[field] = (f"Enter a whole number of {unit} per minute {allowed}, "
+                                 "or leave it empty for the default.")
+            elif default and (value == 0 or value > default) and value != current.get(field):
+                errors[field] = (f"This gateway allows at most {default:,} {unit} per minute per key: enter a number "
+                                 f"{allowed}, or leave it empty for the default.")
+            else:
+                out[field] = value
+        return out
 
     async def _own_key(self, tenant_id: str, key_id: str) -> dict[str, Any]:
         return await self.svc.keys.get(tenant_id, key_id)  # NotFound for another tenant's key
