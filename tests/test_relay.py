@@ -55,7 +55,10 @@ def gw(launch: Callable[..., Gateway], serve_app: Callable[[Any], ServerThread],
     # Output bounds above the clients' max tokens here, so the bound a request reserves is its own.
     models = [{**m, "max_output_tokens": 100_000} for m in models]
     return launch(serve_app(fake.app).url, models=models, anthropic_url=serve_app(claude.app).url,
-                  server={"disconnect_drain_seconds": 3, "stream_idle_timeout_seconds": 1}, **backend)
+                  # The idle limit stays well above the fakes' 50 ms between chunks even on a loaded
+                  # CI machine (at 1 s a stalled scheduler once cut a read-on short), and below
+                  # the 5 s of silence the stall test sends.
+                  server={"disconnect_drain_seconds": 3, "stream_idle_timeout_seconds": 2}, **backend)
 
 
 def leave_after(gw: Gateway, path: str, body: bytes, marker: bytes, count: int) -> str:
