@@ -23,7 +23,7 @@ def test_route_table_keeps_its_columns_for_long_values(make_config: Callable[...
     admin = next(r for r in routes if "/admin/*" in r)
     metrics = next(r for r in routes if "/metrics" in r)
     # Every column ends at least two spaces before the next begins, whatever its length.
-    assert "GET,POST,DELETE  /admin/*" in admin.replace("   ", "  ")
+    assert "GET,POST,PATCH,DELETE  /admin/*" in admin.replace("   ", "  ")
     assert "anyone on the listener  Prometheus" in metrics
     starts = {r.index("/") for r in routes}
     assert len(starts) == 1, routes  # the path column is aligned

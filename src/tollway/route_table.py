@@ -18,7 +18,7 @@ ROUTE_TABLE: list[tuple[str, str, str, str]] = [
     ("/v1/messages", "POST", "customer key", "Anthropic Messages API"),
     ("/v1/messages/count_tokens", "POST", "customer key", "Anthropic token counting (not billed)"),
     ("/v1/responses", "POST", "customer key", "OpenAI Responses API, streaming and not (stateless)"),
-    ("/admin/*", "GET,POST,DELETE", "operator token", "operator API (off unless the token env var is set)"),
+    ("/admin/*", "GET,POST,PATCH,DELETE", "operator token", "operator API (off unless the token env var is set)"),
     ("/metrics", "GET", "anyone on the listener", "Prometheus metrics (no tenant or content labels)"),
     ("/webhooks/stripe", "POST", "Stripe signature", "wallet top-ups from Stripe Checkout"),
     ("/webhooks/clerk", "POST", "Svix signature (Clerk)", "Clerk events: evict keys, delete a deleted user's tenant "
