@@ -403,12 +403,7 @@ class Pipeline:
         """The upstream request for `route` (the call's serving model): its body, and its
         provider's key in its headers only."""
         assert call.principal is not None
-        per_request: dict[str, str] = {}
-        if self.attribution:
-            # Flat and at most 5 entries (Cloudflare's limit); ids only, nothing from the prompt.
-            per_request[self.attribution] = orjson.dumps({
-                "tenant_id": call.principal.tenant_id, "key_id": call.principal.key_id,
-                "request_id": call.request_id}).decode()
+        per_request = self.attributed(call.principal, call.request_id)
         client_headers = forwarded_headers(headers.items())
         tr = call.translation
         endpoint = call.endpoint if tr is None else tr.upstream_endpoint
@@ -418,6 +413,15 @@ class Pipeline:
         route.adapter.tag_tenant(endpoint, call.upstream_body, self.tenant_tags.tag(
             route.target.provider, call.principal.tenant_id), route.tenant_fields)
         return route.adapter.prepare(route.target, endpoint, call.upstream_body, call.stream, out_headers)
+
+    def attributed(self, principal: Principal, request_id: str) -> dict[str, str]:
+        """The per-customer metadata header of every upstream call (config: attribution),
+        or nothing when it is not configured."""
+        if not self.attribution:
+            return {}
+        # Flat and at most 5 entries (Cloudflare's limit); ids only, nothing from the prompt.
+        return {self.attribution: orjson.dumps({"tenant_id": principal.tenant_id, "key_id": principal.key_id,
+                                                "request_id": request_id}).decode()}
 
     async def _recover(self, call: Call, headers: dict[str, str], request: UpstreamRequest,
                        failure: UpstreamResponse | UpstreamError, receive: Receive
