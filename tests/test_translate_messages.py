@@ -279,19 +279,23 @@ def test_unknown_and_malformed_chunks(gw: Gateway, upstream: Scripted) -> None:
     assert row["cost_micros"] == CHARGE and row["estimated"] is False and gw.open_reservations() == 0
 
 
-def test_a_stream_that_ends_without_usage_is_charged_the_estimate(gw: Gateway, upstream: Scripted) -> None:
+def test_a_stream_that_ends_without_usage_is_charged_the_estimate_it_shows(gw: Gateway, upstream: Scripted) -> None:
+    """No usage from the provider: the estimate is charged, and the closing message_delta
+    carries it, so the client's numbers are the bill's."""
     words = ["A rather long answer ", "that never ", "reports usage."]
     upstream.replies.append(chunks(*({"content": w} for w in words), usage=False))
     body = {"model": "oa/gpt", "max_tokens": 64, "messages": [USER]}
     with client(gw) as c, c.messages.stream(**body) as stream:  # type: ignore[arg-type]
         final = stream.get_final_message()
         rid = stream.response.headers["x-request-id"]
-    assert final.content[0].text == "".join(words)  # type: ignore[union-attr]
+    assert final.content[0].text == "".join(words) and final.stop_reason == "end_turn"  # type: ignore[union-attr]
     prompt = estimate_prompt_tokens(body)
     out = tokens_from_bytes(len("".join(words)))
     row = gw.usage_row(rid)
     assert row["estimated"] is True and (row["prompt_tokens"], row["completion_tokens"]) == (prompt, out)
     assert row["cost_micros"] == prompt * 3 + out * 15 and gw.open_reservations() == 0
+    u = final.usage
+    assert (u.input_tokens, u.output_tokens, u.cache_read_input_tokens) == (prompt, out, 0)
 
 
 def test_a_stream_cut_without_usage_or_end_gives_an_error_event(gw: Gateway, upstream: Scripted) -> None:

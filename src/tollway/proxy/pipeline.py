@@ -72,7 +72,7 @@ from tollway.providers.tenant_tag import TenantTagger, resolve_fields
 from tollway.providers.translate import Translation, translation_for
 from tollway.proxy.disconnect import conservative_usage
 from tollway.proxy.inbound import ClientGone, header_map, model_slug, parse_json, read_body, shape, widen
-from tollway.proxy.relay import SHUTDOWN_MESSAGE, Relay, RelayLimits, ShuttingDown, StreamEnd, shielded
+from tollway.proxy.relay import SHUTDOWN_MESSAGE, Ending, Relay, RelayLimits, ShuttingDown, StreamEnd, shielded
 from tollway.proxy.retry import RetryPolicy, moves_on, pause, retry_after, retryable, should_retry
 from tollway.proxy.streams import StreamSlots
 from tollway.proxy.upstream import Upstream, json_object
@@ -372,10 +372,12 @@ class Pipeline:
             tr = call.translation
             meter = route.adapter.meter(route.target, strip_usage=not wants_usage or tr is not None)
             error_event: Callable[[TollwayError], bytes] = route.adapter.error_event
+            ending: Ending | None = None
             if tr is not None:  # the provider's meter still reads the usage; the client gets its format
-                meter, error_event = tr.stream(meter, route.target, wants_usage), tr.error_event
+                meter = ending = tr.stream(meter, route.target, wants_usage)
+                error_event = tr.error_event
             relay = Relay(resp, meter, _stream_headers(resp, route, call.attempts), error_event, route.secrets,
-                          lambda end: self._stream_ended(call, end), deadline, self.relay_limits)
+                          lambda end: self._stream_ended(call, end), deadline, self.relay_limits, ending)
             await relay(scope, receive, send)
             return
         data = await json_object(resp, self.max_response)
@@ -540,6 +542,7 @@ class Pipeline:
             call.error_type, call.error_code = "StreamDeadline", "stream_deadline"
         elif end.error is not None:
             call.error_type, call.error_code = type(end.error).__name__, end.error.instance_code
+        end.billed = usage
         await self._settle(call, usage)
 
     def _invalid_usage(self, call: Call, exc: InvalidUsage, completion_text_bytes: int) -> Usage:

@@ -15,7 +15,6 @@ import orjson
 
 from tollway.errors import BadRequest, TollwayError, UpstreamError, render_sse
 from tollway.money import Usage
-from tollway.providers.base import StreamMeter
 from tollway.providers.translate.common import (
     check_fields,
     chunk,
@@ -270,7 +269,7 @@ class AnthropicToChat:
                       "model": self._slug, "choices": [{"index": 0, "delta": delta, "logprobs": None,
                                                         "finish_reason": finish}]})
 
-    def convert(self, data: dict[str, Any], meter: StreamMeter) -> bytes | None:
+    def convert(self, data: dict[str, Any]) -> bytes | None:
         kind = data.get("type")
         if kind == "content_block_delta":
             return self._delta(data)
@@ -330,10 +329,9 @@ class AnthropicToChat:
             return None  # opaque: only meaningful sent back to Anthropic
         raise invalid_answer("a kind of content the chat format has no place for")
 
-    def finish(self, meter: StreamMeter) -> bytes:
+    def finish(self, usage: Usage) -> bytes:
         out = [] if self._finished else [self._chunk({}, "stop")]
         if self._usage:
-            usage = meter.usage() or Usage()
             out.append(chunk({"id": self._id, "object": "chat.completion.chunk", "created": self._created,
                               "model": self._slug, "choices": [], "usage": openai_usage(usage)}))
         out.append(b"data: [DONE]")

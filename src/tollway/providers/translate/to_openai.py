@@ -15,7 +15,6 @@ import orjson
 
 from tollway.errors import BadRequest, TollwayError, UpstreamError, render_anthropic_sse
 from tollway.money import Usage
-from tollway.providers.base import StreamMeter
 from tollway.providers.translate.common import (
     anthropic_usage,
     check_fields,
@@ -255,7 +254,7 @@ class ChatToAnthropic:
         self._tools: set[Any] = set()  # tool call indexes already opened
         self._stop = "end_turn"
 
-    def convert(self, data: dict[str, Any], meter: StreamMeter) -> bytes | None:
+    def convert(self, data: dict[str, Any]) -> bytes | None:
         if "error" in data:
             err = data["error"]
             message = err.get("message") if isinstance(err, dict) else err
@@ -320,14 +319,14 @@ class ChatToAnthropic:
     def _event(self, delta: dict[str, Any]) -> bytes:
         return sse("content_block_delta", {"type": "content_block_delta", "index": self._index, "delta": delta})
 
-    def finish(self, meter: StreamMeter) -> bytes:
+    def finish(self, usage: Usage) -> bytes:
         out: list[bytes] = []
         if not self._started:  # a stream with no chunk at all still has a message to close
-            out.append(self.convert({}, meter) or b"")
+            out.append(self.convert({}) or b"")
         self._close(out)
         out.append(sse("message_delta", {"type": "message_delta",
                                          "delta": {"stop_reason": self._stop, "stop_sequence": None},
-                                         "usage": anthropic_usage(meter.usage() or Usage())}))
+                                         "usage": anthropic_usage(usage)}))
         out.append(sse("message_stop", {"type": "message_stop"}))
         return b"\n\n".join(out)
 
