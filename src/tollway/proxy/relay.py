@@ -87,6 +87,10 @@ class Ending(Protocol):
     of its own, which carry usage, so the relay writes them after the settle, with the
     usage billed (the estimate when the provider reported none: docs/proxy.md)."""
 
+    def finished(self) -> bool:
+        """The provider's answer came to its finish, whether or not its end marker followed."""
+        ...
+
     def closing(self, billed: Usage | None) -> bytes:
         """The client's closing events, each with its blank line."""
         ...
@@ -297,11 +301,25 @@ class Relay:
         out = self._feed([tail]) if tail and _complete(tail) else b""
         if out:
             await send({"type": "http.response.body", "body": out, "more_body": True})
-        usage = meter.usage()
-        if not meter.done and (usage is None or usage.estimated):
+        if self._cut():
             return await self._fail(send, UpstreamError(
                 "The model provider closed the stream before it finished.", code="upstream_stream_cut"))
+        if self.ending is not None:
+            self.ended = True  # its answer is whole: the client's closing events follow the settle
         return None
+
+    def _cut(self) -> bool:
+        """The body ended before the answer did (no end marker). A same-format stream is
+        whole when its final usage came (it follows the finish; telling the finish apart
+        would take a parse per event); a translated one when its finish came, which its
+        converter, parsing every event, knows (issue #27)."""
+        meter = self.meter
+        if meter.done:
+            return False
+        if self.ending is not None:
+            return not self.ending.finished()
+        usage = meter.usage()
+        return usage is None or usage.estimated
 
     async def _drain(self) -> None:
         """After the end marker only the body's terminator should follow; a provider that

@@ -113,8 +113,11 @@ def anthropic_usage(u: Usage) -> dict[str, Any]:
 
 class Converter(Protocol):
     """Turns one upstream event (already rewritten and metered by the adapter's meter)
-    into the client's events; `finish` writes the client's closing events once the
-    provider's stream reached its end marker (after the settle, with the usage billed)."""
+    into the client's events; `finish` writes the client's closing events (after the
+    settle, with the usage billed) once the provider's stream ended: at its end marker,
+    or at the end of its body when `finished` (its finish came before it closed)."""
+
+    finished: bool
 
     def convert(self, data: dict[str, Any]) -> bytes | None: ...
 
@@ -145,6 +148,9 @@ class TranslatedStream:
 
     def usage(self) -> Usage | None:
         return self._inner.usage()
+
+    def finished(self) -> bool:
+        return self._conv.finished
 
     def closing(self, billed: Usage | None) -> bytes:
         if self._failed:

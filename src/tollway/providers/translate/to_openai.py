@@ -243,7 +243,7 @@ class ChatToAnthropic:
     thinking (reasoning_content), text, then each tool call; arguments stream as
     input_json_delta in the pieces the provider sent."""
 
-    __slots__ = ("_id", "_index", "_open", "_slug", "_started", "_stop", "_tools")
+    __slots__ = ("_id", "_index", "_open", "_slug", "_started", "_stop", "_tools", "finished")
 
     def __init__(self, slug: str) -> None:
         self._slug = slug
@@ -253,6 +253,7 @@ class ChatToAnthropic:
         self._open: Any = None  # "thinking", "text", or the provider's tool call index
         self._tools: set[Any] = set()  # tool call indexes already opened
         self._stop = "end_turn"
+        self.finished = False  # a finish_reason came: the answer is whole, [DONE] or not
 
     def convert(self, data: dict[str, Any]) -> bytes | None:
         if "error" in data:
@@ -276,6 +277,7 @@ class ChatToAnthropic:
             finish = choice.get("finish_reason")
             if finish is not None:
                 self._stop = STOP.get(str(finish), "end_turn")
+                self.finished = True
         return b"\n\n".join(out) if out else None
 
     def _delta(self, delta: dict[str, Any], out: list[bytes]) -> None:
