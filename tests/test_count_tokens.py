@@ -106,6 +106,17 @@ def test_count_tokens_is_answered_and_not_billed(gw: Gateway, fake: FakeCounter)
     assert gw.verify() == []
 
 
+def test_count_tokens_carries_the_attribution_header(gw: Gateway, fake: FakeCounter) -> None:
+    """As every other upstream call: the tenant's ids for the operator's cost attribution,
+    and no part of the customer's key."""
+    with client(gw) as c:
+        raw = c.messages.with_raw_response.count_tokens(model="anthropic/sonnet", messages=MSG)
+    headers, _ = fake.requests[-1]
+    meta = orjson.loads(headers["cf-aig-metadata"])
+    assert meta == {"tenant_id": gw.tenant_id, "key_id": gw.key_id, "request_id": raw.headers["x-request-id"]}
+    assert gw.key not in repr(headers) and gw.key[-12:] not in repr(headers)
+
+
 def test_count_tokens_needs_a_valid_key(gw: Gateway, fake: FakeCounter) -> None:
     r = httpx.post(gw.url + "/v1/messages/count_tokens", json={"model": "anthropic/sonnet", "messages": MSG})
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"

@@ -319,6 +319,50 @@ def test_a_stream_that_ends_without_usage_is_charged_the_estimate(gw: Gateway, u
     assert row["cost_micros"] == 300 + 300 + 750 + completion * 15 and gw.open_reservations() == 0
 
 
+def usage_stream(gw: Gateway, reply: Reply, upstream: Scripted) -> tuple[str, str, list[Any]]:
+    """Stream `reply` with include_usage: the request id, the raw body and the parsed chunks."""
+    upstream.replies.append(reply)
+    with gw.client().chat.completions.with_streaming_response.create(
+            model="claude/sonnet", messages=[USER], stream=True, stream_options={"include_usage": True}) as raw:
+        rid, text = raw.headers["x-request-id"], raw.text()
+    chunks = [json.loads(line[6:]) for line in text.splitlines()
+              if line.startswith("data: {") and '"chat.completion.chunk"' in line]
+    return rid, text, chunks
+
+
+def test_a_stream_closed_after_its_stop_reason_without_message_stop_ends_normally(
+        gw: Gateway, upstream: Scripted) -> None:
+    """message_delta (stop reason and usage) came, then the connection closed without
+    message_stop: the answer is whole, so the chat client gets its usage chunk and
+    `data: [DONE]`, and the provider's usage is charged."""
+    events = stream_of(text_blocks("Bon", "jour")).events
+    assert events is not None
+    rid, text, chunks = usage_stream(gw, Reply(events=events[:-1]), upstream)
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]) == "Bonjour"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["prompt_tokens"] == 1300
+    assert chunks[-1]["usage"]["completion_tokens"] == 50 and text.rstrip().endswith("data: [DONE]")
+    assert_charged(gw, rid)
+
+
+@pytest.mark.parametrize("stop", [True, False], ids=["message_stop", "closed_after_stop_reason"])
+def test_a_stream_without_final_usage_shows_the_estimate_it_was_charged(
+        gw: Gateway, upstream: Scripted, stop: bool) -> None:
+    """message_delta without usage: the output count is estimated, charged, and the usage
+    chunk carries that estimate, so the client's numbers are the bill's."""
+    words = ["A rather long answer ", "with no ", "final count."]
+    start = stream_of([]).events[:1]  # type: ignore[index]
+    end = [anthropic_event("message_delta", delta={"stop_reason": "end_turn", "stop_sequence": None})]
+    rid, _, chunks = usage_stream(gw, Reply(events=[*start, *text_blocks(*words), *end,
+                                                    *([anthropic_event("message_stop")] if stop else [])]), upstream)
+    completion = -(-len("".join(words)) // 4)
+    row = gw.usage_row(rid)
+    assert row["estimated"] is True and (row["prompt_tokens"], row["completion_tokens"]) == (1300, completion)
+    assert row["cost_micros"] == 300 + 300 + 750 + completion * 15 and gw.open_reservations() == 0
+    u = chunks[-1]["usage"]
+    assert (u["prompt_tokens"], u["completion_tokens"], u["prompt_tokens_details"]["cached_tokens"]) == (
+        1300, completion, 1000)
+
+
 def test_an_answer_that_cannot_be_translated_is_a_502_and_released(gw: Gateway, upstream: Scripted) -> None:
     upstream.replies.append(message([{"type": "server_tool_use", "id": "srvtoolu_1", "name": "web_search",
                                       "input": {}}]))

@@ -279,28 +279,72 @@ def test_unknown_and_malformed_chunks(gw: Gateway, upstream: Scripted) -> None:
     assert row["cost_micros"] == CHARGE and row["estimated"] is False and gw.open_reservations() == 0
 
 
-def test_a_stream_that_ends_without_usage_is_charged_the_estimate(gw: Gateway, upstream: Scripted) -> None:
+def closing_events(gw: Gateway, reply: Reply, upstream: Scripted) -> list[str]:
+    """The names of the events a raw /v1/messages stream of `reply` ends with."""
+    upstream.replies.append(reply)
+    r = httpx.post(gw.url + "/v1/messages", headers={"x-api-key": gw.key},
+                   json={"model": "oa/gpt", "max_tokens": 10, "stream": True, "messages": [USER]})
+    return [line[7:] for line in r.text.splitlines() if line.startswith("event: ")][-3:]
+
+
+def test_a_stream_closed_after_its_finish_without_done_ends_normally(gw: Gateway, upstream: Scripted) -> None:
+    """finish_reason and usage came, then the connection closed without `data: [DONE]`:
+    the answer is whole, so (as on a same-format stream) it is no error, and the client
+    gets the closing events of its format, with the provider's usage."""
+    upstream.replies.append(chunks({"content": "Bon"}, {"content": "jour"}, finish="length", done=False))
+    with client(gw) as c, c.messages.stream(model="oa/gpt", max_tokens=64, messages=[USER]) as stream:  # type: ignore[list-item]
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+        rid = stream.response.headers["x-request-id"]
+    assert text == "Bonjour" and final.stop_reason == "max_tokens"
+    u = final.usage
+    assert (u.input_tokens, u.cache_read_input_tokens, u.output_tokens) == (300, 1000, 50)
+    assert_charged(gw, rid)
+    reply = chunks({"content": "Hi"}, done=False)
+    assert closing_events(gw, reply, upstream) == ["content_block_stop", "message_delta", "message_stop"]
+
+
+@pytest.mark.parametrize("done", [True, False], ids=["done", "closed_after_finish"])
+def test_a_stream_that_ends_without_usage_is_charged_the_estimate_it_shows(
+        gw: Gateway, upstream: Scripted, done: bool) -> None:
+    """No usage from the provider: the estimate is charged, and the closing message_delta
+    carries it, so the client's numbers are the bill's (also when [DONE] never came)."""
     words = ["A rather long answer ", "that never ", "reports usage."]
-    upstream.replies.append(chunks(*({"content": w} for w in words), usage=False))
+    upstream.replies.append(chunks(*({"content": w} for w in words), usage=False, done=done))
     body = {"model": "oa/gpt", "max_tokens": 64, "messages": [USER]}
     with client(gw) as c, c.messages.stream(**body) as stream:  # type: ignore[arg-type]
         final = stream.get_final_message()
         rid = stream.response.headers["x-request-id"]
-    assert final.content[0].text == "".join(words)  # type: ignore[union-attr]
+    assert final.content[0].text == "".join(words) and final.stop_reason == "end_turn"  # type: ignore[union-attr]
     prompt = estimate_prompt_tokens(body)
     out = tokens_from_bytes(len("".join(words)))
     row = gw.usage_row(rid)
     assert row["estimated"] is True and (row["prompt_tokens"], row["completion_tokens"]) == (prompt, out)
     assert row["cost_micros"] == prompt * 3 + out * 15 and gw.open_reservations() == 0
+    u = final.usage
+    assert (u.input_tokens, u.output_tokens, u.cache_read_input_tokens) == (prompt, out, 0)
 
 
-def test_a_stream_cut_without_usage_or_end_gives_an_error_event(gw: Gateway, upstream: Scripted) -> None:
-    upstream.replies.append(chunks({"content": "Half an ans"}, usage=False, done=False))
+def test_a_stream_cut_before_its_finish_gives_an_error_event(gw: Gateway, upstream: Scripted) -> None:
+    cut = chunks({"content": "Half an ans"}, usage=False, done=False)
+    assert cut.events is not None
+    upstream.replies.append(Reply(events=cut.events[:-1]))  # closed before the finish_reason chunk
     rid, err = failed_stream(gw)
     assert "closed the stream" in str(err)
     row = gw.usage_row(rid)  # written by the settle, which follows the error event
     assert row["estimated"] is True and row["completion_tokens"] == tokens_from_bytes(len("Half an ans"))
     assert gw.open_reservations() == 0
+
+
+def test_a_stream_closed_with_usage_but_no_finish_is_cut_and_charged_its_usage(
+        gw: Gateway, upstream: Scripted) -> None:
+    """A usage chunk but no finish_reason: the answer's end is unknown, so the client is
+    told the stream was cut, and the provider's usage is what it costs."""
+    upstream.replies.append(Reply(events=[openai_chunk({"role": "assistant", "content": ""}),
+                                          openai_chunk({"content": "Half"}), openai_chunk(usage=USAGE, choices=False)]))
+    rid, err = failed_stream(gw)
+    assert "closed the stream" in str(err)
+    assert_charged(gw, rid)
 
 
 def test_the_translated_body_bounds_the_reservation_when_it_is_larger(

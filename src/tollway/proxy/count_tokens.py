@@ -6,9 +6,10 @@ call: the customer's key (401 without a valid one), the body read under
 model that is not of an `anthropic` provider), and the `anthropic-beta` allow-list of
 /v1/messages (a beta such as the Files API would let a count read what the operator's
 account stores). Then the slug becomes the provider's model name, the operator's key is
-attached (client headers pass the same allow-list, privacy.forwarded_headers), and the
-provider's answer (`{"input_tokens": N}`) is returned unchanged; an error is mapped and
-scrubbed as on every /v1 call (Pipeline._upstream_failure).
+attached (client headers pass the same allow-list, privacy.forwarded_headers), so is the
+attribution header of every upstream call (Pipeline.attributed), and the provider's
+answer (`{"input_tokens": N}`) is returned unchanged; an error is mapped and scrubbed as
+on every /v1 call (Pipeline._upstream_failure).
 
 Not billed: the provider does not charge for counting, so nothing is reserved or charged
 and the wallet does not change. It still spends the operator's provider quota (counting
@@ -62,7 +63,7 @@ class TokenCounter:
         started = time.perf_counter()
         facts: dict[str, Any] = {"status": 200}
         try:
-            response = await self._count(scope, receive, state, facts)
+            response = await self._count(scope, receive, state, request_id, facts)
         except ClientGone:
             facts.update(status=499, error_type="client_disconnected")
             self._record(request_id, facts, started)
@@ -75,7 +76,8 @@ class TokenCounter:
         self._record(request_id, facts, started)
         await response(scope, receive, send)
 
-    async def _count(self, scope: Scope, receive: Receive, state: dict[str, Any], facts: dict[str, Any]) -> Response:
+    async def _count(self, scope: Scope, receive: Receive, state: dict[str, Any], request_id: str,
+                     facts: dict[str, Any]) -> Response:
         svc = self.pipeline.svc
         headers = header_map(scope)
         principal: Principal = await svc.keys.authenticate(bearer_key(headers))
@@ -92,7 +94,8 @@ class TokenCounter:
             raise InsufficientFunds("Your wallet is empty. Top up to continue (counting tokens is free, but only "
                                     "for a wallet that can pay for the request it counts for).")
         body["model"] = route.target.upstream_model
-        out = merge_headers(forwarded_headers(headers.items()), route.target.headers, {})
+        out = merge_headers(forwarded_headers(headers.items()), route.target.headers,
+                            self.pipeline.attributed(principal, request_id))
         out.setdefault("anthropic-version", DEFAULT_VERSION)
         resp = await route.transport.send(UpstreamRequest(
             messages_url(route.target.base_url) + "/count_tokens", out, orjson.dumps(body), False))

@@ -72,7 +72,7 @@ from tollway.providers.tenant_tag import TenantTagger, resolve_fields
 from tollway.providers.translate import Translation, translation_for
 from tollway.proxy.disconnect import conservative_usage
 from tollway.proxy.inbound import ClientGone, header_map, model_slug, parse_json, read_body, shape, widen
-from tollway.proxy.relay import SHUTDOWN_MESSAGE, Relay, RelayLimits, ShuttingDown, StreamEnd, shielded
+from tollway.proxy.relay import SHUTDOWN_MESSAGE, Ending, Relay, RelayLimits, ShuttingDown, StreamEnd, shielded
 from tollway.proxy.retry import RetryPolicy, moves_on, pause, retry_after, retryable, should_retry
 from tollway.proxy.streams import StreamSlots
 from tollway.proxy.upstream import Upstream, json_object
@@ -372,10 +372,12 @@ class Pipeline:
             tr = call.translation
             meter = route.adapter.meter(route.target, strip_usage=not wants_usage or tr is not None)
             error_event: Callable[[TollwayError], bytes] = route.adapter.error_event
+            ending: Ending | None = None
             if tr is not None:  # the provider's meter still reads the usage; the client gets its format
-                meter, error_event = tr.stream(meter, route.target, wants_usage), tr.error_event
+                meter = ending = tr.stream(meter, route.target, wants_usage)
+                error_event = tr.error_event
             relay = Relay(resp, meter, _stream_headers(resp, route, call.attempts), error_event, route.secrets,
-                          lambda end: self._stream_ended(call, end), deadline, self.relay_limits)
+                          lambda end: self._stream_ended(call, end), deadline, self.relay_limits, ending)
             await relay(scope, receive, send)
             return
         data = await json_object(resp, self.max_response)
@@ -403,12 +405,7 @@ class Pipeline:
         """The upstream request for `route` (the call's serving model): its body, and its
         provider's key in its headers only."""
         assert call.principal is not None
-        per_request: dict[str, str] = {}
-        if self.attribution:
-            # Flat and at most 5 entries (Cloudflare's limit); ids only, nothing from the prompt.
-            per_request[self.attribution] = orjson.dumps({
-                "tenant_id": call.principal.tenant_id, "key_id": call.principal.key_id,
-                "request_id": call.request_id}).decode()
+        per_request = self.attributed(call.principal, call.request_id)
         client_headers = forwarded_headers(headers.items())
         tr = call.translation
         endpoint = call.endpoint if tr is None else tr.upstream_endpoint
@@ -418,6 +415,15 @@ class Pipeline:
         route.adapter.tag_tenant(endpoint, call.upstream_body, self.tenant_tags.tag(
             route.target.provider, call.principal.tenant_id), route.tenant_fields)
         return route.adapter.prepare(route.target, endpoint, call.upstream_body, call.stream, out_headers)
+
+    def attributed(self, principal: Principal, request_id: str) -> dict[str, str]:
+        """The per-customer metadata header of every upstream call (config: attribution),
+        or nothing when it is not configured."""
+        if not self.attribution:
+            return {}
+        # Flat and at most 5 entries (Cloudflare's limit); ids only, nothing from the prompt.
+        return {self.attribution: orjson.dumps({"tenant_id": principal.tenant_id, "key_id": principal.key_id,
+                                                "request_id": request_id}).decode()}
 
     async def _recover(self, call: Call, headers: dict[str, str], request: UpstreamRequest,
                        failure: UpstreamResponse | UpstreamError, receive: Receive
@@ -536,6 +542,7 @@ class Pipeline:
             call.error_type, call.error_code = "StreamDeadline", "stream_deadline"
         elif end.error is not None:
             call.error_type, call.error_code = type(end.error).__name__, end.error.instance_code
+        end.billed = usage
         await self._settle(call, usage)
 
     def _invalid_usage(self, call: Call, exc: InvalidUsage, completion_text_bytes: int) -> Usage:

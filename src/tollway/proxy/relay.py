@@ -15,7 +15,9 @@ waiting on the provider at the deadline is left to the upstream client's own tot
 timeout (`upstream_timeout`): the provider is the late one, not the client.
 
 Endings, each settled exactly once by `on_end` (shielded from cancellation):
-  normal end              -> usage from the stream (or an estimate when none came)
+  normal end              -> usage from the stream (or an estimate when none came); a
+                             translated stream's closing events (`Ending`) are written
+                             after the settle, with the usage it billed
   upstream stall / error  -> an SSE error event to the client, then an estimate (the
   / event over EVENT_CAP     conservative rule for a stall or the total timeout); an
                              event the body's end cut in half is dropped, not relayed
@@ -36,12 +38,13 @@ import asyncio
 import re
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import orjson
 from starlette.types import Message, Receive, Scope, Send
 
 from tollway.errors import TollwayError, UpstreamError
+from tollway.money import Usage
 from tollway.privacy import scrub
 from tollway.providers.base import StreamMeter, UpstreamResponse, sse_data
 
@@ -79,6 +82,20 @@ class RelayLimits:
     drain_bytes: int
 
 
+class Ending(Protocol):
+    """The end of a stream the gateway translates: the client's format has closing events
+    of its own, which carry usage, so the relay writes them after the settle, with the
+    usage billed (the estimate when the provider reported none: docs/proxy.md)."""
+
+    def finished(self) -> bool:
+        """The provider's answer came to its finish, whether or not its end marker followed."""
+        ...
+
+    def closing(self, billed: Usage | None) -> bytes:
+        """The client's closing events, each with its blank line."""
+        ...
+
+
 @dataclass(slots=True)
 class StreamEnd:
     meter: StreamMeter
@@ -92,12 +109,14 @@ class StreamEnd:
     cancellable: bool = True
     cancel_pending: bool = False  # a cancel() of ours not yet received by the task
     settled: bool = False
+    billed: Usage | None = None  # what the settle charged for (on_end sets it)
 
 
 class Relay:
     def __init__(self, resp: UpstreamResponse, meter: StreamMeter, headers: list[tuple[bytes, bytes]],
                  error_event: Callable[[TollwayError], bytes], secrets: Iterable[str],
-                 on_end: Callable[[StreamEnd], Awaitable[None]], deadline: float, limits: RelayLimits) -> None:
+                 on_end: Callable[[StreamEnd], Awaitable[None]], deadline: float, limits: RelayLimits,
+                 ending: Ending | None = None) -> None:
         self.resp = resp
         self.meter = meter
         self.headers = headers
@@ -106,6 +125,8 @@ class Relay:
         self.on_end = on_end
         self.deadline = deadline  # the event loop's time by which the relay ends
         self.limits = limits
+        self.ending = ending  # a translated stream's: its closing events replace the end marker
+        self.ended = False  # the provider's stream reached its end: what ends the client's follows the settle
         self.tail = b""  # the end marker ([DONE], message_stop), held back until settled
         self.held = b""  # events that arrived in the same read as the end marker: sent with it
         self.buf = b""  # the unfinished event the pump was stopped in (set only then)
@@ -160,14 +181,16 @@ class Relay:
             _absorb(task, end)  # the drain's deadline came during the settle: the answer still goes out
         if end.client_gone:
             return
-        if end.stopped and not self.tail and not end.complete:
+        if end.stopped and not self.ended and not end.complete:
             last = self.error_event(ShuttingDown(SHUTDOWN_MESSAGE))
-        elif end.timed_out and not self.tail:  # the client never got to the end marker
+        elif end.timed_out and not self.ended:  # the client never got to the end marker
             last = self.error_event(StreamDeadline(
                 "The stream was not read within the gateway's request timeout; it was stopped."))
         else:
             # The end marker goes out after the settle, so a client that saw the end of its
             # stream (SDKs stop reading at [DONE]) also sees its charge.
+            if self.ending is not None and self.ended:
+                self.tail = self.ending.closing(end.billed)
             last = self.held + self.tail
         loop = asyncio.get_running_loop()
         late = (loop.call_later(ERROR_EVENT_GRACE, _expire, task, end)
@@ -278,11 +301,25 @@ class Relay:
         out = self._feed([tail]) if tail and _complete(tail) else b""
         if out:
             await send({"type": "http.response.body", "body": out, "more_body": True})
-        usage = meter.usage()
-        if not meter.done and (usage is None or usage.estimated):
+        if self._cut():
             return await self._fail(send, UpstreamError(
                 "The model provider closed the stream before it finished.", code="upstream_stream_cut"))
+        if self.ending is not None:
+            self.ended = True  # its answer is whole: the client's closing events follow the settle
         return None
+
+    def _cut(self) -> bool:
+        """The body ended before the answer did (no end marker). A same-format stream is
+        whole when its final usage came (it follows the finish; telling the finish apart
+        would take a parse per event); a translated one when its finish came, which its
+        converter, parsing every event, knows (issue #27)."""
+        meter = self.meter
+        if meter.done:
+            return False
+        if self.ending is not None:
+            return not self.ending.finished()
+        usage = meter.usage()
+        return usage is None or usage.estimated
 
     async def _drain(self) -> None:
         """After the end marker only the body's terminator should follow; a provider that
@@ -301,13 +338,15 @@ class Relay:
     def _feed(self, events: list[bytes]) -> bytes:
         out: list[bytes] = []
         for ev in events:
-            if not ev or self.tail:
+            if not ev or self.ended:
                 continue
             sent = self.meter.feed(ev)
-            if sent is None:
-                continue
             if self.meter.done:
-                self.tail = sent + b"\n\n"
+                self.ended = True
+                if sent is not None:  # None: a translated stream's, whose `ending` writes it
+                    self.tail = sent + b"\n\n"
+                continue
+            if sent is None:
                 continue
             if _ERROR_KEY in sent and _ERROR.search(sent):
                 # A provider's error event may echo the operator's key.

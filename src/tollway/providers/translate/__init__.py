@@ -12,7 +12,8 @@ Money does not change: the client's body is checked for what changes the price i
 own format (proxy/priced.py) and bounds the reservation (proxy/inbound.py; the
 translated body, when larger, widens the prompt bound); the provider's usage is read in
 the provider's format by its adapter's meter and priced as for any call; the client gets
-that same usage in its own format.
+that same usage in its own format: a stream's closing events are written after the
+settle (relay.Ending), so they carry the usage billed, the estimate included.
 
 Modules, in reading order:
   common.py        the refusal, field checks, usage in each format, TranslatedStream
@@ -41,7 +42,8 @@ class Translation:
     upstream_endpoint: str
     request: Callable[[dict[str, Any], Target], dict[str, Any]]  # raises BadRequest naming a field
     response: Callable[[dict[str, Any], Usage, str], dict[str, Any]]  # raises UpstreamError
-    stream: Callable[[StreamMeter, Target, bool], StreamMeter]  # (adapter's meter, target, wants_usage)
+    # (adapter's meter, target, wants_usage): the relay's meter and its Ending
+    stream: Callable[[StreamMeter, Target, bool], TranslatedStream]
     error_event: Callable[[TollwayError], bytes]  # in the client's format
     drop_headers: tuple[str, ...]  # client headers that mean nothing to the provider's format
 

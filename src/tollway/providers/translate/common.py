@@ -113,12 +113,15 @@ def anthropic_usage(u: Usage) -> dict[str, Any]:
 
 class Converter(Protocol):
     """Turns one upstream event (already rewritten and metered by the adapter's meter)
-    into the client's events; `done` is the upstream's end marker, when the converter
-    adds the client's closing events (they go out after the settle, as any end marker)."""
+    into the client's events; `finish` writes the client's closing events (after the
+    settle, with the usage billed) once the provider's stream ended: at its end marker,
+    or at the end of its body when `finished` (its finish came before it closed)."""
 
-    def convert(self, data: dict[str, Any], meter: StreamMeter) -> bytes | None: ...
+    finished: bool
 
-    def finish(self, meter: StreamMeter) -> bytes: ...
+    def convert(self, data: dict[str, Any]) -> bytes | None: ...
+
+    def finish(self, usage: Usage) -> bytes: ...
 
     def error(self, exc: TollwayError) -> bytes: ...
 
@@ -126,7 +129,12 @@ class Converter(Protocol):
 class TranslatedStream:
     """A StreamMeter for the relay: the upstream format's meter reads usage and the end
     (so billing is the provider's own report), then the converter writes the client's
-    format. Only translated calls pay for it; a same-format stream never sees it."""
+    format. Only translated calls pay for it; a same-format stream never sees it.
+
+    It is also the relay's `Ending`: the client's closing events (message_delta and
+    message_stop, or the usage chunk and [DONE]) carry usage, and the usage billed is
+    known only at the settle (an estimate when the provider reported none), so the relay
+    writes them after the settle, in place of the provider's end marker."""
 
     __slots__ = ("_conv", "_failed", "_inner", "done", "invalid", "text_bytes")
 
@@ -141,13 +149,21 @@ class TranslatedStream:
     def usage(self) -> Usage | None:
         return self._inner.usage()
 
+    def finished(self) -> bool:
+        return self._conv.finished
+
+    def closing(self, billed: Usage | None) -> bytes:
+        if self._failed:
+            return b""  # the client's stream ended at its error event
+        return self._conv.finish(billed or self._inner.usage() or Usage()) + b"\n\n"
+
     def feed(self, event: bytes) -> bytes | None:
         inner = self._inner
         sent = inner.feed(event)
         self.text_bytes, self.invalid = inner.text_bytes, inner.invalid
         if inner.done:
             self.done = True
-            return self._conv.finish(inner)
+            return None  # the provider's end marker: `closing` replaces it, after the settle
         if sent is None or self._failed:
             return None
         payload = sse_data(sent)
@@ -161,7 +177,7 @@ class TranslatedStream:
             self._failed = True
             return self._conv.error(invalid_answer("an event of its stream is not a JSON object"))
         try:  # Anthropic's data repeats the event's name as its `type`: the data is enough
-            return self._conv.convert(data, inner)
+            return self._conv.convert(data)
         except UpstreamError as exc:
             self._failed = True
             return self._conv.error(exc)

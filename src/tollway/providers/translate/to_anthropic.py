@@ -15,7 +15,6 @@ import orjson
 
 from tollway.errors import BadRequest, TollwayError, UpstreamError, render_sse
 from tollway.money import Usage
-from tollway.providers.base import StreamMeter
 from tollway.providers.translate.common import (
     check_fields,
     chunk,
@@ -254,7 +253,7 @@ class AnthropicToChat:
     """Anthropic stream events -> chat.completion.chunk events. Unknown event types are
     skipped (Anthropic may add some); an unknown kind of content is an error event."""
 
-    __slots__ = ("_blocks", "_created", "_finished", "_id", "_slug", "_tools", "_usage")
+    __slots__ = ("_blocks", "_created", "_id", "_slug", "_tools", "_usage", "finished")
 
     def __init__(self, slug: str, wants_usage: bool) -> None:
         self._slug = slug
@@ -263,14 +262,14 @@ class AnthropicToChat:
         self._created = int(time.time())
         self._blocks: dict[Any, int | None] = {}  # Anthropic block index -> tool call index (None: text)
         self._tools = 0
-        self._finished = False
+        self.finished = False  # message_delta's stop_reason came: the answer is whole, message_stop or not
 
     def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
         return chunk({"id": self._id, "object": "chat.completion.chunk", "created": self._created,
                       "model": self._slug, "choices": [{"index": 0, "delta": delta, "logprobs": None,
                                                         "finish_reason": finish}]})
 
-    def convert(self, data: dict[str, Any], meter: StreamMeter) -> bytes | None:
+    def convert(self, data: dict[str, Any]) -> bytes | None:
         kind = data.get("type")
         if kind == "content_block_delta":
             return self._delta(data)
@@ -284,9 +283,9 @@ class AnthropicToChat:
         if kind == "message_delta":
             delta = data.get("delta")
             stop = delta.get("stop_reason") if isinstance(delta, dict) else None
-            if stop is None or self._finished:
+            if stop is None or self.finished:
                 return None
-            self._finished = True
+            self.finished = True
             return self._chunk({}, FINISH.get(str(stop), "stop"))
         if kind == "error":
             err = data.get("error")
@@ -330,10 +329,9 @@ class AnthropicToChat:
             return None  # opaque: only meaningful sent back to Anthropic
         raise invalid_answer("a kind of content the chat format has no place for")
 
-    def finish(self, meter: StreamMeter) -> bytes:
-        out = [] if self._finished else [self._chunk({}, "stop")]
+    def finish(self, usage: Usage) -> bytes:
+        out = [] if self.finished else [self._chunk({}, "stop")]
         if self._usage:
-            usage = meter.usage() or Usage()
             out.append(chunk({"id": self._id, "object": "chat.completion.chunk", "created": self._created,
                               "model": self._slug, "choices": [], "usage": openai_usage(usage)}))
         out.append(b"data: [DONE]")

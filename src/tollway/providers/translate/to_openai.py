@@ -15,7 +15,6 @@ import orjson
 
 from tollway.errors import BadRequest, TollwayError, UpstreamError, render_anthropic_sse
 from tollway.money import Usage
-from tollway.providers.base import StreamMeter
 from tollway.providers.translate.common import (
     anthropic_usage,
     check_fields,
@@ -244,7 +243,7 @@ class ChatToAnthropic:
     thinking (reasoning_content), text, then each tool call; arguments stream as
     input_json_delta in the pieces the provider sent."""
 
-    __slots__ = ("_id", "_index", "_open", "_slug", "_started", "_stop", "_tools")
+    __slots__ = ("_id", "_index", "_open", "_slug", "_started", "_stop", "_tools", "finished")
 
     def __init__(self, slug: str) -> None:
         self._slug = slug
@@ -254,8 +253,9 @@ class ChatToAnthropic:
         self._open: Any = None  # "thinking", "text", or the provider's tool call index
         self._tools: set[Any] = set()  # tool call indexes already opened
         self._stop = "end_turn"
+        self.finished = False  # a finish_reason came: the answer is whole, [DONE] or not
 
-    def convert(self, data: dict[str, Any], meter: StreamMeter) -> bytes | None:
+    def convert(self, data: dict[str, Any]) -> bytes | None:
         if "error" in data:
             err = data["error"]
             message = err.get("message") if isinstance(err, dict) else err
@@ -277,6 +277,7 @@ class ChatToAnthropic:
             finish = choice.get("finish_reason")
             if finish is not None:
                 self._stop = STOP.get(str(finish), "end_turn")
+                self.finished = True
         return b"\n\n".join(out) if out else None
 
     def _delta(self, delta: dict[str, Any], out: list[bytes]) -> None:
@@ -320,14 +321,14 @@ class ChatToAnthropic:
     def _event(self, delta: dict[str, Any]) -> bytes:
         return sse("content_block_delta", {"type": "content_block_delta", "index": self._index, "delta": delta})
 
-    def finish(self, meter: StreamMeter) -> bytes:
+    def finish(self, usage: Usage) -> bytes:
         out: list[bytes] = []
         if not self._started:  # a stream with no chunk at all still has a message to close
-            out.append(self.convert({}, meter) or b"")
+            out.append(self.convert({}) or b"")
         self._close(out)
         out.append(sse("message_delta", {"type": "message_delta",
                                          "delta": {"stop_reason": self._stop, "stop_sequence": None},
-                                         "usage": anthropic_usage(meter.usage() or Usage())}))
+                                         "usage": anthropic_usage(usage)}))
         out.append(sse("message_stop", {"type": "message_stop"}))
         return b"\n\n".join(out)
 
