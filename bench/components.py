@@ -1,12 +1,18 @@
 """Where the gateway's CPU goes: each step of one /v1 request, timed alone, in-process.
 
     python bench/components.py [-n 2000] [--translation-only]
+    python bench/components.py --rate-limits [--scale-out] [--rounds 9]
 
 Uses the same config as bench/run.py (nginx upstream, SQLite + memory cache, auth and
 billing on) and the same functions the pipeline calls, each in a loop of N, reporting
 process CPU (utime + stime of every thread, aiosqlite's included) per call. The last
 two lines run the whole ASGI app in-process (no HTTP server, no sockets on the client
 side): bench/run.py's CPU per request minus that is uvicorn, httptools and the kernel.
+
+--rate-limits runs the whole app twice, each on its own database, with [limits] on (never
+reached) and off, taking turns request by request, and prints each side's median CPU per request
+and their ratio: what checking per-key rate limits costs, without the HTTP server's and
+wrk's noise. With --scale-out both run on a throw-away PostgreSQL database + Redis.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -25,7 +32,7 @@ from typing import Any
 
 import orjson
 import sqlalchemy as sa
-from gateway import JSON_MODEL, PROVIDER_KEY_ENV, SSE_MODEL, render_config, request_body
+from gateway import JSON_MODEL, PROVIDER_KEY_ENV, RATE_LIMITS, SSE_MODEL, ScaleOut, render_config, request_body
 from upstream import Nginx, chat_json, chat_sse, free_port
 
 from tollway import config as config_mod
@@ -355,12 +362,72 @@ async def whole_app(cfg: config_mod.Config, key: str, req: bytes, sse_req: bytes
     return results
 
 
+async def rate_limit_cost(workdir: Path, nginx: Nginx, n: int, rounds: int, databases: dict[str, ScaleOut]) -> None:
+    """`databases`: side -> its PostgreSQL database (scale-out), or empty: each side its own SQLite file."""
+    apps: dict[str, Any] = {}
+    keys: dict[str, str] = {}
+    for side in ("off", "on"):
+        folder = workdir / side
+        folder.mkdir()
+        db = databases.get(side)
+        (folder / "tollway.toml").write_text((RATE_LIMITS if side == "on" else "") + render_config(
+            folder, free_port(), nginx.port, db.url if db else None, ScaleOut.REDIS_URL if db else "memory://"))
+        cfg = config_mod.load(folder / "tollway.toml")
+        svc = build(cfg, worker_id="wk_setup")
+        await svc.store.migrate()
+        tenant = (await svc.tenants.create("bench"))["tenant_id"]
+        keys[side] = (await svc.keys.create(tenant, name="bench"))["key"]
+        await svc.ledger.credit_manual(tenant, 10**15, "bench")
+        await svc.close()
+        apps[side] = create_app(cfg)
+    stops = [await lifespan(app) for app in apps.values()]
+    bodies = {"json": request_body(JSON_MODEL, stream=False), "sse": request_body(SSE_MODEL, stream=True)}
+    cpu: dict[tuple[str, str], list[float]] = {}
+    wall: dict[tuple[str, str], list[float]] = {}
+    try:
+        for body in bodies.values():
+            for side, app in apps.items():  # warm-up: key caches, pools, compiled statements
+                for _ in range(50):
+                    await call_app(app, keys[side], body)
+        for _ in range(rounds):
+            for kind, body in bodies.items():
+                # The two sides take turns request by request, so a slower moment of the
+                # machine falls on both alike (a round of each in turn measured ±15%).
+                spent = {"off": 0.0, "on": 0.0}
+                waited = {"off": 0.0, "on": 0.0}
+                for i in range(2 * n):
+                    side = ("off", "on")[(i + i // 2) % 2]  # off on on off off on ...: neither always first
+                    c0, w0 = time.process_time(), time.perf_counter()
+                    await call_app(apps[side], keys[side], body)
+                    spent[side] += time.process_time() - c0
+                    waited[side] += time.perf_counter() - w0
+                for side, seconds in spent.items():
+                    cpu.setdefault((kind, side), []).append(1e6 * seconds / n)
+                    wall.setdefault((kind, side), []).append(1e6 * waited[side] / n)
+    finally:
+        for stop in stops:
+            await stop()
+    stack = "PostgreSQL + Redis" if databases else "SQLite + memory"
+    print(f"rate limits off/on, whole app in-process ({stack}), {rounds} rounds x {n} calls, one at a time; "
+          f"median CPU per request:", file=sys.__stdout__)
+    for kind in bodies:
+        off, on = (statistics.median(cpu[(kind, s)]) for s in ("off", "on"))
+        ratios = sorted(b / a for a, b in zip(cpu[(kind, "off")], cpu[(kind, "on")], strict=True))
+        print(f"  {kind:<5} off {off:8.1f} us  on {on:8.1f} us  +{on - off:6.1f} us  ratio {on / off:.3f}  "
+              f"(per round {statistics.median(ratios):.3f}, {ratios[0]:.3f}-{ratios[-1]:.3f});  wall "
+              f"{statistics.median(wall[(kind, 'off')]):.0f} / {statistics.median(wall[(kind, 'on')]):.0f} us",
+              file=sys.__stdout__, flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-n", type=int, default=2000, help="calls per step (default 2000)")
     ap.add_argument("--app-only", action="store_true", help="only the whole-app lines (e.g. under py-spy)")
     ap.add_argument("--translation-only", action="store_true",
                     help="only the OpenAI <-> Anthropic translation lines (pure functions: no nginx, no database)")
+    ap.add_argument("--rate-limits", action="store_true", help="the whole app with [limits] on vs off (above)")
+    ap.add_argument("--scale-out", action="store_true", help="with --rate-limits: on PostgreSQL + Redis")
+    ap.add_argument("--rounds", type=int, default=9, help="with --rate-limits: alternating rounds per side")
     args = ap.parse_args()
     if args.translation_only:
         import uvloop
@@ -374,6 +441,7 @@ def main() -> int:
     for name in [k for k in os.environ if k.startswith("TOLLWAY_")]:
         del os.environ[name]
     nginx = Nginx(workdir)
+    databases = {side: ScaleOut() for side in ("off", "on")} if args.rate_limits and args.scale_out else {}
     try:
         nginx.start()
         import uvloop
@@ -382,10 +450,19 @@ def main() -> int:
         with open(os.devnull, "w") as devnull:
             sys.stdout = devnull
             try:
-                uvloop.run(measure(workdir, nginx, args.n, args.app_only))  # the loop `tollway serve` runs on
+                if args.rate_limits:
+                    for db in databases.values():
+                        db.create()
+                    if databases:  # PostgreSQL takes the key secret from the environment
+                        os.environ["TOLLWAY_KEY_SECRET"] = os.urandom(24).hex()
+                    uvloop.run(rate_limit_cost(workdir, nginx, args.n, args.rounds, databases))
+                else:
+                    uvloop.run(measure(workdir, nginx, args.n, args.app_only))  # the loop `tollway serve` runs on
             finally:
                 sys.stdout = sys.__stdout__
     finally:
+        for db in databases.values():
+            db.drop()
         nginx.stop()
         shutil.rmtree(workdir, ignore_errors=True)
     return 0

@@ -149,6 +149,7 @@ def test_customer_journey_in_chromium(stack: tuple[str, Config, FakeOIDC, FakeSt
         # Hold the key to fewer requests a minute on its own page (no script needed).
         page.get_by_role("link", name="Limits… of production server").click()
         page.get_by_label("Requests per minute").fill("1000")
+        shoot(page, "key-limits")
         page.get_by_role("button", name="Save limits").click()
         expect(page.get_by_text("rate limits are saved")).to_be_visible()
         expect(page.get_by_role("cell", name="1,000 requests/min")).to_be_visible()

@@ -8,7 +8,9 @@ Map:
                  of idle keys dropped, so it holds at most the keys seen in the last minute
   RedisState     the same state in Redis ("rl:<key id>"): admission is one Lua script (one
                  round trip, on store/redis_wire.py's lean connection); token charges are
-                 batched, one script call per worker per 0.1 s at most
+                 batched, one script call per worker per 0.1 s at most; a busy key far from
+                 its limits takes a few slots ahead in its admission call (a lease,
+                 ratelimit_leases.py), so it needs Redis once per several requests
   Limiter        what the pipeline calls: `admit` right after authentication (429 or the
                  headers every response of a limited key carries), `used` after the settle;
                  with Redis, a failing Redis sends it to a per-worker MemoryState (fail-open)
@@ -33,6 +35,7 @@ from typing import Any
 from tollway.auth.keys import Principal
 from tollway.config import LimitsConfig
 from tollway.errors import RateLimited
+from tollway.proxy.ratelimit_leases import LeaseBook
 from tollway.store.redis_wire import RedisWire, sha1
 from tollway.telemetry import log
 
@@ -57,12 +60,17 @@ class Limits:
         object.__setattr__(self, "tpm_text", b"%d" % self.tpm)
 
 
-@dataclass(frozen=True, slots=True)
 class Decision:
-    limits: Limits
-    request_ms: float  # how far the request TAT is ahead of now (after this request, if admitted)
-    token_ms: float    # the same for tokens
-    wait_ms: float     # 0: admitted; else how long until it would be
+    """What admission found. A plain slotted class: one is made per request of a limited
+    key, and a frozen dataclass's __init__ costs four object.__setattr__ calls."""
+
+    __slots__ = ("limits", "request_ms", "token_ms", "wait_ms")
+
+    def __init__(self, limits: Limits, request_ms: float, token_ms: float, wait_ms: float) -> None:
+        self.limits = limits
+        self.request_ms = request_ms  # how far the request TAT is ahead of now (after this request, if admitted)
+        self.token_ms = token_ms      # the same for tokens
+        self.wait_ms = wait_ms        # 0: admitted; else how long until it would be
 
     def remaining_requests(self) -> int:
         return max(0, math.floor((WINDOW_MS - self.request_ms) * self.limits.rpm / WINDOW_MS + _EPSILON))
@@ -73,11 +81,10 @@ class Decision:
     def headers(self) -> list[tuple[bytes, bytes]]:
         """OpenAI's headers, for the dimensions this key is limited in. `reset` is the time
         until the bucket is full again ("resets to its initial state")."""
-        lim, out = self.limits, []
-        if lim.rpm:
-            out += [(b"x-ratelimit-limit-requests", lim.rpm_text),
-                    (b"x-ratelimit-remaining-requests", b"%d" % self.remaining_requests()),
-                    (b"x-ratelimit-reset-requests", duration(self.request_ms).encode())]
+        lim = self.limits
+        out = [(b"x-ratelimit-limit-requests", lim.rpm_text),
+               (b"x-ratelimit-remaining-requests", b"%d" % self.remaining_requests()),
+               (b"x-ratelimit-reset-requests", duration(self.request_ms).encode())] if lim.rpm else []
         if lim.tpm:
             out += [(b"x-ratelimit-limit-tokens", lim.tpm_text),
                     (b"x-ratelimit-remaining-tokens", b"%d" % self.remaining_tokens()),
@@ -167,33 +174,48 @@ class MemoryState:
 
 
 # KEYS[1] = "rl:<key id>" (hash: r = request TAT, t = token TAT); ARGV = now, request and
-# token interval (0: that dimension is unlimited), window; all milliseconds. What is not a
-# number (written by someone else) reads as 0. Numbers go back as strings: Redis would
-# truncate a Lua number to an integer.
+# token interval (0: that dimension is unlimited), window, slots wanted (1 + a lease,
+# ratelimit_leases.py); all milliseconds. Slots beyond the first are granted only while the
+# bucket stays at least a quarter empty after them and the token bucket at least half, so
+# a lease never admits past the limit. What is not a number (written by someone else)
+# reads as 0. Numbers go back as strings: Redis would truncate a Lua number to an integer.
 _ADMIT = """
 local now, ri, ti, w = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local n = math.floor(tonumber(ARGV[5]) or 1)
 local s = redis.call('HMGET', KEYS[1], 'r', 't')
 local r, t = math.max(tonumber(s[1]) or 0, now), math.max(tonumber(s[2]) or 0, now)
 local wait = 0
 if ti > 0 and t - now >= w - 1e-6 then wait = t - now - w + 1 end
 local nr = r + ri
 if ri > 0 and nr - now > w + 1e-6 then wait = math.max(wait, nr - now - w) end
-if wait > 0 then return {tostring(r - now), tostring(t - now), tostring(wait)} end
+if wait > 0 then return {tostring(r - now), tostring(t - now), tostring(wait), '0'} end
+local g = 1
+if n > 1 and (ti == 0 or t - now <= w / 2) then
+  if ri > 0 then g = math.max(1, math.min(n, math.floor((w * 0.75 - (r - now)) / ri))) else g = n end
+end
+nr = r + g * ri
 if ri > 0 then
   redis.call('HSET', KEYS[1], 'r', tostring(nr))
   redis.call('PEXPIRE', KEYS[1], math.ceil(math.max(nr, t) - now) + 1000)
 end
-return {tostring(nr - now), tostring(t - now), '0'}
+return {tostring(nr - now), tostring(t - now), '0', tostring(g)}
 """
 
-# KEYS = state keys; ARGV[1] = now, ARGV[1 + i] = milliseconds of tokens to add to KEYS[i].
+# KEYS = state keys; ARGV[1] = now, then for KEYS[i]: ARGV[2i] = milliseconds of tokens to
+# add, ARGV[2i + 1] = milliseconds of leased request slots to give back (not past now).
 _CHARGE = """
 local now = tonumber(ARGV[1])
 for i, k in ipairs(KEYS) do
   local s = redis.call('HMGET', k, 'r', 't')
-  local t = math.max(tonumber(s[2]) or 0, now) + tonumber(ARGV[i + 1])
+  local t = math.max(tonumber(s[2]) or 0, now) + tonumber(ARGV[2 * i])
+  local r = tonumber(s[1]) or 0
+  local back = tonumber(ARGV[2 * i + 1])
+  if back > 0 and r > now then
+    r = math.max(r - back, now)
+    redis.call('HSET', k, 'r', tostring(r))
+  end
   redis.call('HSET', k, 't', tostring(t))
-  redis.call('PEXPIRE', k, math.ceil(math.max(t, tonumber(s[1]) or 0) - now) + 1000)
+  redis.call('PEXPIRE', k, math.ceil(math.max(t, r) - now) + 1000)
 end
 return #KEYS
 """
@@ -210,17 +232,22 @@ class RedisState:
         self.clock = clock or (lambda: time.time() * 1000)  # one clock for every host: the wall clock
         self.prefix = prefix + "rl:"
 
-    async def admit(self, key_id: str, lim: Limits) -> Decision:
+    async def admit(self, key_id: str, lim: Limits, wanted: int = 1) -> tuple[Decision, int, float]:
+        """The decision, the slots granted (1 + a lease; 0 if refused) and the clock it used."""
         ri, ti = _intervals(lim)
+        now = self.clock()
         reply = await self.wire.script(_ADMIT_SHA, _ADMIT, [self.prefix + key_id],
-                                       [repr(self.clock()), repr(ri), repr(ti), repr(WINDOW_MS)])
-        if not isinstance(reply, list) or len(reply) != 3:
+                                       [repr(now), repr(ri), repr(ti), repr(WINDOW_MS), str(wanted)])
+        if not isinstance(reply, list) or len(reply) != 4:
             raise TypeError("unexpected reply from the rate-limit script")  # fails open, logged
-        return Decision(lim, float(reply[0]), float(reply[1]), float(reply[2]))
+        return Decision(lim, float(reply[0]), float(reply[1]), float(reply[2])), int(reply[3]), now
 
-    async def charge(self, pending: dict[str, float]) -> None:
-        await self.wire.script(_CHARGE_SHA, _CHARGE, [self.prefix + k for k in pending],
-                               [repr(self.clock()), *map(repr, pending.values())])
+    async def charge(self, tokens: dict[str, float], refunds: dict[str, float]) -> None:
+        keys = list(tokens.keys() | refunds.keys())
+        args = [repr(self.clock())]
+        for k in keys:
+            args += [repr(tokens.get(k, 0.0)), repr(refunds.get(k, 0.0))]
+        await self.wire.script(_CHARGE_SHA, _CHARGE, [self.prefix + k for k in keys], args)
 
 
 class Limiter:
@@ -233,6 +260,7 @@ class Limiter:
         self.shared = RedisState(wire, prefix, clock) if wire is not None else None
         self._down_until = 0.0  # monotonic seconds; Redis is not tried before
         self._pending: dict[str, float] = {}
+        self.leases = LeaseBook()  # with Redis: slots taken ahead for busy keys (ratelimit_leases.py)
         self._flusher: asyncio.Task[None] | None = None
 
     def limits(self, p: Principal) -> Limits | None:
@@ -249,9 +277,13 @@ class Limiter:
         if lim is None:
             return
         decision = None
-        if self.shared is not None and time.monotonic() >= self._down_until:
-            with contextlib.suppress(Exception):  # (logged once by `_outage`)
-                decision = await self._shared(p.key_id, lim)
+        if self.shared is not None:
+            leased = self.leases.take(p.key_id, lim, self.shared.clock())
+            if leased is not None:
+                decision = Decision(lim, leased[0], leased[1], 0.0)
+            elif time.monotonic() >= self._down_until:
+                with contextlib.suppress(Exception):  # (logged once by `_outage`)
+                    decision = await self._shared(p.key_id, lim)
         if decision is None:
             decision = self.memory.admit(p.key_id, lim)
         state["response_headers"] = decision.headers()
@@ -267,32 +299,46 @@ class Limiter:
         if self.shared is None or time.monotonic() < self._down_until:
             self.memory.charge(p.key_id, ms)
             return
+        self.leases.counted(p.key_id, ms)
         self._pending[p.key_id] = self._pending.get(p.key_id, 0.0) + ms
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.get_running_loop().create_task(self._flush())
+        self._flush_soon()
 
     async def _shared(self, key_id: str, lim: Limits) -> Decision:
         assert self.shared is not None
         try:
-            decision = await self.shared.admit(key_id, lim)
+            decision, granted, now = await self.shared.admit(key_id, lim, self.leases.wanted(key_id, lim))
         except Exception:
             self._outage()
             raise
         self._recovered()
+        if granted > 1:
+            self.leases.grant(key_id, lim, granted, now + decision.request_ms, now + decision.token_ms)
+            # This request's headers count the leased slots as the key's remaining ones.
+            decision.request_ms -= (granted - 1) * _intervals(lim)[0]
+            self._flush_soon()  # the lease's unused slots go back when it ends
         return decision
 
-    async def _flush(self) -> None:
-        while self._pending and self.shared is not None:
-            await asyncio.sleep(_FLUSH_SECONDS)  # gathers the charges of the calls settling meanwhile
+    def _flush_soon(self) -> None:
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush())
+
+    async def _flush(self, last: bool = False) -> None:
+        while self.shared is not None and (self._pending or self.leases.leases or last):
+            if not last:
+                await asyncio.sleep(_FLUSH_SECONDS)  # gathers the charges of the calls settling meanwhile
             pending, self._pending = self._pending, {}
-            try:
-                await self.shared.charge(pending)
-            except Exception:
-                self._outage()
-                for key_id, ms in pending.items():  # counted by this worker, as its admissions now are
-                    self.memory.charge(key_id, ms)
-            else:
-                self._recovered()
+            refunds = self.leases.refunds()
+            if pending or refunds:
+                try:
+                    await self.shared.charge(pending, refunds)
+                except Exception:
+                    self._outage()
+                    for key_id, ms in pending.items():  # counted by this worker, as its admissions now are
+                        self.memory.charge(key_id, ms)
+                else:
+                    self._recovered()
+            if last:
+                return
 
     def _outage(self) -> None:
         if not self._down_until:
@@ -305,8 +351,13 @@ class Limiter:
             log.info("rate_limit_store_recovered")
 
     async def close(self) -> None:
+        """Its last token counts and every lease's unused slots go to Redis, while it is open."""
+        self.leases.retire_all()  # the flusher's loop ends after its next batch
         if self._flusher is not None and not self._flusher.done():
             with contextlib.suppress(Exception):
                 await self._flusher
+        if self.shared is not None and (self._pending or self.leases.owed()):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._flush(last=True), 2.0)
         if self.shared is not None:
             await self.shared.wire.close()
