@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -32,9 +32,10 @@ def prefix() -> Iterator[str]:
 class Worker:
     """A Limiter as one worker has it, counting the admission scripts it sends."""
 
-    def __init__(self, prefix: str, rpm: int, tpm: int = 0) -> None:
+    def __init__(self, prefix: str, rpm: int, tpm: int = 0, clock: Callable[[], float] | None = None) -> None:
         self.wire = RedisWire(REDIS_URL)
-        self.limiter = Limiter(LimitsConfig(requests_per_minute=rpm, tokens_per_minute=tpm), self.wire, prefix=prefix)
+        self.limiter = Limiter(LimitsConfig(requests_per_minute=rpm, tokens_per_minute=tpm), self.wire, prefix=prefix,
+                               clock=clock)
         self.calls = 0
         script = self.wire.script
 
@@ -116,22 +117,71 @@ async def test_two_workers_sharing_a_key_never_admit_past_its_limit(prefix: str,
         await b.close()
 
 
-async def test_unused_leased_slots_go_back_to_redis(prefix: str, monkeypatch: pytest.MonkeyPatch) -> None:
+class Clock:
+    """The limiter's wall clock (ms), moved by the test; a lease's 1 s stays real time."""
+
+    def __init__(self) -> None:
+        self.ms = time.time() * 1000
+
+    def __call__(self) -> float:
+        return self.ms
+
+
+@pytest.mark.parametrize("late_ms", [0, 50, 10_000])
+async def test_unused_leased_slots_go_back_less_the_drain_since_the_lease_ended(
+        prefix: str, monkeypatch: pytest.MonkeyPatch, late_ms: int) -> None:
     monkeypatch.setattr(ratelimit_leases, "LEASE_SECONDS", 0.3)
-    rpm = 6_000  # 10 ms a slot
-    w = Worker(prefix, rpm=rpm)
+    clock = Clock()
+    w = Worker(prefix, rpm=6_000, clock=clock)  # 10 ms a slot
     try:
         for _ in range(200):  # 2 s of slots: the request TAT stays ahead of the clock meanwhile
             assert (await w.admit("key_idle"))[0]
         lease = w.limiter.leases.leases.get("key_idle")
         assert lease is not None and lease.left > 0, "a lease holds slots not used yet"
-        held = lease.left
+        held, ended = lease.left, lease.ends_at
+        assert ended == pytest.approx(clock.ms + 300), "its slots count as arriving when it ends"
         before = await _request_tat(prefix, "key_idle")
-        await asyncio.sleep(0.6)  # the lease ends; the flusher gives its slots back
+        clock.ms = ended + late_ms  # the refund is sent this long after the lease's end
+        await asyncio.sleep(0.6)  # the lease ends (0.3 s real time); the flusher gives its slots back
         after = await _request_tat(prefix, "key_idle")
         assert not w.limiter.leases.leases
-        assert after > time.time() * 1000, "still ahead of the clock: the refund is not cut at now"
-        assert before - after == pytest.approx(held * 10, abs=0.01), "each slot is 10 ms, given back exactly"
+        expected = max(0.0, held * 10 - late_ms)  # the bucket drained meanwhile: that room is not given twice
+        assert before - after == pytest.approx(expected, abs=0.01)
+    finally:
+        await w.close()
+
+
+async def test_slots_used_late_are_not_counted_twice(prefix: str) -> None:
+    """A, busy in the last second, sends 1 request and leases 15 slots at 0; B fills the
+    bucket at 990 ms; A spends its slots then. Had the slots counted as arriving at 0,
+    the drain in between would have made room for them again: 609 at 990 ms, where the
+    limit allows 601 in all (1 at 0, a full bucket of 600 at 990 ms)."""
+    rpm, clock = 600, Clock()  # 100 ms a slot
+    a, b = Worker(prefix, rpm=rpm, clock=clock), Worker(prefix, rpm=rpm, clock=clock)
+    try:
+        a.limiter.leases._demand["key_late"] = [time.monotonic(), 16.0, 16.0]  # 16 requests in the last second
+        admitted = (await a.admit("key_late"))[0]
+        lease = a.limiter.leases.leases["key_late"]
+        assert lease.left == 15
+        clock.ms += 990
+        admitted += sum([(await b.admit("key_late"))[0] for _ in range(rpm)])
+        admitted += sum([(await a.admit("key_late"))[0] for _ in range(15)])
+        assert admitted <= 1 + rpm, admitted
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_one_worker_asks_for_one_lease_at_a_time(prefix: str) -> None:
+    """200 requests of one key at once on one worker: only one of them asks for a lease,
+    so the worker never parks more than LEASE_MAX slots and refuses none of its own."""
+    w = Worker(prefix, rpm=600)
+    try:
+        w.limiter.leases._demand["key_burst"] = [time.monotonic(), 16.0, 16.0]
+        results = await asyncio.gather(*(w.admit("key_burst") for _ in range(200)))
+        assert all(ok for ok, _ in results), "200 of 600 a minute: every one admitted"
+        held = sum(lease.left for lease in w.limiter.leases.leases.values())
+        assert held <= ratelimit_leases.LEASE_MAX
     finally:
         await w.close()
 

@@ -279,6 +279,22 @@ def test_unknown_and_malformed_chunks(gw: Gateway, upstream: Scripted) -> None:
     assert row["cost_micros"] == CHARGE and row["estimated"] is False and gw.open_reservations() == 0
 
 
+def test_after_a_malformed_chunk_the_stream_ends_at_its_one_error_event(gw: Gateway, upstream: Scripted) -> None:
+    """The client was told at the malformed chunk; if the provider then finishes and
+    closes without [DONE], that is no second failure (no 'stream cut' event after it)."""
+    bad = chunks({"content": "Bon"}, {"content": "jour"}, done=False)
+    assert bad.events is not None
+    bad.events.insert(2, b"data: {broken\n\n")
+    upstream.replies.append(bad)
+    r = httpx.post(gw.url + "/v1/messages", headers={"x-api-key": gw.key},
+                   json={"model": "oa/gpt", "max_tokens": 10, "stream": True, "messages": [USER]})
+    names = [line[7:] for line in r.text.splitlines() if line.startswith("event: ")]
+    assert names.count("error") == 1 and names[-1] == "error", names
+    assert "message_stop" not in names and "cannot be translated" in r.text and "closed the stream" not in r.text
+    row = gw.usage_row(r.headers["x-request-id"])
+    assert row["cost_micros"] == CHARGE and gw.open_reservations() == 0
+
+
 def closing_events(gw: Gateway, reply: Reply, upstream: Scripted) -> list[str]:
     """The names of the events a raw /v1/messages stream of `reply` ends with."""
     upstream.replies.append(reply)

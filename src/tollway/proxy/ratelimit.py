@@ -35,6 +35,7 @@ from typing import Any
 from tollway.auth.keys import Principal
 from tollway.config import LimitsConfig
 from tollway.errors import RateLimited
+from tollway.proxy import ratelimit_leases
 from tollway.proxy.ratelimit_leases import LeaseBook
 from tollway.store.redis_wire import RedisWire, sha1
 from tollway.telemetry import log
@@ -175,30 +176,38 @@ class MemoryState:
 
 # KEYS[1] = "rl:<key id>" (hash: r = request TAT, t = token TAT); ARGV = now, request and
 # token interval (0: that dimension is unlimited), window, slots wanted (1 + a lease,
-# ratelimit_leases.py); all milliseconds. Slots beyond the first are granted only while the
-# bucket stays at least a quarter empty after them and the token bucket at least half, so
-# a lease never admits past the limit. What is not a number (written by someone else)
-# reads as 0. Numbers go back as strings: Redis would truncate a Lua number to an integer.
+# ratelimit_leases.py), the lease's length; all milliseconds. A lease's slots are counted
+# as arriving when it ends (their latest use), so the bucket's drain meanwhile cannot make
+# room for them twice; they are granted only while the bucket stays at least a quarter
+# empty after them and the token bucket at least half. Returns the request TAT after this
+# request and after the lease, the token TAT (all ahead of now), the wait, the slots
+# granted. What is not a number (written by someone else) reads as 0. Numbers go back as
+# strings: Redis would truncate a Lua number to an integer.
 _ADMIT = """
 local now, ri, ti, w = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local n = math.floor(tonumber(ARGV[5]) or 1)
+local n, len = math.floor(tonumber(ARGV[5]) or 1), tonumber(ARGV[6]) or 0
 local s = redis.call('HMGET', KEYS[1], 'r', 't')
 local r, t = math.max(tonumber(s[1]) or 0, now), math.max(tonumber(s[2]) or 0, now)
 local wait = 0
 if ti > 0 and t - now >= w - 1e-6 then wait = t - now - w + 1 end
 local nr = r + ri
 if ri > 0 and nr - now > w + 1e-6 then wait = math.max(wait, nr - now - w) end
-if wait > 0 then return {tostring(r - now), tostring(t - now), tostring(wait), '0'} end
-local g = 1
+if wait > 0 then return {tostring(r - now), tostring(r - now), tostring(t - now), tostring(wait), '0'} end
+local g, lr = 1, nr
 if n > 1 and (ti == 0 or t - now <= w / 2) then
-  if ri > 0 then g = math.max(1, math.min(n, math.floor((w * 0.75 - (r - now)) / ri))) else g = n end
+  if ri > 0 then
+    local from = math.max(nr, now + len)
+    g = 1 + math.max(0, math.min(n - 1, math.floor((w * 0.75 - (from - now)) / ri)))
+    if g > 1 then lr = from + (g - 1) * ri end
+  else
+    g = n
+  end
 end
-nr = r + g * ri
 if ri > 0 then
-  redis.call('HSET', KEYS[1], 'r', tostring(nr))
-  redis.call('PEXPIRE', KEYS[1], math.ceil(math.max(nr, t) - now) + 1000)
+  redis.call('HSET', KEYS[1], 'r', tostring(lr))
+  redis.call('PEXPIRE', KEYS[1], math.ceil(math.max(lr, t) - now) + 1000)
 end
-return {tostring(nr - now), tostring(t - now), '0', tostring(g)}
+return {tostring(nr - now), tostring(lr - now), tostring(t - now), '0', tostring(g)}
 """
 
 # KEYS = state keys; ARGV[1] = now, then for KEYS[i]: ARGV[2i] = milliseconds of tokens to
@@ -232,15 +241,18 @@ class RedisState:
         self.clock = clock or (lambda: time.time() * 1000)  # one clock for every host: the wall clock
         self.prefix = prefix + "rl:"
 
-    async def admit(self, key_id: str, lim: Limits, wanted: int = 1) -> tuple[Decision, int, float]:
-        """The decision, the slots granted (1 + a lease; 0 if refused) and the clock it used."""
+    async def admit(self, key_id: str, lim: Limits, wanted: int = 1) -> tuple[Decision, int, float, float]:
+        """The decision, the slots granted (1 + a lease; 0 if refused), the clock it used
+        and the request TAT after the lease (absolute)."""
         ri, ti = _intervals(lim)
         now = self.clock()
         reply = await self.wire.script(_ADMIT_SHA, _ADMIT, [self.prefix + key_id],
-                                       [repr(now), repr(ri), repr(ti), repr(WINDOW_MS), str(wanted)])
-        if not isinstance(reply, list) or len(reply) != 4:
+                                       [repr(now), repr(ri), repr(ti), repr(WINDOW_MS), str(wanted),
+                                        repr(ratelimit_leases.LEASE_SECONDS * 1000)])
+        if not isinstance(reply, list) or len(reply) != 5:
             raise TypeError("unexpected reply from the rate-limit script")  # fails open, logged
-        return Decision(lim, float(reply[0]), float(reply[1]), float(reply[2])), int(reply[3]), now
+        decision = Decision(lim, float(reply[0]), float(reply[2]), float(reply[3]))
+        return decision, int(reply[4]), now, now + float(reply[1])
 
     async def charge(self, tokens: dict[str, float], refunds: dict[str, float]) -> None:
         keys = list(tokens.keys() | refunds.keys())
@@ -296,25 +308,27 @@ class Limiter:
         if not tpm or tokens <= 0:
             return
         ms = tokens * WINDOW_MS / tpm
+        self.leases.counted(p.key_id, ms)  # a lease this worker admits from sees them at once
         if self.shared is None or time.monotonic() < self._down_until:
             self.memory.charge(p.key_id, ms)
             return
-        self.leases.counted(p.key_id, ms)
         self._pending[p.key_id] = self._pending.get(p.key_id, 0.0) + ms
         self._flush_soon()
 
     async def _shared(self, key_id: str, lim: Limits) -> Decision:
         assert self.shared is not None
+        wanted = self.leases.wanted(key_id, lim)  # >1 for one call per key at a time
         try:
-            decision, granted, now = await self.shared.admit(key_id, lim, self.leases.wanted(key_id, lim))
+            decision, granted, now, leased_to = await self.shared.admit(key_id, lim, wanted)
         except Exception:
             self._outage()
             raise
+        finally:
+            if wanted > 1:
+                self.leases.answered(key_id)
         self._recovered()
         if granted > 1:
-            self.leases.grant(key_id, lim, granted, now + decision.request_ms, now + decision.token_ms)
-            # This request's headers count the leased slots as the key's remaining ones.
-            decision.request_ms -= (granted - 1) * _intervals(lim)[0]
+            self.leases.grant(key_id, lim, granted, leased_to, now + decision.token_ms, now)
             self._flush_soon()  # the lease's unused slots go back when it ends
         return decision
 
@@ -327,11 +341,11 @@ class Limiter:
             if not last:
                 await asyncio.sleep(_FLUSH_SECONDS)  # gathers the charges of the calls settling meanwhile
             pending, self._pending = self._pending, {}
-            refunds = self.leases.refunds()
+            refunds = self.leases.refunds(self.shared.clock())
             if pending or refunds:
                 try:
                     await self.shared.charge(pending, refunds)
-                except Exception:
+                except Exception:  # the refunds are lost: those slots refill with the minute
                     self._outage()
                     for key_id, ms in pending.items():  # counted by this worker, as its admissions now are
                         self.memory.charge(key_id, ms)
@@ -352,7 +366,8 @@ class Limiter:
 
     async def close(self) -> None:
         """Its last token counts and every lease's unused slots go to Redis, while it is open."""
-        self.leases.retire_all()  # the flusher's loop ends after its next batch
+        if self.shared is not None:
+            self.leases.retire_all(self.shared.clock())  # the flusher's loop ends after its next batch
         if self._flusher is not None and not self._flusher.done():
             with contextlib.suppress(Exception):
                 await self._flusher

@@ -150,7 +150,8 @@ class TranslatedStream:
         return self._inner.usage()
 
     def finished(self) -> bool:
-        return self._conv.finished
+        # After its error event the client's stream is over: the body's end is no cut to report.
+        return self._failed or self._conv.finished
 
     def closing(self, billed: Usage | None) -> bytes:
         if self._failed:
